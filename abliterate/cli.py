@@ -1,0 +1,95 @@
+"""The `abliterate` command line: thin commands that parse options, build one config and call one library function.
+
+Heavy imports (torch, transformers) happen inside the commands so that `abliterate --help` is instant.
+User mistakes arrive as `UserError` and leave as one line on stderr with exit code 2; set ABLITERATE_DEBUG=1
+for the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Annotated, Optional
+
+import typer
+
+from abliterate.errors import UserError
+
+app = typer.Typer(
+    name="abliterate",
+    help="Find a chat model's refusal direction, remove it from the weights, evaluate the edit, and save or push it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _rich_reporter(items: Iterable, description: str, total: int | None) -> Iterator:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=True, console=_console(stderr=True)) as bar:
+        yield from bar.track(items, total=total, description=description)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+@app.callback()
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings, errors and results.")] = False,
+) -> None:
+    """Configure logging and progress bars for every command."""
+    from rich.logging import RichHandler
+
+    from abliterate import progress
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    progress.set_reporter(None if quiet or not sys.stderr.isatty() else _rich_reporter)
+
+
+# Commands are registered below, one block per stage; each block only parses options and calls the library.
+# ---- commands ----
+
+
+def main() -> None:
+    """Console entry point: run the app with the one top-level handler for user errors."""
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        if os.environ.get("ABLITERATE_DEBUG") == "1":
+            raise
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to continue", err=True)
+        sys.exit(130)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as error:  # noqa: BLE001 - the one place that decides how failures look
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            sys.exit(error.exit_code)
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if os.environ.get("ABLITERATE_DEBUG") == "1":
+            raise
+        typer.echo(f"error: {type(error).__name__}: {error} (set ABLITERATE_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
