@@ -1,0 +1,153 @@
+"""Greedy replies to chat-formatted prompts, stopping at the model's real stop tokens.
+
+The paper's code stopped only at EOS and ran past Llama 3's end-of-turn token on 95 of 100 replies, so every
+generation here stops at the generation config's EOS *and* the chat template's end-of-turn token (D's
+`chat.stop_token_ids`). Prompts are batched with left padding so the last prompt token sits at the same position in
+every row. Two backends: transformers (default, works with an accelerate `device_map`) and vLLM when installed and
+asked for. Replies come back without the stop token, with the reply's token ids (the on-distribution CE loss and the
+KL over the base model's reply are teacher-forced on them) and whether the reply stopped or hit `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abliterate import progress
+from abliterate.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """One generated reply: text without the stop token, its token ids, and whether a stop token ended it."""
+
+    text: str
+    token_ids: list[int]
+    stopped: bool
+
+
+@dataclass
+class Completion:
+    """One line of completions.jsonl: the instruction, its category and the model's reply."""
+
+    prompt: str
+    category: str
+    reply: str
+    n_tokens: int
+    stopped: bool
+
+
+def input_device(model: Any) -> torch.device:
+    """Where input ids must go: the embedding's device (the first one under an accelerate device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def pad_token_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
+    """The pad id for batching; tokenizers without one pad with their first stop token (padding is masked anyway)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if not stop_ids:
+        raise UserError("The tokenizer has no pad, EOS or end-of-turn token; set model.chat_template to a template with one.")
+    return int(stop_ids[0])
+
+
+def cut_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """Token ids up to (not including) the first stop token, and whether one was found."""
+    stops = set(int(i) for i in stop_ids)
+    for index, token in enumerate(token_ids):
+        if int(token) in stops:
+            return [int(t) for t in token_ids[:index]], True
+    return [int(t) for t in token_ids], False
+
+
+def _length_order(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Indices of `texts` longest first, so each batch pads little; results are put back in the input order."""
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    return sorted(range(len(texts)), key=lambda i: -lengths[i])
+
+
+@torch.inference_mode()
+def generate_batch(model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int) -> list[Reply]:
+    """Greedy replies for one left-padded batch of already chat-formatted prompts."""
+    from transformers import GenerationConfig
+
+    pad_id = pad_token_id(tokenizer, stop_ids)
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    batch = {key: value.to(input_device(model)) for key, value in batch.items()}
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=pad_id
+    )
+    output = model.generate(**batch, generation_config=settings)  # [batch, prompt + new]
+    new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()  # [batch, new]
+    replies = []
+    for row in new_tokens:
+        token_ids, stopped = cut_at_stop(row, stop_ids)
+        replies.append(Reply(tokenizer.decode(token_ids, skip_special_tokens=True).strip(), token_ids, stopped))
+    return replies
+
+
+def generate_transformers(
+    model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int, batch_size: int
+) -> list[Reply]:
+    """Greedy replies to every prompt, in batches, in the order given."""
+    order = _length_order(tokenizer, texts)
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    replies: list[Reply | None] = [None] * len(texts)
+    for indices in progress.track(batches, "Generating replies"):
+        for index, reply in zip(indices, generate_batch(model, tokenizer, [texts[i] for i in indices], stop_ids, max_new_tokens)):
+            replies[index] = reply
+    return [reply for reply in replies if reply is not None]
+
+
+def generate_vllm(
+    model_dir: str | Path, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int,
+    dtype: str = "auto", trust_remote_code: bool = False,
+) -> list[Reply]:
+    """Greedy replies with vLLM (the engine users run at scale); the engine is freed before returning."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as error:
+        raise UserError(f"--backend vllm needs vLLM ({error}); install it with `pip install abliterate[vllm]` or use --backend transformers.")
+    engine = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    # Token ids, not text: vLLM would add a second BOS to a prompt that the chat template already starts with one.
+    prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]} for text in texts]
+    settings = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids))
+    outputs = engine.generate(prompts, settings)
+    replies = []
+    for output in outputs:
+        token_ids, stopped = cut_at_stop(list(output.outputs[0].token_ids), stop_ids)
+        stopped = stopped or output.outputs[0].finish_reason == "stop"
+        replies.append(Reply(tokenizer.decode(token_ids, skip_special_tokens=True).strip(), token_ids, stopped))
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return replies
+
+
+def save_completions(path: Path, completions: Sequence[Completion]) -> Path:
+    """Write completions as JSONL (one object per line), to a temporary file first, then moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        for completion in completions:
+            file.write(json.dumps(asdict(completion), ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def load_completions(path: Path) -> list[Completion]:
+    """Read a completions.jsonl written by `save_completions`."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [Completion(**json.loads(line)) for line in lines if line.strip()]
