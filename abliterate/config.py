@@ -78,9 +78,16 @@ class EvalConfig:
     judge: str = setting("none", "Safety judge: together, local:PATH (a guard model), or none.")
     judge_model: str = setting("meta-llama/Meta-Llama-Guard-3-8B", "Judge model on Together (paper: Llama Guard 2).")
     judge_min_words: int = setting(15, "Replies shorter than this many words count as safe (paper's rule); 0 turns it off.")
-    ce_text: str = setting("", "General text for CE loss: a local file or hf:owner/name[:split]; empty to skip.")
+    judge_concurrency: int = setting(8, "Judge requests in flight at once.")
+    judge_max_retries: int = setting(5, "Retries of a judge request after a rate limit (429), server error (5xx) or dropped connection.")
+    judge_backoff_s: float = setting(1.0, "First wait before retrying a judge request; doubles on each retry.")
+    judge_timeout_s: float = setting(60.0, "Timeout of one judge request, in seconds.")
+    refusal_set: str = setting("paper", "Refusal substrings: paper (the paper's 12 phrases) or extended (paper's plus common variants).")
+    ce_text: str = setting("", "General text for CE loss: a .txt (blank-line separated), .jsonl with 'text', or hf:owner/name[:split][@revision]; empty to skip.")
     n_ce_docs: int = setting(64, "Documents of the general corpus used for CE loss.")
     ce_max_tokens: int = setting(256, "Tokens per document for CE loss (paper: 256).")
+    ce_chat: str = setting("", "Alpaca-style pairs for reply-only CE loss: .jsonl/.json with instruction and output, or hf:owner/name[:split][@revision]; empty to skip.")
+    n_ce_chat: int = setting(64, "Instruction/reply pairs used for the reply-only CE loss.")
 
 
 @dataclass
@@ -165,6 +172,11 @@ def validate(config: Config) -> None:
         raise UserError("measure.use_reference needs a reference direction: set measure.direction_file (--direction-file).")
     if e.backend not in ("transformers", "vllm"):
         raise UserError(f"eval.backend must be 'transformers' or 'vllm', got '{e.backend}'.")
+    if e.refusal_set not in ("paper", "extended"):
+        raise UserError(f"eval.refusal_set must be 'paper' or 'extended', got '{e.refusal_set}'.")
+    for name in ("max_new_tokens", "batch_size", "judge_concurrency", "n_ce_docs", "ce_max_tokens", "n_ce_chat"):
+        if getattr(e, name) < 1:
+            raise UserError(f"eval.{name} must be at least 1, got {getattr(e, name)}.")
     if not (e.judge in ("none", "together") or e.judge.startswith("local:")):
         raise UserError(f"eval.judge must be together, local:PATH or none, got '{e.judge}'.")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
