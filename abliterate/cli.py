@@ -62,6 +62,22 @@ def _setup(
 # ---- commands ----
 
 
+@app.command()
+def push(
+    folder: Annotated[str, typer.Argument(help="A finished output folder of `abliterate run` or `apply`.")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub model repository, owner/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    revision: Annotated[str, typer.Option("--revision", help="Branch to push to (created if missing).")] = "",
+) -> None:
+    """Upload a finished output folder to the Hugging Face Hub, after checking that it is complete."""
+    from pathlib import Path
+
+    from abliterate.hub import push as push_folder
+
+    url = push_folder(Path(folder), repo, private=private, revision=revision)
+    _console().print(f"Pushed {folder} to {repo}: {url}")
+
+
 def main() -> None:
     """Console entry point: run the app with the one top-level handler for user errors."""
     try:

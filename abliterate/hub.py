@@ -8,7 +8,9 @@ the other small files. Downloads go through huggingface_hub's cache and never fe
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -90,3 +92,147 @@ def _download(repo_id: str, revision: str) -> Path:
         raise UserError(f"{repo_id} has no .safetensors weights (only pickle weights, which abliterate does not "
                         "load because pickles can run code); use a repository with safetensors weights.")
     return path
+
+
+# ---- push (G): upload a finished output folder to the Hub ----
+# Everything below belongs to `abliterate push` and the pipeline's `--push`; it never downloads anything.
+
+# Names an interrupted writer leaves behind; a folder holding one is not finished and is never uploaded.
+_LEFTOVER_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".lock")
+_LEFTOVER_PREFIXES = (".tmp", "tmp.", ".partial", ".incomplete")
+# The pipeline's step caches (a second copy of the weights, hard-linked) stay local; the rest of the
+# provenance folder (direction, scores, plots, evaluation report) is uploaded with the model.
+PUSH_IGNORE_PATTERNS = ("abliterate/steps/**", ".*", "**/.*")
+# Above this size huggingface_hub 1.x needs `upload_large_folder` (resumable, many commits); 2.x does the
+# same inside `upload_folder` and has no separate function.
+LARGE_FOLDER_BYTES = 5 * 1024**3
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _safetensors_names(path: Path) -> set[str]:
+    """Tensor names in a safetensors file, read from its header alone (8-byte length, then JSON)."""
+    try:
+        with path.open("rb") as handle:
+            header_bytes = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_bytes))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path.name} in {path.parent} is not a readable safetensors file ({error}); rerun the job "
+                        "that wrote the folder.")
+    return {name for name in header if name != "__metadata__"}
+
+
+def _check_weights(folder: Path) -> None:
+    """The safetensors index, if any, must name exactly the shards present and the tensors they hold."""
+    index_path = folder / "model.safetensors.index.json"
+    shards_present = {p.name for p in folder.glob("*.safetensors")}
+    if not index_path.is_file():
+        if "model.safetensors" not in shards_present:
+            raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; "
+                            "push the --out folder of a finished `abliterate run` or `apply`.")
+        _safetensors_names(folder / "model.safetensors")
+        return
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{index_path} is not a valid safetensors index ({error}); rerun the job that wrote it.")
+    indexed: dict[str, set[str]] = {}
+    for tensor_name, shard in weight_map.items():
+        indexed.setdefault(shard, set()).add(tensor_name)
+    missing = sorted(set(indexed) - shards_present)
+    if missing:
+        raise UserError(f"{folder} is incomplete: the index names shards that are missing ({', '.join(missing)}); "
+                        "rerun the job that wrote it.")
+    stray = sorted(shards_present - set(indexed))
+    if stray:
+        raise UserError(f"{folder} holds shards the index does not name ({', '.join(stray)}); remove them or "
+                        "rerun the job that wrote the folder.")
+    for shard, names in indexed.items():
+        if _safetensors_names(folder / shard) != names:
+            raise UserError(f"{folder / shard} does not hold the tensors its index lists; rerun the job that wrote it.")
+
+
+def check_output_complete(folder: Path) -> list[Path]:
+    """Refuse a folder that is not a finished checkpoint; return the files that `push` would upload."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; pass the --out folder of a finished `abliterate run` or `apply`.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_dir())
+    for path in files:
+        if path.name.endswith(_LEFTOVER_SUFFIXES) or path.name.startswith(_LEFTOVER_PREFIXES):
+            raise UserError(f"{folder} holds an unfinished write ({path.relative_to(folder)}); rerun the command "
+                            "that was interrupted, then push.")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json; push the --out folder of a finished `abliterate run` or `apply`.")
+    if not (folder / "tokenizer_config.json").is_file() or not any((folder / n).is_file() for n in _TOKENIZER_FILES):
+        raise UserError(f"{folder} has no tokenizer (tokenizer_config.json plus tokenizer.json or a vocabulary); "
+                        "a chat model cannot be used without one: rerun `abliterate run` or `apply` into a new --out.")
+    _check_weights(folder)
+    return [p for p in files if p.is_file()]
+
+
+def _describe_hub_failure(error: BaseException, repo: str) -> str | None:
+    """A one-line cause for a failed Hub call, or None if the failure is not the user's to fix."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OfflineModeIsEnabled):
+            return "HF_HUB_OFFLINE is set; unset it to push."
+        if isinstance(seen, HfHubHTTPError) and seen.response is not None:
+            status = seen.response.status_code
+            if status in (401, 403):
+                return (f"the Hub refused the token ({status}): it needs write access to {repo}; log in with "
+                        "`hf auth login` or set HF_TOKEN to a token with write permission.")
+            return f"the Hub answered {status} ({seen.response.reason_phrase}); rerun `abliterate push` to retry."
+        if type(seen).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError",
+                                   "ReadError", "WriteError", "NetworkError", "TransportError") \
+                or isinstance(seen, ConnectionError):
+            return f"could not reach the Hub ({type(seen).__name__}); check the network and rerun `abliterate push`."
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise UserError("No Hugging Face token found; run `hf auth login` or set HF_TOKEN to a token with write access.")
+    return token
+
+
+def push(folder: Path, repo: str, private: bool = False, revision: str = "", token: str | None = None,
+         commit_message: str | None = None) -> str:
+    """Upload a finished output folder to the Hub model repo `repo`; return the commit URL.
+
+    The folder is checked before any request (see `check_output_complete`). The repo is created if needed
+    (private if asked; an existing repo keeps its visibility), and `revision` names a branch that is created
+    from the default branch if missing. Rerunning after a failure uploads only what the Hub does not have yet.
+    The endpoint is read from HF_ENDPOINT at call time, so a test or a private Hub can stand in for huggingface.co.
+    """
+    from huggingface_hub import HfApi
+
+    from abliterate import __version__
+
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UserError(f"--repo must be owner/name, got '{repo}'.")
+    files = check_output_complete(Path(folder))
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=_resolve_token(token))
+    message = commit_message or f"Upload abliterated model with abliterate {__version__}"
+    total_bytes = sum(p.stat().st_size for p in files)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True, repo_type="model")
+        if total_bytes > LARGE_FOLDER_BYTES and hasattr(api, "upload_large_folder"):
+            api.upload_large_folder(repo_id=repo, folder_path=folder, repo_type="model", revision=revision or None,
+                                    ignore_patterns=list(PUSH_IGNORE_PATTERNS), private=private)
+            return f"{api.endpoint}/{repo}/tree/{revision or 'main'}"
+        info = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model", revision=revision or None,
+                                 commit_message=message, ignore_patterns=list(PUSH_IGNORE_PATTERNS))
+    except Exception as error:  # noqa: BLE001 - translated into a user message when it is the user's to fix
+        reason = _describe_hub_failure(error, repo)
+        if reason is None:
+            raise
+        raise UserError(f"Push to {repo} failed: {reason}") from error
+    return str(info.commit_url)
