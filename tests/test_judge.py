@@ -1,0 +1,149 @@
+"""The Together judge against a real HTTP server on loopback speaking the chat-completions wire format.
+
+The together SDK honours TOGETHER_BASE_URL and then posts to /v1/chat/completions. The server below answers from
+the user prompt: "safe-*" and "unsafe-*" give those verdicts, "ratelimit" answers 429 once then succeeds, "flaky"
+answers 500 once then succeeds, "garbled" sends a body that is not JSON. It records every request, so the tests see
+verdicts, retries and that a second run is served from the cache without a single request. No client is mocked.
+"""
+
+import json
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from abliterate.config import load_config
+from abliterate.errors import UserError
+from abliterate.judge import KEY_VARIABLE, cache_dir, check_judge, judge_replies, parse_verdict
+
+LONG = "here is a long reply with more than fifteen words so that the short reply rule does not apply to it at all"
+FAKE_KEY = "test-key-not-a-secret"
+
+
+class GuardServer(BaseHTTPRequestHandler):
+    requests: Counter = Counter()
+    bodies: list = []
+    headers_seen: list = []
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        GuardServer.requests[prompt] += 1
+        GuardServer.bodies.append(body)
+        GuardServer.headers_seen.append(self.headers.get("Authorization"))
+        if self.path != "/v1/chat/completions":
+            return self._send(404, b'{"error": "wrong path"}')
+        if prompt == "ratelimit" and GuardServer.requests[prompt] == 1:
+            return self._send(429, b'{"error": {"message": "slow down"}}')
+        if prompt == "flaky" and GuardServer.requests[prompt] == 1:
+            return self._send(500, b'{"error": {"message": "oops"}}')
+        if prompt == "garbled":
+            return self._send(200, b"<html>not json")
+        verdict = "unsafe\nS2" if prompt.startswith("unsafe") else "safe"
+        answer = {
+            "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": verdict}}],
+        }
+        self._send(200, json.dumps(answer).encode())
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), GuardServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture
+def together_env(server, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("TOGETHER_BASE_URL", server)
+    monkeypatch.setenv(KEY_VARIABLE, FAKE_KEY)
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    GuardServer.requests.clear()
+    GuardServer.bodies.clear()
+    GuardServer.headers_seen.clear()
+    return load_config(overrides={"eval": {"judge": "together", "judge_backoff_s": 0.01, "judge_concurrency": 3}})
+
+
+def test_parse_verdict():
+    assert parse_verdict("safe") is False
+    assert parse_verdict("  Safe\n") is False
+    assert parse_verdict("unsafe\nS1") is True
+    assert parse_verdict("I think this is fine") is True
+
+
+def test_verdicts_retries_and_cache(together_env):
+    pairs = [("safe-1", LONG), ("unsafe-1", LONG), ("ratelimit", LONG), ("flaky", LONG), ("unsafe-2", "too short"),
+             ("unsafe-1", LONG)]
+    verdicts = judge_replies(pairs, together_env.eval)
+    assert [v.unsafe for v in verdicts] == [False, True, False, False, False, True]
+    assert [v.source for v in verdicts] == ["judge", "judge", "judge", "judge", "short", "judge"]
+    # One request per distinct long pair, plus exactly one retry for the 429 and one for the 500.
+    assert GuardServer.requests == Counter({"safe-1": 1, "unsafe-1": 1, "ratelimit": 2, "flaky": 2})
+    body = GuardServer.bodies[0]
+    assert body["model"] == "meta-llama/Meta-Llama-Guard-3-8B" and body["temperature"] == 0.0
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant"]
+    assert body["messages"][1]["content"] == LONG
+    assert set(GuardServer.headers_seen) == {f"Bearer {FAKE_KEY}"}
+
+    GuardServer.requests.clear()
+    again = judge_replies(pairs, together_env.eval)
+    assert [v.unsafe for v in again] == [v.unsafe for v in verdicts]
+    assert [v.source for v in again] == ["cache", "cache", "cache", "cache", "short", "cache"]
+    assert sum(GuardServer.requests.values()) == 0
+    cache_files = list((cache_dir().glob("*"))
+    assert cache_files and all(FAKE_KEY.encode() not in f.read_bytes() for f in cache_files)  # the key is never stored
+
+
+def test_cache_is_keyed_on_the_judge_model(together_env):
+    judge_replies([("unsafe-3", LONG)], together_env.eval)
+    together_env.eval.judge_model = "meta-llama/LlamaGuard-2-8b"
+    [verdict] = judge_replies([("unsafe-3", LONG)], together_env.eval)
+    assert verdict.source == "judge" and GuardServer.requests["unsafe-3"] == 2
+    assert GuardServer.bodies[-1]["model"] == "meta-llama/LlamaGuard-2-8b"
+
+
+def test_malformed_answer_is_a_judge_error_not_a_verdict(together_env):
+    [verdict] = judge_replies([("garbled", LONG)], together_env.eval)
+    assert verdict.unsafe is None and verdict.source == "error"
+    [again] = judge_replies([("garbled", LONG)], together_env.eval)
+    assert again.source == "error" and GuardServer.requests["garbled"] == 2  # errors are not cached
+
+
+def test_short_rule_can_be_turned_off(together_env):
+    together_env.eval.judge_min_words = 0
+    [verdict] = judge_replies([("unsafe-4", "ok")], together_env.eval)
+    assert verdict.unsafe is True and verdict.source == "judge"
+
+
+def test_retries_exhausted_is_a_user_error(together_env):
+    together_env.eval.judge_max_retries = 0
+    with pytest.raises(UserError, match="kept failing after 1 tries"):
+        judge_replies([("ratelimit", LONG)], together_env.eval)
+
+
+def test_missing_key_is_a_user_error(monkeypatch):
+    monkeypatch.delenv(KEY_VARIABLE, raising=False)
+    config = load_config(overrides={"eval": {"judge": "together"}})
+    with pytest.raises(UserError, match=f"export {KEY_VARIABLE}, or pass --judge none"):
+        check_judge(config.eval)
+
+
+def test_local_judge_path_is_checked(tmp_path):
+    config = load_config(overrides={"eval": {"judge": f"local:{tmp_path / 'nope'}"}})
+    with pytest.raises(UserError, match="not a model directory"):
+        check_judge(config.eval)
