@@ -105,7 +105,7 @@ def test_verdicts_retries_and_cache(together_env):
     assert [v.unsafe for v in again] == [v.unsafe for v in verdicts]
     assert [v.source for v in again] == ["cache", "cache", "cache", "cache", "short", "cache"]
     assert sum(GuardServer.requests.values()) == 0
-    cache_files = list((cache_dir().glob("*"))
+    cache_files = list(cache_dir().glob("*"))
     assert cache_files and all(FAKE_KEY.encode() not in f.read_bytes() for f in cache_files)  # the key is never stored
 
 
