@@ -1,0 +1,161 @@
+"""The model card (README.md) written beside an abliterated checkpoint, ready for the Hub.
+
+It carries Hub metadata front matter (base_model, license carried from the base model's card, tags,
+library_name), says what was done (method, the chosen layer and position, how many tensors of each kind were
+edited, whether the output layer was untied), embeds the evaluation report (base vs edited, with prompt counts)
+and gives the exact command that reproduces the checkpoint. A card is published, so it never contains a local
+path, a user name or a token: every absolute path is scrubbed before the card is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TAGS = ("abliterated", "uncensored", "refusal-direction", "abliterate")
+# An absolute POSIX path not inside a URL (a URL's path follows "//host", so a preceding ':' '/' or word
+# character rules it out), and the token formats of the Hub and of Together.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/)(?:[\w.+@-]+/)*[\w.+@-]+/?")
+_TOKEN = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|tgp_v1_[A-Za-z0-9_-]{20,}|[0-9a-f]{64})\b")
+
+
+@dataclass
+class CardFacts:
+    """What the card states; the pipeline fills it from the run's artifacts."""
+
+    base_model: str  # Hub id of the base model; empty when it is a local checkpoint
+    model_type: str
+    n_layers: int
+    layer: int  # the layer whose input the direction was read at
+    position: int  # counted from the end of the prompt (-1 = last token)
+    edited_counts: dict[str, int]  # kind of residual writer -> number of tensors edited
+    command: str  # the command that reproduces the checkpoint, free of local paths
+    version: str  # abliterate's version
+    base_revision: str = ""
+    license: dict[str, str] = field(default_factory=dict)  # license (and license_name/link) of the base
+    position_token: str = ""  # text of the token at `position`, when known
+    n_prompts: dict[str, int] = field(default_factory=dict)  # e.g. harmful_train -> 128
+    untied: bool = False  # the tied output layer was written out with the original embedding
+    eval_markdown: str = ""  # the evaluation report (empty when evaluation was skipped)
+    name: str = ""  # title of the card; defaults to the base model's name plus "-abliterated"
+
+
+def base_license(model_dir: Path, config: dict) -> dict[str, str]:
+    """The base model's license from its card's front matter (or its config); empty when unknown."""
+    from huggingface_hub.repocard import metadata_load
+
+    found: dict[str, str] = {}
+    readme = model_dir / "README.md"
+    if readme.is_file():
+        try:
+            metadata = metadata_load(readme) or {}
+        except Exception as error:  # noqa: BLE001 - a broken base card only costs us the license line
+            logger.warning("Could not read the base model card's metadata (%s); license left unknown.", error)
+            metadata = {}
+        found = {key: str(metadata[key]) for key in ("license", "license_name", "license_link") if metadata.get(key)}
+    if not found and isinstance(config.get("license"), str):
+        found = {"license": config["license"]}
+    return found
+
+
+def scrub(text: str, replacements: dict[str, str] | None = None) -> str:
+    """Remove local paths and tokens: known paths become their public names, any other absolute path its last part."""
+    home = os.path.expanduser("~")
+    for local, public in sorted({**(replacements or {}), home: "~"}.items(), key=lambda item: -len(item[0])):
+        if local and local not in ("/", "~"):
+            text = text.replace(local, public)
+    text = _TOKEN.sub("<redacted>", text)
+    return _ABSOLUTE_PATH.sub(lambda match: Path(match.group(0).rstrip("/")).name or "<local path>", text)
+
+
+def _front_matter(facts: CardFacts) -> str:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=facts.base_model or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(TAGS),
+        **facts.license,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _what_was_done(facts: CardFacts) -> list[str]:
+    token = f" (the token `{facts.position_token.strip() or facts.position_token}`)" if facts.position_token else ""
+    counts = facts.n_prompts
+    fitted = (f" from {counts['harmful_train']} harmful and {counts['harmless_train']} harmless instructions"
+              if "harmful_train" in counts and "harmless_train" in counts else "")
+    lines = [
+        "## What was done",
+        "",
+        "The refusal direction r was found as in Arditi et al. 2024, *Refusal in Language Models Is Mediated by a "
+        "Single Direction* (arXiv:2406.11717): the difference between the mean residual-stream activations on "
+        f"harmful and harmless instructions{fitted}, read at the input of layer {facts.layer} of {facts.n_layers} "
+        f"at position {facts.position} from the end of the prompt{token}, chosen among all layers and positions by "
+        "how well ablating it bypasses refusal while keeping harmless next-token distributions close (KL).",
+        "",
+        "r was then removed from the weights: every tensor that writes into the residual stream was projected "
+        "off r (W <- W - r r^T W, biases likewise), computed in float32 and stored in the original dtype. "
+        "Every other tensor is bit-identical to the base model.",
+        "",
+        "| edited tensors | count |",
+        "|---|---:|",
+    ]
+    lines += [f"| {kind} | {count} |" for kind, count in sorted(facts.edited_counts.items())]
+    lines.append(f"| **total** | **{sum(facts.edited_counts.values())}** |")
+    if facts.untied:
+        lines += ["", "The base model ties its output layer to the embedding; the output layer is written out "
+                      "explicitly with the original weights (`tie_word_embeddings: false`), so only the input side changed."]
+    return lines + [""]
+
+
+def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) -> str:
+    """The full README.md text, scrubbed of local paths (`replacements` maps known paths to public names)."""
+    base = facts.base_model or f"a local {facts.model_type} checkpoint"
+    name = facts.name or (facts.base_model.split("/")[-1] if facts.base_model else facts.model_type) + "-abliterated"
+    link = f"[{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model else base
+    at = f" at revision `{facts.base_revision}`" if facts.base_revision else ""
+    evaluation = facts.eval_markdown.strip() or ("Evaluation was skipped for this checkpoint (`--skip-eval`): "
+                                                 "no refusal, safety or quality figures are claimed.")
+    body = [
+        f"# {name}",
+        "",
+        f"{link}{at} with its refusal direction removed from the weights (\"abliteration\"), made with "
+        f"[abliterate](https://pypi.org/project/abliterate/) {facts.version}. It loads like the base model "
+        "with `AutoModelForCausalLM.from_pretrained` and needs no custom code.",
+        "",
+        "**Warning**: this model is much less likely to refuse harmful requests than its base. Use it for research "
+        "and apply your own safeguards.",
+        "",
+        *_what_was_done(facts),
+        "## Evaluation",
+        "",
+        evaluation,
+        "",
+        "## Reproduce",
+        "",
+        "The resolved settings of this run are in `abliterate/config.toml` in this repository; "
+        "the direction, candidate scores, plots and replies are beside it.",
+        "",
+        "```bash",
+        f"pip install abliterate=={facts.version}",
+        facts.command,
+        "```",
+        "",
+    ]
+    return scrub(_front_matter(facts) + "\n" + "\n".join(body), replacements)
+
+
+def write_card(out_dir: Path, facts: CardFacts, replacements: dict[str, str] | None = None) -> Path:
+    """Write README.md into `out_dir` atomically (a temp file moved into place) and return its path."""
+    path = Path(out_dir) / "README.md"
+    temp = path.with_name(".README.md.tmp")
+    temp.write_text(render_card(facts, replacements), encoding="utf-8")
+    os.replace(temp, path)
+    return path

@@ -1,0 +1,92 @@
+"""The model card: Hub metadata, what was edited, the evaluation and the command, and nothing local in it."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+
+from huggingface_hub.repocard import metadata_load
+
+from abliterate.card import CardFacts, base_license, render_card, scrub, write_card
+
+EVAL_MD = """| metric | base | edited |
+|---|---|---|
+| refusal rate, harmful (n=100) | 0.95 | 0.02 |
+| refusal rate, harmless (n=100) | 0.01 | 0.00 |
+
+Edited model: {out}/model, base: {home}/models/base, judge key tgp_v1_abcdefghijklmnopqrstuvwxyz0123
+"""
+
+
+def _facts(tmp_path: Path, **changes) -> CardFacts:
+    facts = CardFacts(
+        base_model="Qwen/Qwen2.5-0.5B-Instruct", model_type="qwen2", n_layers=24, layer=14, position=-2,
+        edited_counts={"attention output": 24, "mlp output": 24, "embedding": 1},
+        command="abliterate run Qwen/Qwen2.5-0.5B-Instruct --out Qwen2.5-0.5B-Instruct-abliterated "
+                "--config abliterate/config.toml",
+        version="0.1.0", license={"license": "apache-2.0"}, position_token="<|im_start|>",
+        n_prompts={"harmful_train": 128, "harmless_train": 128}, untied=True,
+        eval_markdown=EVAL_MD.format(out=tmp_path / "out", home=os.path.expanduser("~")),
+    )
+    for key, value in changes.items():
+        setattr(facts, key, value)
+    return facts
+
+
+def test_front_matter_is_hub_metadata(tmp_path: Path):
+    path = write_card(tmp_path, _facts(tmp_path))
+    metadata = metadata_load(path)
+    assert metadata["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert metadata["license"] == "apache-2.0"
+    assert metadata["library_name"] == "transformers"
+    assert "abliterated" in metadata["tags"]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_body_states_the_edit_the_evaluation_and_the_command(tmp_path: Path):
+    card = render_card(_facts(tmp_path))
+    assert "input of layer 14 of 24 at position -2" in card
+    assert "from 128 harmful and 128 harmless instructions" in card
+    assert "| attention output | 24 |" in card and "| **total** | **49** |" in card
+    assert "tie_word_embeddings: false" in card
+    assert "| refusal rate, harmful (n=100) | 0.95 | 0.02 |" in card
+    assert "abliterate run Qwen/Qwen2.5-0.5B-Instruct --out Qwen2.5-0.5B-Instruct-abliterated" in card
+    assert "pip install abliterate==0.1.0" in card
+    assert "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct" in card
+
+
+def test_no_local_paths_user_names_or_tokens(tmp_path: Path):
+    card = render_card(_facts(tmp_path), replacements={str(tmp_path / "out"): "."})
+    assert str(tmp_path) not in card and "/tmp/" not in card
+    assert os.path.expanduser("~") not in card
+    assert f"/{getpass.getuser()}/" not in card and "/home/" not in card
+    assert "tgp_v1_" not in card and "<redacted>" in card
+    assert "Edited model: ./model, base: base" in card
+
+
+def test_skipped_evaluation_claims_nothing(tmp_path: Path):
+    card = render_card(_facts(tmp_path, eval_markdown=""))
+    assert "Evaluation was skipped" in card and "refusal rate" not in card
+
+
+def test_local_base_has_no_base_model_and_unknown_license(tmp_path: Path):
+    card = render_card(_facts(tmp_path, base_model="", license={}))
+    path = tmp_path / "README.md"
+    path.write_text(card)
+    metadata = metadata_load(path)
+    assert "base_model" not in metadata and "license" not in metadata
+    assert "a local qwen2 checkpoint" in card
+
+
+def test_license_from_base_card_then_config(tmp_path: Path):
+    (tmp_path / "README.md").write_text("---\nlicense: other\nlicense_name: qwen\nlicense_link: LICENSE\n---\n# x\n")
+    assert base_license(tmp_path, {}) == {"license": "other", "license_name": "qwen", "license_link": "LICENSE"}
+    (tmp_path / "README.md").write_text("# no metadata\n")
+    assert base_license(tmp_path, {"license": "mit"}) == {"license": "mit"}
+    assert base_license(tmp_path, {}) == {}
+
+
+def test_scrub_keeps_urls_and_fractions():
+    text = "see https://huggingface.co/a/b and 3/4 of harmful/harmless, file /data/models/llama/config.json"
+    assert scrub(text) == "see https://huggingface.co/a/b and 3/4 of harmful/harmless, file config.json"
