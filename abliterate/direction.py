@@ -78,9 +78,9 @@ def save_direction(out_dir: str | Path, vector: torch.Tensor, meta: dict[str, An
     The vector is normalized first (a zero or non-finite vector is refused); `meta` may hold `layer`,
     `position`, `model` and any other JSON-able provenance.
     """
+    vector = _check_vector(vector, Path("<vector to save>"), None, None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vector = _check_vector(vector, Path("<vector to save>"), None, None)
     unit = (vector / torch.linalg.vector_norm(vector)).to(torch.float32).contiguous()  # [d_model]
     meta = {key: value for key, value in (meta or {}).items() if key not in ("direction", "source_file")}
     meta["d_model"] = int(unit.shape[0])
