@@ -1,0 +1,196 @@
+"""Residual-stream activations and the pure maths built on them: candidate directions and refusal scores.
+
+The paper's candidates are differences of means: for every end-of-instruction position (the k tokens the chat
+template puts after the instruction; left padding, so they are the last k tokens of every row) and every decoder
+layer's input (resid_pre), the mean activation over harmful prompts minus the mean over harmless prompts. Means are
+accumulated in float64 on the CPU, one forward pass per batch.
+
+Layer inputs are recorded with `hooks.capture_layer_inputs` (the architecture table decides which modules are the
+decoder layers, so measuring, ablating and editing agree on what "layer i" means). The same forward pass returns the last-position logits, so the base refusal score of every training prompt costs
+nothing extra and prompt filtering (paper: keep harmful prompts the model refuses) is applied while accumulating.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from abliterate import progress
+from abliterate.hooks import capture_layer_inputs, decoder_layers
+
+log = logging.getLogger(__name__)
+
+# Added inside both logarithms of the refusal score so that P_R = 0 or 1 gives a finite score (paper).
+SCORE_EPS = 1e-8
+
+
+# ---- pure maths ----
+
+def refusal_score(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
+    """log(P_R + eps) - log(1 - P_R + eps) per row, P_R the next-token probability mass on the refusal tokens.
+
+    `logits` is `[batch, vocab]` (the last prompt position); computed in float64 so that a P_R near 1 does not
+    round to exactly 1.
+    """
+    log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1)  # [batch, vocab]
+    p_refusal = log_probs[:, list(refusal_ids)].logsumexp(dim=-1).exp()  # [batch]
+    return torch.log(p_refusal + SCORE_EPS) - torch.log(1 - p_refusal + SCORE_EPS)
+
+
+def kl_divergence(base_log_probs: torch.Tensor, new_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(base || new) per row from two `[batch, vocab]` log-probability tensors, in float64."""
+    base = base_log_probs.to(torch.float64)  # [batch, vocab]
+    new = new_log_probs.to(torch.float64)  # [batch, vocab]
+    return (base.exp() * (base - new)).sum(dim=-1)
+
+
+def difference_of_means(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
+    """The candidate directions: harmful mean minus harmless mean, both `[position, layer, d_model]`, in float64."""
+    if harmful_mean.shape != harmless_mean.shape:
+        raise ValueError(f"mean shapes differ: {tuple(harmful_mean.shape)} vs {tuple(harmless_mean.shape)}")
+    return harmful_mean.to(torch.float64) - harmless_mean.to(torch.float64)
+
+
+def cosine_with(vectors: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every vector along the last axis with `reference` `[d_model]` (0 for a zero vector)."""
+    vectors = vectors.to(torch.float64)  # [..., d_model]
+    unit = reference.to(torch.float64) / torch.linalg.vector_norm(reference.to(torch.float64))  # [d_model]
+    norms = torch.linalg.vector_norm(vectors, dim=-1).clamp_min(1e-30)  # [...]
+    return (vectors @ unit) / norms
+
+
+# ---- batching ----
+
+@dataclass
+class Batch:
+    """One left-padded batch of chat-formatted prompts, ready for the model."""
+
+    input_ids: torch.Tensor  # [batch, pos]
+    attention_mask: torch.Tensor  # [batch, pos]
+    rows: list[int]  # index of each row in the texts given to `encode`
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def encode(tokenizer: Any, texts: Sequence[str], batch_size: int) -> list[Batch]:
+    """Tokenize chat-formatted texts into left-padded batches.
+
+    The texts were rendered by the chat template, which already holds any BOS token, so no special tokens are added.
+    Rows are sorted by length so that batches carry little padding; `Batch.rows` maps each row back to its text.
+    """
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        encoded = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt", add_special_tokens=False)
+        batches.append(Batch(encoded["input_ids"], encoded["attention_mask"], rows))
+    return batches
+
+
+def input_device(model: Any) -> torch.device:
+    """Where input ids must go: the embedding's device (the first one under an accelerate device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def forward_last(model: Any, batch: Batch) -> torch.Tensor:
+    """One forward pass returning the last position's logits `[batch, vocab]`.
+
+    Only the last position's logits are ever needed, so the output layer is run on that position alone where the
+    model supports `logits_to_keep` (a 128k-token vocabulary otherwise dominates the cost of short prompts).
+    """
+    device = input_device(model)
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1
+    output = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **kwargs)
+    return output.logits[:, -1, :]
+
+
+# ---- accumulation ----
+
+@dataclass
+class SideActivations:
+    """Per-side results of one pass over prompts: what the candidates and the reference report are built from."""
+
+    mean: torch.Tensor  # [position, layer, d_model] float64 over the kept prompts
+    scores: torch.Tensor  # [prompt] base refusal score of every prompt, in batch order (kept or not)
+    n_kept: int
+    reference_cosine: torch.Tensor | None = None  # [position, layer] mean cosine of single activations with the ref
+    normalized_mean: torch.Tensor | None = None  # [position, layer, d_model] mean of unit-normalized activations
+
+
+class _Sums:
+    """Running float64 sums over kept prompts (plain sums, so batches can arrive in any order)."""
+
+    def __init__(self, reference: torch.Tensor | None) -> None:
+        self.reference = reference
+        self.total: torch.Tensor | float = 0.0
+        self.normalized: torch.Tensor | float = 0.0
+        self.cosine: torch.Tensor | float = 0.0
+        self.n = 0
+
+    def add(self, acts: torch.Tensor) -> None:
+        """Add kept activations `[kept, position, layer, d_model]` (float64)."""
+        self.n += int(acts.shape[0])
+        self.total = self.total + acts.sum(0)
+        if self.reference is not None:
+            norms = torch.linalg.vector_norm(acts, dim=-1, keepdim=True).clamp_min(1e-30)  # [kept, pos, layer, 1]
+            self.normalized = self.normalized + (acts / norms).sum(0)
+            self.cosine = self.cosine + cosine_with(acts, self.reference).sum(0)
+
+    def result(self, scores: torch.Tensor) -> SideActivations:
+        if self.n == 0:
+            return SideActivations(mean=torch.empty(0, dtype=torch.float64), scores=scores, n_kept=0)
+        with_reference = self.reference is not None
+        return SideActivations(
+            mean=self.total / self.n, scores=scores, n_kept=self.n,
+            reference_cosine=self.cosine / self.n if with_reference else None,
+            normalized_mean=self.normalized / self.n if with_reference else None,
+        )
+
+
+def mean_activations(model: Any, batches: list[Batch], n_positions: int, refusal_ids: Sequence[int],
+                     keep_sign: int = 0, reference: torch.Tensor | None = None,
+                     description: str = "activations") -> SideActivations:
+    """Mean resid_pre at the last `n_positions` positions of every decoder layer, over the kept prompts.
+
+    `keep_sign` filters prompts by their base refusal score as they stream past: +1 keeps prompts with score > 0
+    (harmful prompts the model refuses), -1 keeps score < 0, 0 keeps all. With a `reference` direction the pass also
+    accumulates, per position and layer, the cosine of each kept prompt's activation with it and the mean of the
+    unit-normalized activations.
+    """
+    sums, scores = _Sums(reference), []
+    n_layers = len(decoder_layers(model))
+    with capture_layer_inputs(model) as captured:
+        for batch in progress.track(batches, description):
+            batch_scores = refusal_score(forward_last(model, batch), refusal_ids).cpu()  # [batch]
+            scores.append(batch_scores)
+            keep = batch_scores * keep_sign > 0 if keep_sign else torch.ones_like(batch_scores, dtype=torch.bool)
+            if bool(keep.any()):
+                acts = torch.stack([captured[i][:, -n_positions:, :].to("cpu", torch.float64)
+                                    for i in range(n_layers)], dim=2)  # [batch, position, layer, d_model]
+                sums.add(acts[keep])
+    return sums.result(in_text_order(batches, scores))
+
+
+def in_text_order(batches: list[Batch], per_batch: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row results gathered batch by batch, put back in the order of the texts given to `encode`."""
+    if not per_batch:
+        return torch.zeros(0, dtype=torch.float64)
+    rows = torch.tensor([row for batch in batches for row in batch.rows])  # [n]
+    stacked = torch.cat(per_batch)  # [n, ...]
+    ordered = torch.empty_like(stacked)
+    ordered[rows] = stacked
+    return ordered

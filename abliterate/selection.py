@@ -1,0 +1,196 @@
+"""Choosing the refusal direction among the candidates: the paper's three scores, its filters, and a fast search.
+
+For every candidate r (one per end-of-instruction position and layer):
+- bypass: mean refusal score on harmful validation prompts with r ablated at every layer (lower is better);
+- KL: mean KL(base || ablated) of the harmless validation prompts' next-token distribution;
+- induce: mean refusal score on harmless validation prompts with the raw r added at its own layer's input.
+Candidates from the last layers, with KL above the limit, with induce < 0 or with any NaN are discarded
+(MeasureConfig), and the lowest bypass that passes is chosen.
+
+Only the last position's logits matter, so every pass runs the output layer on that position alone, the base logits
+are computed once, and harmful and harmless validation prompts share one set of batches per candidate. The induce
+pass is pruned exactly: candidates are visited in order of bypass, and once one passes every filter no candidate
+with a higher bypass can be chosen, so their induce score is not needed (`MeasureConfig.score_all` computes it
+anyway, for the full figure). When nothing passes, `NoDirectionError` lists the best candidates, the filter each
+failed and a hint, instead of the paper code's bare assert.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from abliterate import progress
+from abliterate.activations import Batch, forward_last, in_text_order, kl_divergence, refusal_score
+from abliterate.config import MeasureConfig
+from abliterate.errors import UserError
+from abliterate.hooks import ablate_direction, add_direction
+
+log = logging.getLogger(__name__)
+
+# A side of the prompt filter must keep at least this many prompts (and this share of them) to go on.
+MIN_KEPT_PROMPTS = 2
+MIN_KEPT_FRACTION = 0.1
+WRONG_TEMPLATE_HINT = ("this usually means the chat template is wrong (check --chat-template and --system-prompt) "
+                       "or the refusal openings do not match how this model refuses (measure.refusal_openings)")
+
+
+@dataclass
+class CandidateScore:
+    """The scores of one candidate direction and the filters it failed (empty when it passes)."""
+
+    position: int  # counted from the end of the prompt: -1 is the last token
+    layer: int
+    bypass: float
+    kl: float
+    induce: float = math.nan  # NaN when the induce pass was pruned (it could not change the choice)
+    failed: list[str] = field(default_factory=list)
+    chosen: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        for key in ("bypass", "kl", "induce"):
+            values[key] = None if math.isnan(values[key]) else values[key]  # JSON has no NaN
+        return values
+
+
+def layer_cutoff(n_layers: int, max_layer_fraction: float) -> int:
+    """The first discarded layer: int(fraction * n_layers), as the paper (layers 0..cutoff-1 are kept)."""
+    return int(max_layer_fraction * n_layers)
+
+
+def failed_filters(score: CandidateScore, n_layers: int, config: MeasureConfig, induce_known: bool = True) -> list[str]:
+    """The names of the filters `score` fails; the induce filter is only judged once induce is known."""
+    failed = []
+    values = [score.bypass, score.kl] + ([score.induce] if induce_known else [])
+    if any(math.isnan(value) for value in values):
+        failed.append("nan score")
+    cutoff = layer_cutoff(n_layers, config.max_layer_fraction)
+    if score.layer >= cutoff:
+        failed.append(f"layer >= {cutoff}")
+    if score.kl > config.kl_max:
+        failed.append(f"kl > {config.kl_max:g}")
+    if induce_known and config.require_induce and score.induce < 0:
+        failed.append("induce < 0")
+    return failed
+
+
+class NoDirectionError(UserError):
+    """Every candidate failed a filter; the message lists the best ones and what to try."""
+
+    def __init__(self, message: str, scores: list[CandidateScore]) -> None:
+        super().__init__(message)
+        self.scores = scores
+
+
+def nothing_passes_message(scores: list[CandidateScore], n_shown: int = 5) -> str:
+    """A readable refusal to choose: the lowest-bypass candidates, the filter each failed, and a hint."""
+    ranked = sorted(scores, key=lambda s: (math.isnan(s.bypass), s.bypass))[:n_shown]
+    lines = [f"No candidate direction passed the filters ({len(scores)} scored). Best by bypass score:"]
+    for s in ranked:
+        lines.append(f"  pos {s.position:>3} layer {s.layer:>3}: bypass {s.bypass:.3f} kl {s.kl:.4f} "
+                     f"induce {s.induce:.3f}  failed: {', '.join(s.failed) or 'none'}")
+    lines.append("Hint: relax the failing filter (measure.kl_max, measure.max_layer_fraction, "
+                 "measure.require_induce) or check the chat template (--chat-template); "
+                 "--direction-file with --use-reference skips selection.")
+    return "\n".join(lines)
+
+
+def check_kept(side: str, n_kept: int, n_total: int, split: str) -> None:
+    """Refuse to go on when the refusal-score filter left too few prompts on one side."""
+    needed = max(MIN_KEPT_PROMPTS, math.ceil(MIN_KEPT_FRACTION * n_total))
+    if n_kept < needed:
+        wanted = "refuses" if side == "harmful" else "does not refuse"
+        raise UserError(f"Only {n_kept} of {n_total} {side} {split} prompts are ones the base model {wanted} "
+                        f"(at least {needed} needed); {WRONG_TEMPLATE_HINT}. "
+                        "To keep every prompt, set measure.filter_prompts = false.")
+
+
+# ---- the validation prompts and their cached base logits ----
+
+@dataclass
+class ValidationSet:
+    """Harmful and harmless validation prompts in shared batches, with the base model's cached outputs."""
+
+    batches: list[Batch]  # harmful and harmless rows mixed, so a candidate costs one pass over them
+    harmless_batches: list[Batch]  # harmless rows only, for the induce pass
+    is_harmful: torch.Tensor  # [n] bool, per text of `batches`
+    base_log_probs: torch.Tensor  # [n_harmless, vocab] float32, harmless rows in text order
+    base_scores: torch.Tensor  # [n] float64 refusal score of every validation text without any edit
+
+
+@torch.inference_mode()
+def last_log_probs(model: Any, batches: list[Batch], description: str = "") -> torch.Tensor:
+    """Last-position log-probabilities `[n, vocab]` (float32, CPU) of every text, in text order."""
+    items = progress.track(batches, description) if description else batches
+    per_batch = [torch.log_softmax(forward_last(model, b).float(), dim=-1).cpu() for b in items]
+    return in_text_order(batches, per_batch)
+
+
+def build_validation_set(model: Any, batches: list[Batch], harmless_batches: list[Batch], is_harmful: torch.Tensor,
+                         refusal_ids: Sequence[int]) -> ValidationSet:
+    """Run the base model once over the validation prompts and cache what every candidate is compared with."""
+    log_probs = last_log_probs(model, batches, "base validation pass")  # [n, vocab]
+    base_scores = refusal_score(log_probs, refusal_ids)  # [n]
+    return ValidationSet(batches, harmless_batches, is_harmful, log_probs[~is_harmful], base_scores)
+
+
+# ---- scoring ----
+
+def bypass_and_kl(model: Any, direction: torch.Tensor, val: ValidationSet,
+                  refusal_ids: Sequence[int]) -> tuple[float, float]:
+    """Mean harmful refusal score and mean harmless KL(base || ablated) with `direction` ablated everywhere."""
+    with ablate_direction(model, direction):
+        log_probs = last_log_probs(model, val.batches)  # [n, vocab]
+    bypass = refusal_score(log_probs[val.is_harmful], refusal_ids).mean()
+    kl = kl_divergence(val.base_log_probs, log_probs[~val.is_harmful]).mean()
+    return float(bypass), float(kl)
+
+
+def induce_score(model: Any, vector: torch.Tensor, layer: int, val: ValidationSet,
+                 refusal_ids: Sequence[int]) -> float:
+    """Mean harmless refusal score with the raw `vector` added at `layer`'s input."""
+    with add_direction(model, vector, layer):
+        log_probs = last_log_probs(model, val.harmless_batches)  # [n_harmless, vocab]
+    return float(refusal_score(log_probs, refusal_ids).mean())
+
+
+def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, refusal_ids: Sequence[int],
+                     config: MeasureConfig) -> list[CandidateScore]:
+    """Bypass and KL for every candidate `[position, layer, d_model]`, then induce where it can matter."""
+    n_positions, n_layers, _ = candidates.shape
+    scores = []
+    grid = [(p, layer) for p in range(n_positions) for layer in range(n_layers)]
+    for p, layer in progress.track(grid, "scoring candidates (bypass, KL)"):
+        bypass, kl = bypass_and_kl(model, candidates[p, layer], val, refusal_ids)
+        scores.append(CandidateScore(position=p - n_positions, layer=layer, bypass=bypass, kl=kl))
+    for score in scores:
+        score.failed = failed_filters(score, n_layers, config, induce_known=False)
+    pending = sorted((s for s in scores if not s.failed or config.score_all),
+                     key=lambda s: (math.isnan(s.bypass), s.bypass))
+    found = False
+    for score in progress.track(pending, "scoring candidates (induce)"):
+        if found and not config.score_all:
+            break
+        vector = candidates[score.position + n_positions, score.layer]  # [d_model]
+        score.induce = induce_score(model, vector, score.layer, val, refusal_ids)
+        score.failed = failed_filters(score, n_layers, config)
+        found = found or not score.failed
+    log.info("Scored %d candidates; induce computed for %d.", len(scores),
+             sum(not math.isnan(s.induce) for s in scores))
+    return scores
+
+
+def choose(scores: list[CandidateScore]) -> CandidateScore:
+    """The passing candidate with the lowest bypass score, marked `chosen`; NoDirectionError when none passes."""
+    passing = [s for s in scores if not s.failed and not math.isnan(s.induce)]
+    if not passing:
+        raise NoDirectionError(nothing_passes_message(scores), scores)
+    best = min(passing, key=lambda s: s.bypass)
+    best.chosen = True
+    return best
