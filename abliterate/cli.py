@@ -63,6 +63,66 @@ def _setup(
 
 
 @app.command()
+def apply(
+    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
+    direction: Annotated[str, typer.Option("--direction", help="Direction file: .json, .safetensors, .pt/.pth or .npy.")],
+    out: Annotated[str, typer.Option("--out", help="Directory to write the edited checkpoint to.")],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+) -> None:
+    """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
+    from pathlib import Path
+
+    from abliterate.checkpoint import apply_direction
+    from abliterate.config import load_config
+
+    overrides: dict = {}
+    if revision is not None:
+        overrides["model"] = {"revision": revision}
+    if max_shard_size is not None:
+        overrides["apply"] = {"max_shard_size": max_shard_size}
+    config = load_config(config_file, overrides)
+    record = apply_direction(model, Path(direction), Path(out), config, force=force)
+    _console().print(f"Wrote {out}: {record['n_edited']} tensors edited ({record['architecture']}), "
+                     f"{record['n_copied']} copied unchanged, {len(record['shards'])} shard(s); record in "
+                     f"{out}/abliteration.json", soft_wrap=True)
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
+    direction: Annotated[Optional[str], typer.Option("--direction", help="Direction file to check against the model.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+) -> None:
+    """Show which tensors `apply` would edit and how, without writing anything."""
+    from collections import Counter
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from abliterate.checkpoint import inspect_checkpoint
+    from abliterate.config import load_config
+
+    config = load_config(config_file, {"model": {"revision": revision}} if revision is not None else None)
+    plan = inspect_checkpoint(model, Path(direction) if direction else None, config)
+    console = _console()
+    for line in plan.describe():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    table = Table(title="Residual writers edited per layer")
+    for column in ("layer", "edited", "by role"):
+        table.add_column(column)
+    for layer, names in sorted(plan.per_layer.items()):
+        roles = Counter(plan.edits[name].role for name in names)
+        table.add_row(str(layer), str(len(names)), ", ".join(f"{role} x{n}" for role, n in roles.items()))
+    console.print(table)
+    if direction:
+        console.print(f"Direction {direction} fits: {plan.d_model} values.", markup=False, soft_wrap=True)
+
+
+@app.command()
 def push(
     folder: Annotated[str, typer.Argument(help="A finished output folder of `abliterate run` or `apply`.")],
     repo: Annotated[str, typer.Option("--repo", help="Hub model repository, owner/name (created if missing).")],
