@@ -49,6 +49,8 @@ class WriterRule:
     `pattern` is a regex matched in full against the tensor name relative to the layer prefix (for `scope="layer"`)
     or the text-model prefix (`scope="global"`, e.g. the embedding). `post_norms` are the weights (relative to the
     same prefix) of the norm(s) between this writer and the residual add, outermost last; their gains multiply.
+    `when` names a boolean key of the text config the rule depends on ("!key" for its negation), for families whose
+    wiring a config flag switches (Gemma 4's MoE block adds a second post-norm after its dense MLP).
     """
 
     pattern: str
@@ -58,6 +60,7 @@ class WriterRule:
     d_model_axis: int | None = None
     post_norms: tuple[str, ...] = ()
     gain: str = "weight"
+    when: str = ""
 
     def __post_init__(self) -> None:
         # Table mistakes are programming errors, caught when the module is imported (and by the tests).
@@ -221,8 +224,9 @@ def plan_edits(config: dict, tensors: Mapping[str, TensorInfo]) -> EditPlan:
     layout = _choose_layout(arch, tensors)
     layers_prefix = f"{layout.prefix}{arch.layers}."
     layer_name = re.compile(re.escape(layers_prefix) + r"(\d+)\.(.+)")
-    global_rules = [rule for rule in arch.writers if rule.scope == "global"]
-    layer_rules = [rule for rule in arch.writers if rule.scope == "layer"]
+    rules = [rule for rule in arch.writers if _applies(rule, text)]
+    global_rules = [rule for rule in rules if rule.scope == "global"]
+    layer_rules = [rule for rule in rules if rule.scope == "layer"]
     edits: dict[str, TensorEdit] = {}
     per_layer: dict[int, list[str]] = {i: [] for i in range(n_layers)}
     beyond: set[int] = set()
@@ -251,6 +255,14 @@ def plan_edits(config: dict, tensors: Mapping[str, TensorInfo]) -> EditPlan:
     return EditPlan(arch=arch.name, model_type=config.get("model_type", ""), n_layers=n_layers, d_model=d_model,
                     prefix=layout.prefix, layers_prefix=layers_prefix, edits=edits, untie=untie,
                     per_layer=per_layer, notes=notes)
+
+
+def _applies(rule: WriterRule, text: dict) -> bool:
+    """Whether a rule's config condition (`when`) holds for this checkpoint's text config."""
+    if not rule.when:
+        return True
+    key = rule.when.lstrip("!")
+    return bool(text.get(key)) != rule.when.startswith("!")
 
 
 def _required_int(text: dict, key: str, arch: Architecture) -> int:
