@@ -396,3 +396,10 @@ register("gpt2", Architecture(
      WriterRule(r"attn\.c_proj\.(weight|bias)", "mixer", "conv1d"),
      WriterRule(r"mlp\.c_proj\.(weight|bias)", "mlp", "conv1d")),
     embed="wte.weight", layers="h", final_norm="ln_f", n_layers_key="n_layer", d_model_key="n_embd"))
+
+# Gemma 3n keeps several residual streams (AltUp) and mixes them per layer: removing r from one stream's writers is not
+# the paper's edit, and an approximate edit would be silently wrong, so it is refused.
+_ALTUP = ("its residual stream is not a single stream (Gemma 3n AltUp keeps several and mixes them), so a "
+          "single-direction weight edit would be approximate; abliterate refuses it rather than edit it wrongly.")
+for _model_type in ("gemma3n", "gemma3n_text"):
+    register(_model_type, Architecture(_model_type, CAUSAL_LM, (), refuse=_ALTUP))
