@@ -329,8 +329,9 @@ def architecture_for(config: dict) -> Architecture:
     model_type = config.get("model_type")
     arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if arch is None:
-        raise UserError(f"Unsupported model_type {model_type!r} in config.json. Supported: "
-                        f"{', '.join(sorted(ARCHITECTURES))}.")
+        supported = sorted(name for name, entry in ARCHITECTURES.items() if not entry.refuse)
+        raise UserError(f"Unsupported model_type {model_type!r} in config.json (abliterate knows only the families "
+                        f"in abliterate/architectures.py). Supported: {', '.join(supported)}.")
     if arch.refuse:
         raise UserError(f"model_type {model_type!r} is not supported: {arch.refuse}")
     return arch
