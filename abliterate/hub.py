@@ -100,9 +100,10 @@ def _download(repo_id: str, revision: str) -> Path:
 # Names an interrupted writer leaves behind; a folder holding one is not finished and is never uploaded.
 _LEFTOVER_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".lock")
 _LEFTOVER_PREFIXES = (".tmp", "tmp.", ".partial", ".incomplete")
-# The pipeline's step caches (a second copy of the weights, hard-linked) stay local; the rest of the
-# provenance folder (direction, scores, plots, evaluation report) is uploaded with the model.
-PUSH_IGNORE_PATTERNS = ("abliterate/steps/**", ".*", "**/.*")
+_LEFTOVER_MARKERS = (".abliterate-tmp-", ".abliterate-old-")  # `apply`'s staging folders
+# The pipeline's copy of the checkpoint (abliterate/apply/, hard links to the top-level files) stays local; the
+# rest of the provenance folder (config, direction, scores, plots, evaluation report) is uploaded with the model.
+PUSH_IGNORE_PATTERNS = ("abliterate/apply/**", ".*", "**/.*")
 # Above this size huggingface_hub 1.x needs `upload_large_folder` (resumable, many commits); 2.x does the
 # same inside `upload_folder` and has no separate function.
 LARGE_FOLDER_BYTES = 5 * 1024**3
@@ -158,7 +159,9 @@ def check_output_complete(folder: Path) -> list[Path]:
         raise UserError(f"{folder} is not a folder; pass the --out folder of a finished `abliterate run` or `apply`.")
     files = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_dir())
     for path in files:
-        if path.name.endswith(_LEFTOVER_SUFFIXES) or path.name.startswith(_LEFTOVER_PREFIXES):
+        name = path.name
+        if name.endswith(_LEFTOVER_SUFFIXES) or name.startswith(_LEFTOVER_PREFIXES) or \
+                any(marker in name for marker in _LEFTOVER_MARKERS):
             raise UserError(f"{folder} holds an unfinished write ({path.relative_to(folder)}); rerun the command "
                             "that was interrupted, then push.")
     if not (folder / "config.json").is_file():

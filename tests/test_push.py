@@ -57,15 +57,15 @@ def _finished_output(root: Path) -> Path:
     (out / "README.md").write_text("---\ntags:\n- abliterated\n---\n# card\n")
     (out / "abliterate").mkdir()
     (out / "abliterate" / "run.json").write_text('{"seed": 42}')
-    # The pipeline's step cache holds a second copy of the weights; it must stay local.
-    (out / "abliterate" / "steps" / "apply").mkdir(parents=True)
-    save_file({"x": torch.zeros(2)}, str(out / "abliterate" / "steps" / "apply" / "model.safetensors"))
+    # The pipeline's own copy of the checkpoint (hard links in a real run) must stay local.
+    (out / "abliterate" / "apply" / "checkpoint").mkdir(parents=True)
+    save_file({"x": torch.zeros(2)}, str(out / "abliterate" / "apply" / "checkpoint" / "model.safetensors"))
     return out
 
 
 def _local_files(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
-            if p.is_file() and "steps" not in p.parts}
+            if p.is_file() and "apply" not in p.parts}
 
 
 def test_push_uploads_every_file_byte_for_byte(hub: FakeHub, tmp_path: Path):
