@@ -404,3 +404,6 @@ _ALTUP = ("its residual stream is not a single stream (Gemma 3n AltUp keeps seve
           "single-direction weight edit would be approximate; abliterate refuses it rather than edit it wrongly.")
 for _model_type in ("gemma3n", "gemma3n_text"):
     register(_model_type, Architecture(_model_type, CAUSAL_LM, (), refuse=_ALTUP))
+
+# The MoE, hybrid and multimodal entries live in their own module (registered on import).
+from abliterate import architectures_moe  # noqa: E402,F401

@@ -1,0 +1,145 @@
+"""The MoE, hybrid and multimodal entries of the architecture table (see `abliterate.architectures`).
+
+Each entry was checked against the installed transformers 5 modeling code and against what `save_pretrained` writes.
+Two things make these families harder than the dense ones:
+
+- Experts are stored two ways. transformers 5 fuses them in memory into 3-D tensors, but `save_pretrained` (and the
+  Hub checkpoints of Mixtral, Qwen MoE, DeepSeek, GLM, ERNIE, LFM2) store one 2-D `down_proj` (or `w2`) per expert;
+  gpt-oss, Llama 4, Granite 4 and Gemma 4 store the fused tensor. Every entry claims both names, because `plan_edits`
+  also runs on in-memory names for the hooks. Fused `down_proj` is [experts, d_model, inter] in most families but
+  [experts, inter, d_model] in gpt-oss and Llama 4, whose forward computes h @ down_proj[e]; real gpt-oss experts are
+  square (inter = d_model = 2880), so the orientation is written here, never read from the shape.
+- Hybrids have more writers: gated delta-net `linear_attn.out_proj` (Qwen3-Next, Qwen 3.5), Mamba `mamba.out_proj`
+  (Granite 4), short-convolution `conv.out_proj` (LFM2), and Gemma 4's per-layer-input `per_layer_projection`.
+
+Norms: every family here is pre-norm (the norm before a sublayer never touches what it writes), except Gemma 4,
+whose norm gain is `weight` (not Gemma 2/3's 1 + weight) and whose MoE layers nest post-norms: the dense MLP passes
+post_feedforward_layernorm_1, the experts post_feedforward_layernorm_2, and their sum post_feedforward_layernorm, so
+each writer is made orthogonal to normalize(g_inner * g_outer * r). Scalars on the residual branches (Granite's
+residual_multiplier, Gemma 4's layer_scalar, gated shared experts) do not change orthogonality.
+
+Gemma 3n (AltUp: not one residual stream) is refused by its entry in `abliterate.architectures`.
+"""
+
+from __future__ import annotations
+
+from abliterate.architectures import (
+    ATTN_O,
+    CAUSAL_LM,
+    EMBED,
+    MLP_DOWN,
+    Architecture,
+    Layout,
+    WriterRule,
+    register,
+)
+
+# Multimodal wrappers: transformers 5 names the language model model.language_model.* with lm_head at the top;
+# older (LLaVA-style) Hub checkpoints store language_model.model.* and language_model.lm_head.
+WRAPPED = (Layout("model.language_model."), Layout("language_model.model.", "language_model.lm_head.weight"))
+
+
+def _experts(block: str, per_expert: str, fused_axis: int = 1) -> tuple[WriterRule, ...]:
+    """Routed experts' down projections in both on-disk layouts: one 2-D tensor per expert, or one fused 3-D tensor.
+
+    `per_expert` is the per-expert down projection's name inside `{block}.experts.N.` (down_proj or w2).
+    """
+    return (WriterRule(rf"{block}\.experts\.\d+\.{per_expert}\.(weight|bias)", "mlp", "linear"),
+            WriterRule(rf"{block}\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=fused_axis))
+
+
+def _linear(pattern: str, role: str = "mlp") -> WriterRule:
+    """A plain nn.Linear writer (weight and, where the family has one, bias)."""
+    return WriterRule(rf"{pattern}\.(weight|bias)", role, "linear")
+
+
+# Qwen2-MoE style: dense layers keep mlp.down_proj (mlp_only_layers / decoder_sparse_step / first_k_dense_replace),
+# MoE layers have routed experts plus, in most families, a shared expert (qwen: shared_expert, gated by a sigmoid;
+# deepseek/glm/ernie: shared_experts).
+QWEN_MOE_MLP = (MLP_DOWN, *_experts("mlp", "down_proj"), _linear(r"mlp\.shared_expert\.down_proj"))
+DEEPSEEK_MOE_MLP = (MLP_DOWN, *_experts("mlp", "down_proj"), _linear(r"mlp\.shared_experts\.down_proj"))
+LINEAR_ATTN_OUT = _linear(r"linear_attn\.out_proj", "mixer")
+
+for _model_type in ("qwen2_moe", "qwen3_moe"):
+    register(_model_type, Architecture(_model_type, CAUSAL_LM, (EMBED, ATTN_O, *QWEN_MOE_MLP)))
+
+# DeepSeek V3 (MLA attention still writes through o_proj; first_k_dense_replace dense layers; FP8 Hub weights are
+# refused by the checkpoint writer's dtype check), GLM-4.5 MoE and ERNIE 4.5 MoE (tied, optional biases).
+for _model_type in ("deepseek_v3", "glm4_moe", "ernie4_5_moe"):
+    register(_model_type, Architecture(_model_type, CAUSAL_LM, (EMBED, ATTN_O, *DEEPSEEK_MOE_MLP)))
+
+# Mixtral: the Hub (and save_pretrained) store block_sparse_moe.experts.N.w2; transformers 5 renames the block to
+# mlp and fuses the experts in memory.
+register("mixtral", Architecture("mixtral", CAUSAL_LM, (
+    EMBED, ATTN_O, WriterRule(r"block_sparse_moe\.experts\.\d+\.w2\.weight", "mlp", "linear"),
+    WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=1))))
+
+# gpt-oss: biases everywhere (o_proj, experts), fused [experts, inter, d_model] experts with a fused bias
+# [experts, d_model]; attention sinks are per-head logits, not residual writers. MXFP4 checkpoints store
+# down_proj_blocks/_scales instead of down_proj: their layers have no editable MLP writer and are refused.
+register("gpt_oss", Architecture("gpt_oss", CAUSAL_LM, (
+    EMBED, ATTN_O, WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=2),
+    WriterRule(r"mlp\.experts\.down_proj_bias", "mlp", "experts_bias"))))
+
+# Llama 4 text: dense feed_forward layers and MoE layers (interleave_moe_layer_step) with fused
+# [experts, inter, d_model] experts and a shared expert. The multimodal wrapper edits only its language model.
+LLAMA4_WRITERS = (EMBED, ATTN_O, _linear(r"feed_forward\.down_proj"),
+                  WriterRule(r"feed_forward\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=2),
+                  _linear(r"feed_forward\.shared_expert\.down_proj"))
+register("llama4_text", Architecture("llama4_text", CAUSAL_LM, LLAMA4_WRITERS))
+register("llama4", Architecture("llama4", WRAPPED, LLAMA4_WRITERS, text_config_key="text_config"))
+
+# Qwen3-Next and Qwen 3.5: hybrid layers (gated delta-net linear attention or gated full attention), both writing
+# through an output projection; Qwen 3.5 text may be stored under the multimodal prefix (transformers strips it).
+register("qwen3_next", Architecture("qwen3_next", CAUSAL_LM, (EMBED, ATTN_O, LINEAR_ATTN_OUT, *QWEN_MOE_MLP)))
+QWEN35_TEXT = (CAUSAL_LM[0], Layout("model.language_model."))
+register("qwen3_5_text", Architecture("qwen3_5_text", QWEN35_TEXT, (EMBED, ATTN_O, LINEAR_ATTN_OUT, MLP_DOWN)))
+register("qwen3_5_moe_text", Architecture(
+    "qwen3_5_moe_text", QWEN35_TEXT, (EMBED, ATTN_O, LINEAR_ATTN_OUT, *QWEN_MOE_MLP)))
+register("qwen3_5", Architecture(
+    "qwen3_5", WRAPPED, (EMBED, ATTN_O, LINEAR_ATTN_OUT, MLP_DOWN), text_config_key="text_config"))
+register("qwen3_5_moe", Architecture(
+    "qwen3_5_moe", WRAPPED, (EMBED, ATTN_O, LINEAR_ATTN_OUT, *QWEN_MOE_MLP), text_config_key="text_config"))
+
+# Granite 4 (granitemoehybrid): Mamba-2 or attention mixers; MoE experts (on disk block_sparse_moe.output_linear,
+# fused [experts, d_model, inter]; in memory block_sparse_moe.experts.down_proj) plus an always-on shared_mlp.
+GRANITE_MLP = (WriterRule(r"block_sparse_moe\.output_linear\.weight", "mlp", "experts_fused", d_model_axis=1),
+               WriterRule(r"block_sparse_moe\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=1),
+               _linear(r"shared_mlp\.output_linear"))
+register("granitemoehybrid", Architecture("granitemoehybrid", CAUSAL_LM, (
+    EMBED, ATTN_O, _linear(r"mamba\.out_proj", "mixer"), *GRANITE_MLP)))
+register(("granitemoe", "granitemoeshared"), Architecture("granitemoe", CAUSAL_LM, (EMBED, ATTN_O, *GRANITE_MLP)))
+
+# LFM2: short-convolution (conv.out_proj) or attention (self_attn.out_proj) mixers, SwiGLU feed_forward.w2, tied;
+# its final norm is called embedding_norm (applied after the last layer). LFM2-MoE adds per-expert w2.
+LFM2_WRITERS = (EMBED, _linear(r"conv\.out_proj", "mixer"), _linear(r"self_attn\.out_proj", "mixer"),
+                _linear(r"feed_forward\.w2"))
+register("lfm2", Architecture("lfm2", CAUSAL_LM, LFM2_WRITERS, final_norm="embedding_norm"))
+register("lfm2_moe", Architecture(
+    "lfm2_moe", CAUSAL_LM, (*LFM2_WRITERS, *_experts("feed_forward", "w2")), final_norm="embedding_norm"))
+
+# Gemma 4: every sublayer sits behind a post-norm with gain `weight`; the MoE flag nests a second post-norm after
+# the dense MLP and gives the experts their own (see the module docstring). The per-layer-input projection adds
+# into the residual through post_per_layer_input_norm. Tied.
+_FFN = "post_feedforward_layernorm.weight"
+GEMMA4_WRITERS = (
+    EMBED,
+    WriterRule(ATTN_O.pattern, "mixer", "linear", post_norms=("post_attention_layernorm.weight",)),
+    WriterRule(MLP_DOWN.pattern, "mlp", "linear", post_norms=(_FFN,), when="!enable_moe_block"),
+    WriterRule(MLP_DOWN.pattern, "mlp", "linear", post_norms=("post_feedforward_layernorm_1.weight", _FFN),
+               when="enable_moe_block"),
+    WriterRule(r"experts\.down_proj", "mlp", "experts_fused", d_model_axis=1,
+               post_norms=("post_feedforward_layernorm_2.weight", _FFN), when="enable_moe_block"),
+    WriterRule(r"per_layer_projection\.weight", "extra", "linear", post_norms=("post_per_layer_input_norm.weight",)),
+)
+register("gemma4_text", Architecture("gemma4_text", CAUSAL_LM, GEMMA4_WRITERS))
+register("gemma4", Architecture("gemma4", WRAPPED, GEMMA4_WRITERS, text_config_key="text_config"))
+
+# Llama-style language models inside vision wrappers: only the language model is edited.
+LLAMA_WRITERS = (EMBED, ATTN_O, MLP_DOWN)
+register("mistral3", Architecture("mistral3", WRAPPED, LLAMA_WRITERS, text_config_key="text_config"))
+# Qwen2-VL / Qwen2.5-VL Hub checkpoints keep the text model at model.* (vision at visual.*); transformers 5 saves
+# model.language_model.*. Qwen3-VL (dense) uses the transformers 5 names on the Hub too.
+QWEN_VL = (Layout("model.language_model."), CAUSAL_LM[0])
+for _model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    register(_model_type, Architecture(_model_type, QWEN_VL, LLAMA_WRITERS, text_config_key="text_config"))
