@@ -62,6 +62,98 @@ def _setup(
 # ---- commands ----
 
 
+def _nested(flat: dict[str, object]) -> dict[str, dict[str, object]]:
+    """{"section.key": value} -> {section: {key: value}}, leaving out flags that were not given (None)."""
+    nested: dict[str, dict[str, object]] = {}
+    for dotted, value in flat.items():
+        if value is not None:
+            section, key = dotted.split(".")
+            nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def _print_run_summary(result, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"abliterate run: {result.out_dir}")
+    for column in ("", "base", "edited"):
+        table.add_column(column)
+    table.add_row("direction", "", f"layer {result.layer} of {result.n_layers}, position {result.position}")
+    table.add_row("tensors edited", "", str(result.n_edited))
+    for metric, base, edited in result.metrics:
+        table.add_row(metric, base, edited)
+    console.print(table)
+    if result.reused:
+        console.print(f"Reused finished steps: {', '.join(result.reused)}")
+    console.print(f"Report: {result.report_path or 'evaluation skipped (--skip-eval)'}", soft_wrap=True)
+    if result.pushed_url:
+        console.print(f"Pushed: {result.pushed_url}", soft_wrap=True)
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
+    out: Annotated[str, typer.Option("--out", help="Output directory: the edited checkpoint plus abliterate/ provenance.")],
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the model.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Dtype for measuring and evaluating.")] = None,
+    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template file.")] = None,
+    harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful prompts for fitting.")] = None,
+    harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
+    harmful_eval: Annotated[Optional[str], typer.Option("--harmful-eval", help="Harmful prompts for evaluation.")] = None,
+    harmless_eval: Annotated[Optional[str], typer.Option("--harmless-eval", help="Harmless prompts for evaluation.")] = None,
+    n_train: Annotated[Optional[int], typer.Option("--n-train", help="Training prompts per side.")] = None,
+    n_eval: Annotated[Optional[int], typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling prompts.")] = None,
+    direction_file: Annotated[Optional[str], typer.Option("--direction-file", help="Reference direction to compare with.")] = None,
+    use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply in the evaluation.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: together, local:PATH or none.")] = None,
+    skip_eval: Annotated[Optional[bool], typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
+    push: Annotated[Optional[str], typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every step; allow a non-empty --out.")] = False,
+) -> None:
+    """The whole job: measure the refusal direction, remove it from the weights, evaluate, write the model card."""
+    from pathlib import Path
+
+    from abliterate.config import load_config
+    from abliterate.pipeline import run as run_pipeline
+
+    overrides = _nested({
+        "model.revision": revision, "model.dtype": dtype, "model.chat_template": chat_template,
+        "prompts.harmful_train": harmful, "prompts.harmless_train": harmless, "prompts.harmful_eval": harmful_eval,
+        "prompts.harmless_eval": harmless_eval, "prompts.n_train": n_train, "prompts.n_eval": n_eval,
+        "prompts.seed": seed, "measure.direction_file": direction_file, "measure.use_reference": use_reference,
+        "apply.max_shard_size": max_shard_size, "eval.max_new_tokens": max_new_tokens, "eval.judge": judge,
+        "run.skip_eval": skip_eval, "run.push": push,
+    })
+    result = run_pipeline(model, Path(out), load_config(config_file, overrides), force=force)
+    _print_run_summary(result, _console())
+
+
+@app.command()
+def demo(
+    out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: a new temporary one).")] = None,
+) -> None:
+    """Abliterate the bundled toy refuser end to end, offline, and show its replies before and after."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from abliterate.pipeline import demo as run_demo
+
+    result = run_demo(Path(out) if out else None)
+    console = _console()
+    table = Table(title="Held-out prompts, toy refuser before and after abliteration")
+    for column in ("prompt", "before", "after"):
+        table.add_column(column)
+    for prompt, before, after in result.replies:
+        table.add_row(prompt, before, after)
+    console.print(table)
+    _print_run_summary(result.run, console)
+
+
 @app.command()
 def apply(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
