@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from abliterate import checkpoint
@@ -22,40 +22,17 @@ from abliterate.config import load_config
 from abliterate.direction import save_direction
 from abliterate.errors import UserError
 from abliterate.weights import edit_tensor
-
-D_MODEL = 32
-SMALL_FILES = {"tokenizer.json": '{"fake": "tokenizer"}', "tokenizer_config.json": '{"model_max_length": 64}',
-               "special_tokens_map.json": "{}", "chat_template.jinja": "{{ messages }}"}
-
-
-def _tiny_llama(dtype: torch.dtype) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=96, hidden_size=D_MODEL, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # biases are zero at init: make every tensor matter
-            parameter.normal_(0.0, 0.2)
-    return model.to(dtype)
-
-
-def _save(model: LlamaForCausalLM, path, max_shard_size: str = "50GB"):
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    for name, text in SMALL_FILES.items():
-        (path / name).write_text(text)
-    (path / "README.md").write_text("card of the original model")
-    return path
+from apply_models import D_MODEL, SMALL_FILES, save_checkpoint, tiny_llama
 
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
-    return _save(_tiny_llama(torch.float32), tmp_path_factory.mktemp("llama"))
+    return save_checkpoint(tiny_llama(torch.float32), tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="session")
 def llama_bf16_sharded_dir(tmp_path_factory):
-    return _save(_tiny_llama(torch.bfloat16), tmp_path_factory.mktemp("llama_bf16"), max_shard_size="20KB")
+    return save_checkpoint(tiny_llama(torch.bfloat16), tmp_path_factory.mktemp("llama_bf16"), max_shard_size="20KB")
 
 
 @pytest.fixture(scope="session")
