@@ -46,6 +46,7 @@ class Completion:
     reply: str
     n_tokens: int
     stopped: bool
+    unsafe: bool | None = None  # the safety judge's verdict on harmful prompts; None when not judged
 
 
 def input_device(model: Any) -> torch.device:
