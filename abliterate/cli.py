@@ -62,6 +62,50 @@ def _setup(
 # ---- commands ----
 
 
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(help="Model to evaluate: a local checkpoint directory or a Hub id.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model, evaluated side by side on the same prompts (adds KL).")] = None,
+    harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful evaluation prompts: a file, hf:owner/name or builtin:NAME.")] = None,
+    harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless evaluation prompts (over-refusal, KL).")] = None,
+    n_eval: Annotated[Optional[int], typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: together, local:PATH or none.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model on Together.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Directory for eval.json, report.md and completions (default: eval-NAME).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply generated.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts generated at once.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Generation engine: transformers or vllm.")] = None,
+    refusal_set: Annotated[Optional[str], typer.Option("--refusal-set", help="Refusal substrings: paper or extended.")] = None,
+    ce_text: Annotated[Optional[str], typer.Option("--ce-text", help="General text for CE loss: .txt, .jsonl or hf:owner/name.")] = None,
+    ce_chat: Annotated[Optional[str], typer.Option("--ce-chat", help="Instruction/output pairs for reply-only CE loss.")] = None,
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
+) -> None:
+    """Evaluate a model (and its base side by side): refusal, over-refusal, safety judge, CE loss and KL."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from abliterate.config import load_config
+    from abliterate.evaluation import evaluate
+
+    overrides = _nested({
+        "prompts.harmful_eval": harmful, "prompts.harmless_eval": harmless, "prompts.n_eval": n_eval,
+        "eval.judge": judge, "eval.judge_model": judge_model, "eval.max_new_tokens": max_new_tokens,
+        "eval.batch_size": batch_size, "eval.backend": backend, "eval.refusal_set": refusal_set,
+        "eval.ce_text": ce_text, "eval.ce_chat": ce_chat,
+    })
+    out_dir = Path(out) if out else Path(f"eval-{Path(model.rstrip('/')).name}")
+    report = evaluate(model, load_config(config_file, overrides), out_dir, base=base)
+    table = Table(title=f"abliterate eval: {model}" + (f" vs {base}" if base else ""))
+    for header in ["metric"] + [report.data["labels"][column] for column in report.columns]:
+        table.add_column(header)
+    for row in report.rows():
+        table.add_row(*row)
+    console = _console()
+    console.print(table)
+    console.print(f"Report: {out_dir / 'report.md'} (numbers in {out_dir / 'eval.json'})", soft_wrap=True)
+
+
 def _nested(flat: dict[str, object]) -> dict[str, dict[str, object]]:
     """{"section.key": value} -> {section: {key: value}}, leaving out flags that were not given (None)."""
     nested: dict[str, dict[str, object]] = {}
