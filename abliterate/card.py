@@ -31,8 +31,8 @@ class CardFacts:
     base_model: str  # Hub id of the base model; empty when it is a local checkpoint
     model_type: str
     n_layers: int
-    layer: int  # the layer whose input the direction was read at
-    position: int  # counted from the end of the prompt (-1 = last token)
+    layer: int | None  # the layer whose input the direction was read at; None for a supplied reference direction
+    position: int | None  # counted from the end of the prompt (-1 = last token)
     edited_counts: dict[str, int]  # kind of residual writer -> number of tensors edited
     command: str  # the command that reproduces the checkpoint, free of local paths
     version: str  # abliterate's version
@@ -91,14 +91,20 @@ def _what_was_done(facts: CardFacts) -> list[str]:
     counts = facts.n_prompts
     fitted = (f" from {counts['harmful_train']} harmful and {counts['harmless_train']} harmless instructions"
               if "harmful_train" in counts and "harmless_train" in counts else "")
+    found = ("The refusal direction r was found as in Arditi et al. 2024, *Refusal in Language Models Is Mediated "
+             "by a Single Direction* (arXiv:2406.11717): the difference between the mean residual-stream activations "
+             f"on harmful and harmless instructions{fitted}, read at the input of layer {facts.layer} of "
+             f"{facts.n_layers} at position {facts.position} from the end of the prompt{token}, chosen among all "
+             "layers and positions by how well ablating it bypasses refusal while keeping harmless next-token "
+             "distributions close (KL).")
+    if facts.layer is None:
+        found = ("The refusal direction r was supplied as a reference direction file (`--use-reference`), not "
+                 f"selected on this model, following Arditi et al. 2024 (arXiv:2406.11717); the model has "
+                 f"{facts.n_layers} layers.")
     lines = [
         "## What was done",
         "",
-        "The refusal direction r was found as in Arditi et al. 2024, *Refusal in Language Models Is Mediated by a "
-        "Single Direction* (arXiv:2406.11717): the difference between the mean residual-stream activations on "
-        f"harmful and harmless instructions{fitted}, read at the input of layer {facts.layer} of {facts.n_layers} "
-        f"at position {facts.position} from the end of the prompt{token}, chosen among all layers and positions by "
-        "how well ablating it bypasses refusal while keeping harmless next-token distributions close (KL).",
+        found,
         "",
         "r was then removed from the weights: every tensor that writes into the residual stream was projected "
         "off r (W <- W - r r^T W, biases likewise), computed in float32 and stored in the original dtype. "

@@ -59,8 +59,8 @@ class RunResult:
     """What `run` did: the chosen direction, the edit, the evaluation summary and where everything is."""
 
     out_dir: Path
-    layer: int
-    position: int
+    layer: int | None  # None when a supplied reference direction was used as it is
+    position: int | None
     n_layers: int
     n_edited: int
     metrics: list[tuple[str, str, str]] = field(default_factory=list)  # (metric with prompt count, base, edited)
@@ -150,8 +150,10 @@ def _measure_work(model: str, config: Config) -> Callable[[Path], dict]:
         from abliterate.measure import measure
 
         found = measure(model, folder, config)
+        # With --use-reference and a direction file that names no layer, there is no layer or position to report.
         return {"direction": Path(found.direction_path).resolve().relative_to(folder.resolve()).as_posix(),
-                "layer": int(found.layer), "position": int(found.position)}
+                "layer": found.layer, "position": found.position, "token_text": found.token_text,
+                "n_prompts": {key: value for key, value in found.counts.items() if key.startswith(("harm"))}}
     return work
 
 
@@ -286,14 +288,13 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
 
     prov = out_dir / PROVENANCE_DIR
     measured, applied, evaluated = steps["measure"], steps["apply"], steps.get("eval")
-    direction_meta = json.loads((prov / "measure" / measured["direction"]).read_text())
     facts = CardFacts(
         base_model="" if _is_local(model) else model,
         base_revision=config.model.revision or _resolved_revision(model_dir),
         license=base_license(model_dir, json.loads((model_dir / "config.json").read_text())),
         model_type=applied["model_type"], n_layers=applied["n_layers"],
         layer=measured["layer"], position=measured["position"],
-        position_token=str(direction_meta.get("position_token") or direction_meta.get("token") or ""),
+        position_token=measured["token_text"],
         n_prompts=measured.get("n_prompts", {}), edited_counts=applied["edits_by_kind"], untied=applied["untied"],
         eval_markdown=(prov / "eval" / evaluated["report"]).read_text() if evaluated else "",
         command=reproduce_command(model, out_dir), version=__version__, name=out_dir.name,
