@@ -104,8 +104,7 @@ def _source_digest(source: str) -> str:
 def step_keys(config: Config, model_fingerprint: str) -> dict[str, str]:
     """The key of every step: a change to anything a step reads changes its key and every later one."""
     c = to_dict(config)
-    prompts = {name: _source_digest(value) if name.endswith(("_train", "_eval")) else value
-               for name, value in c["prompts"].items()}
+    prompts = {name: _source_digest(value) if isinstance(value, str) else value for name, value in c["prompts"].items()}
     measure = _hash(__version__, model_fingerprint, c["model"], prompts, c["measure"],
                     _source_digest(config.measure.direction_file))
     apply = _hash(measure, c["apply"], c["model"]["revision"])

@@ -1,0 +1,111 @@
+"""The pipeline's bookkeeping without a model: step keys, reuse, interruption, publishing order, resolved config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from abliterate.config import load_config
+from abliterate.pipeline import _publish, _unpublish, render_toml, reproduce_command, run_step, step_keys
+
+
+def _keys(**overrides) -> dict[str, str]:
+    return step_keys(load_config(overrides=overrides), model_fingerprint="model-a")
+
+
+def test_a_setting_changes_its_step_and_every_later_one_only():
+    base = _keys()
+    assert _keys() == base
+    changed = _keys(eval={"max_new_tokens": 7})
+    assert changed["measure"] == base["measure"] and changed["apply"] == base["apply"]
+    assert changed["eval"] != base["eval"] and changed["publish"] != base["publish"]
+    changed = _keys(apply={"max_shard_size": "1MB"})
+    assert changed["measure"] == base["measure"]
+    assert all(changed[step] != base[step] for step in ("apply", "eval", "publish"))
+    changed = _keys(prompts={"seed": 1})
+    assert all(changed[step] != base[step] for step in base)
+    other_model = step_keys(load_config(), model_fingerprint="model-b")
+    assert all(other_model[step] != base[step] for step in base)
+    assert _keys(run={"skip_eval": True})["eval"] == "skipped"
+
+
+def test_a_local_prompt_file_is_keyed_on_its_content(tmp_path: Path):
+    prompts = tmp_path / "harmful.txt"
+    prompts.write_text("one\ntwo\n")
+    first = _keys(prompts={"harmful_train": str(prompts)})
+    prompts.write_text("one\nthree\n")
+    assert _keys(prompts={"harmful_train": str(prompts)})["measure"] != first["measure"]
+
+
+def test_run_step_reuses_a_finished_step_and_reruns_a_changed_one(tmp_path: Path):
+    calls: list[str] = []
+
+    def work(folder: Path) -> dict:
+        calls.append(folder.name)
+        (folder / "artifact.txt").write_text(str(len(calls)))
+        return {"n": len(calls)}
+
+    reused: list[str] = []
+    assert run_step(tmp_path, "measure", "k1", False, work, reused) == {"n": 1}
+    assert run_step(tmp_path, "measure", "k1", False, work, reused) == {"n": 1}
+    assert reused == ["measure"] and len(calls) == 1
+    assert run_step(tmp_path, "measure", "k2", False, work, reused) == {"n": 2}
+    assert run_step(tmp_path, "measure", "k2", True, work, reused) == {"n": 3}
+    assert (tmp_path / "measure" / "artifact.txt").read_text() == "3"
+    assert calls == [".measure.partial"] * 3
+
+
+def test_an_interrupted_step_leaves_the_last_finished_one_and_reruns(tmp_path: Path):
+    def finished(folder: Path) -> dict:
+        (folder / "artifact.txt").write_text("old")
+        return {"ok": True}
+
+    def interrupted(folder: Path) -> dict:
+        (folder / "artifact.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    run_step(tmp_path, "apply", "old-key", False, finished, [])
+    with pytest.raises(KeyboardInterrupt):
+        run_step(tmp_path, "apply", "new-key", False, interrupted, [])
+    assert json.loads((tmp_path / "apply" / "step.json").read_text())["key"] == "old-key"
+    reused: list[str] = []
+    run_step(tmp_path, "apply", "new-key", False, finished, reused)
+    assert reused == [] and not (tmp_path / ".apply.partial").exists()
+    assert json.loads((tmp_path / "apply" / "step.json").read_text())["key"] == "new-key"
+
+
+def test_publish_links_every_file_and_writes_config_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    checkpoint, out = tmp_path / "checkpoint", tmp_path / "out"
+    checkpoint.mkdir()
+    out.mkdir()
+    for name, text in (("config.json", "{}"), ("model.safetensors", "weights"), ("tokenizer.json", "tok"),
+                       ("README.md", "base card")):
+        (checkpoint / name).write_text(text)
+    order: list[str] = []
+    import abliterate.pipeline as pipeline
+
+    real_link = pipeline._link
+    monkeypatch.setattr(pipeline, "_link", lambda source, target: (order.append(target.name), real_link(source, target)))
+    published = _publish(out, checkpoint, "our card")
+    assert order[-1] == "config.json" and "README.md" not in order
+    assert published == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert (out / "README.md").read_text() == "our card" and (checkpoint / "README.md").read_text() == "base card"
+    assert (out / "model.safetensors").stat().st_ino == (checkpoint / "model.safetensors").stat().st_ino
+    _unpublish(out, published)
+    assert list(out.iterdir()) == []
+
+
+def test_resolved_config_round_trips_and_the_command_has_no_local_path(tmp_path: Path):
+    config = load_config(overrides={"eval": {"max_new_tokens": 9}, "measure": {"refusal_openings": ["I", "As"]},
+                                    "model": {"template_kwargs": {"enable_thinking": False}}})
+    path = tmp_path / "config.toml"
+    path.write_text(render_toml(config))
+    assert load_config(path) == config
+    local = tmp_path / "base-model"
+    local.mkdir()
+    command = reproduce_command(str(local), tmp_path / "out-dir")
+    assert command == "abliterate run BASE_MODEL_DIR --out out-dir --config abliterate/config.toml"
+    assert reproduce_command("Qwen/Qwen2.5-0.5B-Instruct", Path("/x/qwen-abl")).startswith(
+        "abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-abl")
