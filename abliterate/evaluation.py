@@ -48,9 +48,9 @@ class _Run:
 
 def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str | None = None) -> EvalReport:
     """Evaluate `model` (and `base` on the same prompts when given); write eval.json, report.md and completions."""
+    check_judge(config.eval)  # before any generation: a missing key must not cost an hour of replies
     from abliterate.prompts import prompt_sets
 
-    check_judge(config.eval)  # before any generation: a missing key must not cost an hour of replies
     sets = prompt_sets(config.prompts)
     prompts = {"harmful": list(sets.harmful_eval), "harmless": list(sets.harmless_eval)}
     corpora = load_corpora(config.eval)
