@@ -1,0 +1,330 @@
+"""`measure`: find a chat model's refusal direction and write it, with the evidence, to a folder.
+
+The stages, in order: load the model and its chat template; sample the prompt sets; collect mean activations at
+every end-of-instruction position and layer input (harmful minus harmless = the candidates); score the candidates
+on validation prompts and choose one (or take the reference direction with `use_reference`); write the artifacts:
+
+    candidates.safetensors   candidates [position, layer, d_model] and both means, float64
+    scores.json              every candidate's scores and filter verdicts, prompt counts, seed, config, versions
+    direction.json           the chosen unit direction, layer, position, its token text, scores, model and revision
+    direction.safetensors    the same vector, exact float32 (A's `save_direction`)
+    scores.png               bypass, induce and KL against layer, one line per position (the paper's figure)
+    reference_cosines.csv    with a reference direction: cosine of every candidate, and per position and layer the
+    reference_cosines.png    mean cosine of single harmful activations and the cosine of their normalized mean
+
+Everything is written to a temporary folder beside `out_dir` and moved in when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abliterate.activations import SideActivations, cosine_with, difference_of_means, encode, mean_activations
+from abliterate.config import Config, to_dict
+from abliterate.direction import DIRECTION_JSON, DIRECTION_SAFETENSORS, Direction, load_direction, save_direction
+from abliterate.errors import UserError
+from abliterate.selection import (CandidateScore, NoDirectionError, ValidationSet, build_validation_set, bypass_and_kl, check_kept,
+                                  choose, induce_score, layer_cutoff, score_candidates)
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_FILE = "candidates.safetensors"
+SCORES_FILE = "scores.json"
+SCORES_PLOT = "scores.png"
+REFERENCE_CSV = "reference_cosines.csv"
+REFERENCE_PLOT = "reference_cosines.png"
+
+
+@dataclass
+class MeasureResult:
+    """What `measure` found and where it wrote it."""
+
+    out_dir: Path
+    direction_path: Path
+    layer: int | None
+    position: int | None
+    token_text: str
+    scores: list[CandidateScore]
+    chosen: dict[str, Any]  # bypass, kl, induce of the direction written (None where not computed)
+    used_reference: bool = False
+    reference: dict[str, Any] | None = None  # cosine summary when a reference direction was given
+    counts: dict[str, int] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Fit:
+    """Everything measured on one model, before writing."""
+
+    n_layers: int
+    d_model: int
+    eoi_ids: list[int]
+    refusal_ids: list[int]
+    token_texts: dict[int, str]
+    harmful: SideActivations
+    harmless: SideActivations
+    candidates: torch.Tensor  # [position, layer, d_model] float64
+    counts: dict[str, int]
+
+
+def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
+    """Measure the refusal direction of the model at `source` (local folder or Hub id) into `out_dir`."""
+    from abliterate.model import load_model
+    from abliterate.prompts import prompt_sets
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model, tokenizer = load_model(source, config.model)
+    timings["load_s"] = time.perf_counter() - start
+    sets = prompt_sets(config.prompts)
+    reference = _load_reference(config, int(model.config.get_text_config().hidden_size))
+
+    start = time.perf_counter()
+    fit = _fit(model, tokenizer, sets, config, reference)
+    timings["activations_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    val = _validation_set(model, tokenizer, sets, config, fit)
+    try:
+        scores, chosen = _select(model, fit, val, config, reference)
+    except NoDirectionError as error:
+        _write_failure(Path(out_dir), source, config, fit, error.scores, reference)
+        raise NoDirectionError(f"{error}\nEvery candidate's scores: {Path(out_dir) / SCORES_FILE} and "
+                               f"{Path(out_dir) / SCORES_PLOT}.", error.scores) from None
+    timings["scoring_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = _write(Path(out_dir), source, config, fit, scores, chosen, reference)
+    timings["artifacts_s"] = time.perf_counter() - start
+    result.timings_s = timings
+    return result
+
+
+# ---- stages ----
+
+def _load_reference(config: Config, d_model: int) -> Direction | None:
+    if not config.measure.direction_file:
+        return None
+    return load_direction(config.measure.direction_file, d_model=d_model)
+
+
+def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direction | None) -> _Fit:
+    """Mean activations of both training sides (filtered by the base refusal score when asked) and the candidates."""
+    from abliterate.chat import end_of_instruction_ids, format_instructions, refusal_token_ids
+
+    eoi_ids = list(end_of_instruction_ids(tokenizer, config.model))
+    if not eoi_ids:
+        raise UserError("The chat template puts no tokens between the instruction and the reply, so there is no "
+                        "end-of-instruction position to measure; pass a chat template with --chat-template.")
+    k = len(eoi_ids)
+    refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings))
+    m = config.measure
+    sides = {}
+    for side, prompts, sign in (("harmful", sets.harmful_train, 1), ("harmless", sets.harmless_train, -1)):
+        texts = format_instructions(tokenizer, [p.text for p in prompts], config.model)
+        batches = encode(tokenizer, texts, m.batch_size)
+        sides[side] = mean_activations(model, batches, k, refusal_ids, keep_sign=sign if m.filter_prompts else 0,
+                                       reference=None if reference is None else reference.vector,
+                                       description=f"{side} activations")
+        if m.filter_prompts:
+            check_kept(side, sides[side].n_kept, len(texts), "training")
+    candidates = difference_of_means(sides["harmful"].mean, sides["harmless"].mean)  # [position, layer, d_model]
+    counts = {"harmful_train": len(sets.harmful_train), "harmless_train": len(sets.harmless_train),
+              "harmful_train_kept": sides["harmful"].n_kept, "harmless_train_kept": sides["harmless"].n_kept}
+    token_texts = {i - k: tokenizer.decode([token_id]) for i, token_id in enumerate(eoi_ids)}
+    return _Fit(n_layers=int(candidates.shape[1]), d_model=int(candidates.shape[2]), eoi_ids=eoi_ids,
+                refusal_ids=refusal_ids, token_texts=token_texts, harmful=sides["harmful"], harmless=sides["harmless"],
+                candidates=candidates, counts={**counts, "refusal_token_ids": len(refusal_ids)})
+
+
+def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: _Fit) -> ValidationSet:
+    """Validation prompts in shared batches with the base outputs cached; filtered like the training prompts."""
+    from abliterate.chat import format_instructions
+
+    refusal_ids = fit.refusal_ids
+    harmful = format_instructions(tokenizer, [p.text for p in sets.harmful_val], config.model)
+    harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
+    val = _encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size, refusal_ids)
+    fit.counts.update(harmful_val=len(harmful), harmless_val=len(harmless))
+    if config.measure.filter_prompts:
+        keep = torch.where(val.is_harmful, val.base_scores > 0, val.base_scores < 0)  # [n]
+        texts = harmful + harmless
+        kept_harmful = [t for t, k, h in zip(texts, keep, val.is_harmful) if k and h]
+        kept_harmless = [t for t, k, h in zip(texts, keep, val.is_harmful) if k and not h]
+        check_kept("harmful", len(kept_harmful), len(harmful), "validation")
+        check_kept("harmless", len(kept_harmless), len(harmless), "validation")
+        if len(kept_harmful) + len(kept_harmless) < len(texts):
+            val = _encode_validation(model, tokenizer, kept_harmful, kept_harmless, config.measure.batch_size,
+                                     refusal_ids)
+        fit.counts.update(harmful_val_kept=len(kept_harmful), harmless_val_kept=len(kept_harmless))
+    return val
+
+
+def _encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], batch_size: int,
+                       refusal_ids: list[int]) -> ValidationSet:
+    texts = harmful + harmless
+    is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
+    return build_validation_set(model, encode(tokenizer, texts, batch_size), encode(tokenizer, harmless, batch_size),
+                                is_harmful, refusal_ids)
+
+
+def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
+            reference: Direction | None) -> tuple[list[CandidateScore], dict[str, Any]]:
+    """Score the candidates and choose one, or score the reference direction when `use_reference` is set."""
+    refusal_ids = fit.refusal_ids
+    if config.measure.use_reference and reference is not None:
+        bypass, kl = bypass_and_kl(model, reference.vector, val, refusal_ids)
+        induce = None
+        if reference.layer is not None and 0 <= reference.layer < fit.n_layers:
+            norm = float(reference.meta.get("candidate_norm", 1.0))  # induce adds the raw (unnormalized) vector
+            induce = induce_score(model, reference.vector * norm, reference.layer, val, refusal_ids)
+        return [], {"vector": reference.vector, "layer": reference.layer, "position": reference.position,
+                    "bypass": bypass, "kl": kl, "induce": induce, "norm": reference.meta.get("candidate_norm")}
+    scores = score_candidates(model, fit.candidates, val, refusal_ids, config.measure)
+    best = choose(scores)
+    vector = fit.candidates[best.position + len(fit.eoi_ids), best.layer]  # [d_model] float64
+    return scores, {"vector": vector, "layer": best.layer, "position": best.position, "bypass": best.bypass,
+                    "kl": best.kl, "induce": best.induce, "norm": float(torch.linalg.vector_norm(vector))}
+
+# ---- artifacts ----
+
+def _reference_tables(fit: _Fit, reference: Direction) -> dict[str, torch.Tensor]:
+    """Per position and layer: candidate cosine, mean single-activation cosine, normalized-mean cosine."""
+    tables = {"candidate_cosine": cosine_with(fit.candidates, reference.vector)}  # [position, layer]
+    if fit.harmful.reference_cosine is not None and fit.harmful.normalized_mean is not None:
+        tables["harmful_mean_single_cosine"] = fit.harmful.reference_cosine  # [position, layer]
+        tables["harmful_normalized_mean_cosine"] = cosine_with(fit.harmful.normalized_mean, reference.vector)
+    return tables
+
+
+def _reference_summary(tables: dict[str, torch.Tensor], fit: _Fit, chosen: dict[str, Any]) -> dict[str, Any]:
+    k = len(fit.eoi_ids)
+    cosines = tables["candidate_cosine"]  # [position, layer]
+    flat = int(cosines.abs().argmax())
+    best_position, best_layer = divmod(flat, fit.n_layers)
+    summary: dict[str, Any] = {"best_candidate": {"position": best_position - k, "layer": best_layer,
+                                                  "cosine": float(cosines[best_position, best_layer])}}
+    if chosen.get("layer") is not None and chosen.get("position") is not None and -k <= chosen["position"] < 0:
+        summary["chosen_cosine"] = float(cosines[chosen["position"] + k, chosen["layer"]])
+    return summary
+
+
+def _write_reference_csv(path: Path, tables: dict[str, torch.Tensor], k: int) -> None:
+    names = list(tables)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["position", "layer", *names])
+        n_positions, n_layers = tables[names[0]].shape
+        for p in range(n_positions):
+            for layer in range(n_layers):
+                writer.writerow([p - k, layer, *(f"{float(tables[n][p, layer]):.6f}" for n in names)])
+
+
+def _provenance(source: str, config: Config) -> dict[str, Any]:
+    import transformers
+
+    from abliterate import __version__
+
+    return {"model": source, "revision": config.model.revision, "seed": config.prompts.seed,
+            "versions": {"abliterate": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "config": to_dict(config)}
+
+
+def _scores_payload(source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
+                    chosen: dict[str, Any] | None, reference: dict[str, Any] | None) -> dict[str, Any]:
+    m = config.measure
+    chosen_json = None if chosen is None else {key: value for key, value in chosen.items() if key != "vector"}
+    return {**_provenance(source, config), "n_layers": fit.n_layers, "d_model": fit.d_model,
+            "positions": {str(p): text for p, text in fit.token_texts.items()},
+            "filters": {"kl_max": m.kl_max, "max_layer_fraction": m.max_layer_fraction,
+                        "first_discarded_layer": layer_cutoff(fit.n_layers, m.max_layer_fraction),
+                        "require_induce": m.require_induce, "filter_prompts": m.filter_prompts},
+            "prompt_counts": fit.counts, "chosen": chosen_json, "used_reference": m.use_reference,
+            "reference": reference, "candidates": [s.to_dict() for s in scores]}
+
+
+def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
+                       chosen: dict[str, Any] | None, reference: Direction | None) -> dict[str, Any] | None:
+    """candidates.safetensors, scores.json, scores.png and the reference tables: everything but the direction."""
+    from safetensors.torch import save_file
+
+    from abliterate.plots import plot_cosine_heatmap, plot_scores
+
+    save_file({"candidates": fit.candidates.contiguous(), "harmful_mean": fit.harmful.mean.contiguous(),
+               "harmless_mean": fit.harmless.mean.contiguous()}, str(folder / CANDIDATES_FILE),
+              metadata={"positions": json.dumps(sorted(fit.token_texts)), "model": source})
+    summary = None
+    if reference is not None:
+        tables = _reference_tables(fit, reference)
+        summary = _reference_summary(tables, fit, chosen or {})
+        _write_reference_csv(folder / REFERENCE_CSV, tables, len(fit.eoi_ids))
+        plot_cosine_heatmap(tables["candidate_cosine"], folder / REFERENCE_PLOT)
+    payload = _scores_payload(source, config, fit, scores, chosen, summary)
+    (folder / SCORES_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+    if scores:
+        plot_scores(scores, folder / SCORES_PLOT, title=f"{source}: refusal direction candidates",
+                    cutoff_layer=layer_cutoff(fit.n_layers, config.measure.max_layer_fraction),
+                    token_texts=fit.token_texts)
+    return summary
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move finished files into `out_dir` (renamed whole when it does not exist yet)."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    for path in staging.iterdir():
+        os.replace(path, out_dir / path.name)
+    staging.rmdir()
+
+
+def _staging(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.measuring-", dir=out_dir.parent))
+
+
+def _write_failure(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
+                   reference: Direction | None) -> None:
+    """When no candidate passes, still leave the scores and the figure: they show which filter to relax."""
+    for stale in (DIRECTION_JSON, DIRECTION_SAFETENSORS):  # an older run's direction must not look like this one's
+        (out_dir / stale).unlink(missing_ok=True)
+    staging = _staging(out_dir)
+    try:
+        _write_diagnostics(staging, source, config, fit, scores, None, reference)
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
+           chosen: dict[str, Any], reference: Direction | None) -> MeasureResult:
+    staging = _staging(out_dir)
+    try:
+        summary = _write_diagnostics(staging, source, config, fit, scores, chosen, reference)
+        position = chosen["position"]
+        token_text = fit.token_texts.get(position, "") if position is not None else ""
+        meta = {"layer": chosen["layer"], "position": position, "token_text": token_text,
+                "scores": {key: chosen[key] for key in ("bypass", "kl", "induce")},
+                "candidate_norm": chosen["norm"], "n_layers": fit.n_layers, "model": source,
+                "revision": config.model.revision, "seed": config.prompts.seed,
+                "method": "reference direction" if config.measure.use_reference else "difference of means"}
+        save_direction(staging, chosen["vector"], {key: value for key, value in meta.items() if value is not None})
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    chosen_scores = {key: chosen[key] for key in ("bypass", "kl", "induce")}
+    return MeasureResult(out_dir=out_dir, direction_path=out_dir / DIRECTION_JSON, layer=chosen["layer"],
+                         position=position, token_text=token_text, scores=scores, chosen=chosen_scores,
+                         used_reference=config.measure.use_reference, reference=summary, counts=fit.counts)

@@ -1,0 +1,81 @@
+"""Figures written by `measure`: the three selection scores against layer (like the paper's figure) and the cosine
+heatmap of every candidate with a reference direction.
+
+matplotlib runs on the Agg backend (no display needed); every figure is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from abliterate.selection import CandidateScore
+
+_PANELS = (("bypass", "Refusal score, direction ablated (harmful)"),
+           ("induce", "Refusal score, direction added (harmless)"),
+           ("kl", "KL(base || ablated), harmless"))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", cutoff_layer: int | None = None,
+                token_texts: dict[int, str] | None = None) -> Path:
+    """Bypass, induce and KL against layer, one line per position; the chosen candidate is starred."""
+    plt = _pyplot()
+    positions = sorted({s.position for s in scores})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for axis, (key, label) in zip(axes, _PANELS):
+        for position in positions:
+            rows = sorted((s for s in scores if s.position == position), key=lambda s: s.layer)
+            name = f"pos {position}" + (f" {token_texts[position]!r}" if token_texts and position in token_texts else "")
+            values = [getattr(s, key) for s in rows]
+            axis.plot([s.layer for s in rows], [v if not math.isnan(v) else float("nan") for v in values],
+                      marker="o", markersize=3, label=name)
+        for s in scores:
+            if s.chosen:
+                axis.plot([s.layer], [getattr(s, key)], marker="*", markersize=14, color="black", linestyle="none")
+        if cutoff_layer is not None:
+            axis.axvline(cutoff_layer - 0.5, color="grey", linestyle=":", linewidth=1)
+        axis.set_xlabel("layer")
+        axis.set_title(label, fontsize=10)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_cosine_heatmap(cosines: torch.Tensor, path: Path, title: str = "") -> Path:
+    """Cosine of every candidate with the reference, `cosines` `[position, layer]`, positions counted from the end."""
+    plt = _pyplot()
+    n_positions, n_layers = cosines.shape
+    fig, axis = plt.subplots(figsize=(max(6.0, 0.3 * n_layers + 2), 0.5 * n_positions + 1.5))
+    image = axis.imshow(cosines.float().numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+    axis.set_yticks(range(n_positions), [str(p - n_positions) for p in range(n_positions)])
+    axis.set_xlabel("layer")
+    axis.set_ylabel("position")
+    axis.set_title(title or "Cosine similarity of each candidate with the reference direction", fontsize=10)
+    fig.colorbar(image, ax=axis)
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)

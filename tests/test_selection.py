@@ -1,0 +1,205 @@
+"""The maths and the choice of `measure`, on fixed numbers and a tiny random Llama (no toy model needed).
+
+Refusal score and KL on hand-made logits, difference of means, the paper's filters, the nothing-passes message,
+activations checked against the model's own hidden states, and the pruned search choosing exactly what the full
+search chooses.
+"""
+
+import math
+
+import pytest
+import torch
+
+from abliterate.activations import (Batch, difference_of_means, encode, in_text_order, kl_divergence,
+                                    mean_activations, refusal_score)
+from abliterate.config import MeasureConfig
+from abliterate.errors import UserError
+from abliterate.selection import (CandidateScore, NoDirectionError, build_validation_set, check_kept, choose,
+                                  failed_filters, score_candidates)
+
+
+def _logits_with_refusal_mass(p_refusal: float, vocab: int = 5) -> torch.Tensor:
+    """Logits whose softmax puts `p_refusal` on token 0 and spreads the rest evenly."""
+    rest = (1 - p_refusal) / (vocab - 1)
+    return torch.log(torch.tensor([[p_refusal] + [rest] * (vocab - 1)], dtype=torch.float64)) + 3.0
+
+
+def test_refusal_score_is_the_paper_log_odds():
+    scores = refusal_score(torch.cat([_logits_with_refusal_mass(p) for p in (0.5, 0.9, 0.1)]), [0])
+    assert scores[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert scores[1].item() == pytest.approx(math.log(0.9 + 1e-8) - math.log(0.1 + 1e-8), abs=1e-9)
+    assert scores[2].item() == pytest.approx(-scores[1].item(), abs=1e-9)
+
+
+def test_refusal_score_sums_several_tokens_and_stays_finite_at_certainty():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0]])  # P = 0.25 each; two refusal tokens make P_R = 0.5
+    assert refusal_score(logits, [1, 3]).item() == pytest.approx(0.0, abs=1e-12)
+    certain = torch.tensor([[1000.0, 0.0, 0.0]], dtype=torch.float32)  # P_R rounds to 1 in float32
+    assert refusal_score(certain, [0]).item() == pytest.approx(-math.log(1e-8), rel=1e-6)
+
+
+def test_kl_divergence_matches_its_definition():
+    base = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]]), dim=-1)
+    new = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0], [0.0, 0.0, 5.0]]), dim=-1)
+    expected = (base.exp() * (base - new)).sum(-1)
+    kl = kl_divergence(base, new)
+    assert torch.allclose(kl, expected.double(), atol=1e-7)
+    assert kl[1].item() == 0.0 and kl[0].item() > 0
+
+
+def test_difference_of_means_in_float64():
+    harmful = torch.full((2, 3, 4), 1.0, dtype=torch.float32)
+    harmless = torch.full((2, 3, 4), 1e-9, dtype=torch.float64)
+    diff = difference_of_means(harmful, harmless)
+    assert diff.dtype == torch.float64 and diff[0, 0, 0].item() == 1.0 - 1e-9
+    with pytest.raises(ValueError, match="shapes differ"):
+        difference_of_means(harmful, harmless[:1])
+
+
+# ---- filters and the choice ----
+
+def _score(layer: int, bypass: float, kl: float = 0.0, induce: float = 1.0, position: int = -1) -> CandidateScore:
+    return CandidateScore(position=position, layer=layer, bypass=bypass, kl=kl, induce=induce)
+
+
+def test_filters_follow_the_paper():
+    config = MeasureConfig()
+    n_layers = 10  # int(0.8 * 10) = 8: layers 8 and 9 are discarded
+    assert failed_filters(_score(7, -3.0), n_layers, config) == []
+    assert failed_filters(_score(8, -3.0), n_layers, config) == ["layer >= 8"]
+    assert failed_filters(_score(1, -3.0, kl=0.2), n_layers, config) == ["kl > 0.1"]
+    assert failed_filters(_score(1, -3.0, induce=-0.5), n_layers, config) == ["induce < 0"]
+    assert failed_filters(_score(1, -3.0, induce=0.0), n_layers, config) == []  # the paper discards induce < 0 only
+    assert failed_filters(_score(1, float("nan")), n_layers, config) == ["nan score"]
+    assert failed_filters(_score(1, -3.0, induce=-1.0), n_layers, MeasureConfig(require_induce=False)) == []
+    assert failed_filters(_score(9, -3.0, induce=float("nan")), n_layers, config, induce_known=False) == ["layer >= 8"]
+
+
+def test_choose_takes_the_lowest_passing_bypass():
+    config, n_layers = MeasureConfig(), 10
+    scores = [_score(9, -9.0), _score(2, -5.0, kl=0.5), _score(3, -4.0), _score(4, -2.0), _score(5, -6.0, induce=-1)]
+    for s in scores:
+        s.failed = failed_filters(s, n_layers, config)
+    best = choose(scores)
+    assert (best.layer, best.bypass, best.chosen) == (3, -4.0, True)
+    assert sum(s.chosen for s in scores) == 1
+
+
+def test_nothing_passes_lists_the_best_with_the_filter_each_failed():
+    config, n_layers = MeasureConfig(), 10
+    scores = [_score(9, -9.0), _score(2, -5.0, kl=0.5, position=-2), _score(3, 1.0, induce=-1)]
+    for s in scores:
+        s.failed = failed_filters(s, n_layers, config)
+    with pytest.raises(NoDirectionError) as caught:
+        choose(scores)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "No candidate direction passed the filters (3 scored). Best by bypass score:"
+    assert lines[1] == "  pos  -1 layer   9: bypass -9.000 kl 0.0000 induce 1.000  failed: layer >= 8"
+    assert lines[2] == "  pos  -2 layer   2: bypass -5.000 kl 0.5000 induce 1.000  failed: kl > 0.1"
+    assert lines[3].endswith("failed: induce < 0")
+    assert lines[-1].startswith("Hint: relax the failing filter (measure.kl_max")
+    assert isinstance(caught.value, UserError)
+
+
+def test_too_few_filtered_prompts_is_a_user_error_naming_the_cause():
+    check_kept("harmful", 2, 20, "training")  # 10% is enough
+    with pytest.raises(UserError) as caught:
+        check_kept("harmful", 1, 32, "training")
+    assert str(caught.value).startswith(
+        "Only 1 of 32 harmful training prompts are ones the base model refuses (at least 4 needed); "
+        "this usually means the chat template is wrong")
+    with pytest.raises(UserError, match="Only 0 of 4 harmless validation prompts are ones the base model does not"):
+        check_kept("harmless", 0, 4, "validation")
+
+
+# ---- on a tiny random model ----
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def _batches(lengths: list[int], batch_size: int, seed: int) -> list[Batch]:
+    """Left-padded random token batches (rows in given order)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, len(lengths), batch_size):
+        chunk = lengths[start:start + batch_size]
+        width = max(chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)  # [batch, pos]
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [batch, pos]
+        for row, length in enumerate(chunk):
+            ids[row, width - length:] = torch.randint(1, 50, (length,), generator=generator)
+            mask[row, width - length:] = 1
+        batches.append(Batch(ids, mask, list(range(start, start + len(chunk)))))
+    return batches
+
+
+def test_mean_activations_match_hidden_states_and_filter_by_score(tiny):
+    batches = _batches([5, 7, 6, 9, 4, 8], batch_size=4, seed=1)
+    k, refusal_ids = 3, [7, 8]
+    expected_rows, scores = [], []
+    with torch.no_grad():
+        for batch in batches:
+            out = tiny(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+            layers = torch.stack(out.hidden_states[:4], dim=2)[:, -k:, :, :].double()  # [batch, pos, layer, d]
+            expected_rows.append(layers)
+            scores.append(refusal_score(out.logits[:, -1], refusal_ids))
+    rows, scores = torch.cat(expected_rows), torch.cat(scores)
+    every = mean_activations(tiny, batches, k, refusal_ids)
+    assert every.mean.dtype == torch.float64 and every.mean.shape == (k, 4, 32)
+    assert torch.allclose(every.mean, rows.mean(0), atol=1e-6)
+    assert torch.allclose(every.scores, scores, atol=1e-5)
+    for sign in (1, -1):
+        kept = scores * sign > 0
+        side = mean_activations(tiny, batches, k, refusal_ids, keep_sign=sign)
+        assert side.n_kept == int(kept.sum())
+        if side.n_kept:
+            assert torch.allclose(side.mean, rows[kept].mean(0), atol=1e-6)
+
+
+def test_in_text_order_undoes_length_sorting():
+    class Chars:  # a tokenizer stand-in: one token per character
+        padding_side = "right"
+
+        def __call__(self, texts, padding, return_tensors, add_special_tokens):
+            width = max(len(t) for t in texts)
+            ids = torch.tensor([[0] * (width - len(t)) + [ord(c) for c in t] for t in texts])
+            return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+    texts = ["ccc", "a", "bb", "dddd", "e"]
+    batches = encode(Chars(), texts, batch_size=2)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    per_batch = [b.attention_mask.sum(1) for b in batches]  # each row's length
+    assert in_text_order(batches, per_batch).tolist() == [3, 1, 2, 4, 1]
+
+
+def test_pruned_search_chooses_what_the_full_search_chooses(tiny):
+    torch.manual_seed(3)
+    candidates = torch.randn(2, 4, 32, dtype=torch.float64) * 3  # [position, layer, d_model]
+    batches = _batches([6, 5, 7, 6, 8, 5], batch_size=6, seed=2)
+    is_harmful = torch.tensor([True, True, True, False, False, False])
+    harmless = _batches([8, 5, 6], batch_size=6, seed=2)
+    refusal_ids = [3, 4, 5]
+    val = build_validation_set(tiny, batches, harmless, is_harmful, refusal_ids)
+    for kl_max, require_induce in ((float("inf"), False), (0.02, False), (float("inf"), True), (0.05, True)):
+        config = MeasureConfig(kl_max=kl_max, require_induce=require_induce)
+        full = score_candidates(tiny, candidates, val, refusal_ids, MeasureConfig(**{**vars(config), "score_all": True}))
+        pruned = score_candidates(tiny, candidates, val, refusal_ids, config)
+        assert [(s.bypass, s.kl) for s in full] == [(s.bypass, s.kl) for s in pruned]
+        assert all(not math.isnan(s.induce) for s in full)
+        assert sum(not math.isnan(s.induce) for s in pruned) < len(pruned)
+        try:
+            best_full = choose(full)
+        except NoDirectionError:
+            with pytest.raises(NoDirectionError):
+                choose(pruned)
+            continue
+        best = choose(pruned)
+        assert (best.position, best.layer, best.induce) == (best_full.position, best_full.layer, best_full.induce)
