@@ -322,6 +322,10 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
 
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir, force)
+    if not config.run.skip_eval:
+        from abliterate.judge import check_judge
+
+        check_judge(config.eval)  # a missing judge key must fail now, not after measuring and applying
     model_dir = resolve_model(model, config.model.revision)
     keys = step_keys(config, fingerprint_dir(model_dir))
     prov = out_dir / PROVENANCE_DIR
