@@ -62,6 +62,60 @@ def _setup(
 # ---- commands ----
 
 
+@app.command("measure")
+def measure_command(
+    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
+    out: Annotated[str, typer.Option("--out", help="Directory for direction.json, scores.json, candidates and plots.")],
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the model.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Dtype to load the model in.")] = None,
+    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template file.")] = None,
+    system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", help="System prompt before every instruction.")] = None,
+    harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful prompts for fitting: a file, hf:owner/name or builtin:NAME.")] = None,
+    harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
+    column: Annotated[Optional[str], typer.Option("--column", help="Column holding the instruction in table-like files.")] = None,
+    n_train: Annotated[Optional[int], typer.Option("--n-train", help="Training prompts per side.")] = None,
+    n_val: Annotated[Optional[int], typer.Option("--n-val", help="Validation prompts per side.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling prompts.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per forward pass.")] = None,
+    kl_max: Annotated[Optional[float], typer.Option("--kl-max", help="Discard candidates with a larger harmless KL.")] = None,
+    max_layer_fraction: Annotated[Optional[float], typer.Option("--max-layer-fraction", help="Discard layers >= this fraction of the depth.")] = None,
+    filter_prompts: Annotated[Optional[bool], typer.Option("--filter-prompts/--no-filter-prompts", help="Keep only prompts the base model refuses (harmful) or answers (harmless).")] = None,
+    score_all: Annotated[Optional[bool], typer.Option("--score-all", help="Compute every candidate's induce score (full figure).")] = None,
+    direction_file: Annotated[Optional[str], typer.Option("--direction-file", help="Reference direction to compare every candidate with.")] = None,
+    use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
+) -> None:
+    """Find the refusal direction: candidates at every layer and end-of-instruction position, scored and chosen."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from abliterate.config import load_config
+    from abliterate.measure import measure
+
+    overrides = _nested({
+        "model.revision": revision, "model.dtype": dtype, "model.chat_template": chat_template,
+        "model.system_prompt": system_prompt, "prompts.harmful_train": harmful, "prompts.harmless_train": harmless,
+        "prompts.column": column, "prompts.n_train": n_train, "prompts.n_val": n_val, "prompts.seed": seed,
+        "measure.batch_size": batch_size, "measure.kl_max": kl_max, "measure.max_layer_fraction": max_layer_fraction,
+        "measure.filter_prompts": filter_prompts, "measure.score_all": score_all,
+        "measure.direction_file": direction_file, "measure.use_reference": use_reference,
+    })
+    result = measure(model, Path(out), load_config(config_file, overrides))
+    table = Table(title=f"abliterate measure: {model}")
+    for header in ("layer", "position", "token", "bypass", "KL", "induce"):
+        table.add_column(header)
+    table.add_row(*(str(v) for v in (result.layer, result.position, repr(result.token_text))),
+                  *("-" if result.chosen[k] is None else f"{result.chosen[k]:.4f}" for k in ("bypass", "kl", "induce")))
+    console = _console()
+    console.print(table)
+    if result.reference:
+        best = result.reference["best_candidate"]
+        console.print(f"Reference: best cosine {best['cosine']:.4f} at layer {best['layer']}, position "
+                      f"{best['position']}; chosen candidate's cosine {result.reference.get('chosen_cosine', '-')}")
+    console.print(f"Direction: {result.direction_path} (scores in {result.out_dir / 'scores.json'})", soft_wrap=True)
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model to evaluate: a local checkpoint directory or a Hub id.")],
