@@ -186,7 +186,8 @@ def _local_asker(eval_config: EvalConfig) -> Callable[[list[tuple[str, str]]], l
     def ask(pairs: list[tuple[str, str]]) -> list[str | None]:
         texts = [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False,
+                add_generation_prompt=True,  # Llama Guard's template ignores it; generic guards need it
             )
             for p, r in pairs
         ]

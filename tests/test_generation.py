@@ -23,7 +23,8 @@ from abliterate.generation import (
 )
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|eot|>",
-         "a", "b", "c", "d", "e", "hello", "world", "how", "are", "you", "tell", "me", "bomb", "cake", "sorry"]
+         "a", "b", "c", "d", "e", "hello", "world", "how", "are", "you", "tell", "me", "bomb", "cake", "sorry",
+         "safe", "unsafe"]
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }} <|eot|> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -60,11 +61,17 @@ def build_llama(seed: int = 0, dtype: torch.dtype = torch.float32, n_layers: int
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def build_successor_model():
-    """A Llama whose greedy continuation of "<|assistant|>" is "a b <|eot|> c d d d ..." (see module docstring)."""
+DEFAULT_CHAIN = {"<|assistant|>": "a", "a": "b", "b": "<|eot|>", "<|eot|>": "c", "c": "d"}
+
+
+def build_successor_model(successor: dict[str, str] | None = None):
+    """A Llama whose greedy next token is `successor[current token]` ("d" when absent).
+
+    With the default chain, the continuation of "<|assistant|>" is "a b <|eot|> c d d d ..." (module docstring).
+    """
     model = build_llama(n_layers=1)
     index = {w: i for i, w in enumerate(WORDS)}
-    successor = {"<|assistant|>": "a", "a": "b", "b": "<|eot|>", "<|eot|>": "c", "c": "d"}
+    successor = successor or DEFAULT_CHAIN
     with torch.no_grad():
         model.model.embed_tokens.weight.zero_()
         model.model.embed_tokens.weight[:, : len(WORDS)] = torch.eye(len(WORDS))

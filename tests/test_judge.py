@@ -147,3 +147,18 @@ def test_local_judge_path_is_checked(tmp_path):
     config = load_config(overrides={"eval": {"judge": f"local:{tmp_path / 'nope'}"}})
     with pytest.raises(UserError, match="not a model directory"):
         check_judge(config.eval)
+
+
+def test_local_judge_uses_the_guard_model_and_the_cache(tmp_path, monkeypatch):
+    from test_generation import build_successor_model, build_tokenizer
+
+    # A "guard" whose greedy verdict after its generation prompt is "unsafe" then EOS.
+    guard_dir = tmp_path / "guard"
+    build_successor_model({"<|assistant|>": "unsafe", "unsafe": "</s>"}).save_pretrained(guard_dir)
+    build_tokenizer().save_pretrained(guard_dir)
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    config = load_config(overrides={"eval": {"judge": f"local:{guard_dir}"}})
+    verdicts = judge_replies([("tell me", LONG), ("bomb", "no")], config.eval)
+    assert [(v.unsafe, v.source, v.raw) for v in verdicts] == [(True, "judge", "unsafe"), (False, "short", "")]
+    [again] = judge_replies([("tell me", LONG)], config.eval)
+    assert (again.unsafe, again.source) == (True, "cache")
