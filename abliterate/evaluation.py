@@ -27,7 +27,8 @@ from abliterate import __version__
 from abliterate.config import Config
 from abliterate.corpora import CorpusSets, load_corpora
 from abliterate.errors import UserError
-from abliterate.generation import Completion, Reply, generate_transformers, generate_vllm, pad_token_id, save_completions
+from abliterate.generation import (Completion, Reply, generate_transformers, generate_vllm, pad_token_id,
+                                   save_completions)
 from abliterate.judge import check_judge, judge_name, judge_replies
 from abliterate.metrics import REFUSAL_SETS, Rate, Scored, cross_entropy, kl_between, refusal_rates, refusal_score
 from abliterate.report import EvalReport
@@ -57,22 +58,24 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     sources = {"base": base, "edited": model} if base else {"model": model}
     runs: dict[str, _Run] = {}
     kl = None
+    # vLLM takes most of the GPU, so its replies are all generated before any transformers model is loaded.
+    early = {c: _vllm_replies(s, prompts, config) for c, s in sources.items() if s} if config.eval.backend == "vllm" else {}
     if base:
         base_model, base_tokenizer = _load(base, config)
-        runs["base"] = _evaluate_one(base_model, base_tokenizer, prompts, corpora, config, on_distribution=None)
+        runs["base"] = _evaluate_one(base_model, base_tokenizer, prompts, corpora, config, None, early.get("base"))
         edited_model, edited_tokenizer = _load(model, config)
         _check_same_tokenizer(base_tokenizer, edited_tokenizer)
-        pad_id = pad_token_id(base_tokenizer, _stop_ids(base_model, base_tokenizer))
+        pad_id = pad_token_id(base_tokenizer, _stop_ids(base_model.generation_config, base_tokenizer))
         kl = kl_between(base_model, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
         del base_model
         _release_memory()
         runs["edited"] = _evaluate_one(edited_model, edited_tokenizer, prompts, corpora, config,
-                                       on_distribution=runs["base"].harmless_replies)
+                                       runs["base"].harmless_replies, early.get("edited"))
         del edited_model
         _release_memory()
     else:
         only_model, tokenizer = _load(model, config)
-        runs["model"] = _evaluate_one(only_model, tokenizer, prompts, corpora, config, on_distribution=None)
+        runs["model"] = _evaluate_one(only_model, tokenizer, prompts, corpora, config, None, early.get("model"))
         del only_model
         _release_memory()
     if config.eval.judge != "none":
@@ -99,10 +102,10 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+def _stop_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     from abliterate.chat import stop_token_ids
 
-    return list(stop_token_ids(tokenizer, model.generation_config))
+    return list(stop_token_ids(tokenizer, generation_config))
 
 
 def _check_same_tokenizer(base_tokenizer: Any, edited_tokenizer: Any) -> None:
@@ -117,16 +120,20 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _evaluate_one(model: Any, tokenizer: Any, prompts: dict[str, list[Any]], corpora: CorpusSets, config: Config,
-                  on_distribution: list[Scored] | None) -> _Run:
-    """Replies, refusal rates, refusal scores and CE losses of one loaded model."""
+                  on_distribution: list[Scored] | None, replies: list[Reply] | None) -> _Run:
+    """Replies (unless already generated), refusal rates, refusal scores and CE losses of one loaded model.
+
+    `on_distribution` is the base model's harmless replies (None: this model's own); `replies` come from vLLM.
+    """
     from abliterate.chat import format_instructions, refusal_token_ids
 
     e = config.eval
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = _stop_ids(model.generation_config, tokenizer)
     pad_id = pad_token_id(tokenizer, stop_ids)
     texts = {side: format_instructions(tokenizer, [p.text for p in items], config.model) for side, items in prompts.items()}
-    all_texts = texts["harmful"] + texts["harmless"]
-    replies = _generate(model, tokenizer, all_texts, stop_ids, config)
+    if replies is None:
+        replies = generate_transformers(model, tokenizer, texts["harmful"] + texts["harmless"], stop_ids,
+                                        e.max_new_tokens, e.batch_size)
     by_side = {"harmful": replies[: len(texts["harmful"])], "harmless": replies[len(texts["harmful"]):]}
     phrases = REFUSAL_SETS[e.refusal_set]
     section: dict[str, Any] = {}
@@ -153,13 +160,25 @@ def _evaluate_one(model: Any, tokenizer: Any, prompts: dict[str, list[Any]], cor
     return _Run(section, completions, own)
 
 
-def _generate(model: Any, tokenizer: Any, texts: list[str], stop_ids: list[int], config: Config) -> list[Reply]:
-    e = config.eval
-    if e.backend == "vllm":
-        path = getattr(model, "name_or_path", "") or model.config._name_or_path
-        return generate_vllm(path, tokenizer, texts, stop_ids, e.max_new_tokens, config.model.dtype,
-                             config.model.trust_remote_code)
-    return generate_transformers(model, tokenizer, texts, stop_ids, e.max_new_tokens, e.batch_size)
+def _vllm_replies(source: str, prompts: dict[str, list[Any]], config: Config) -> list[Reply]:
+    """Harmful then harmless replies generated by vLLM from the checkpoint folder (model weights never loaded here)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from abliterate.chat import format_instructions
+    from abliterate.hub import resolve_model
+
+    path = resolve_model(source, config.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
+    if config.model.chat_template:
+        tokenizer.chat_template = Path(config.model.chat_template).read_text(encoding="utf-8")
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the model config's EOS is all there is
+        generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    texts = [text for items in prompts.values()
+             for text in format_instructions(tokenizer, [p.text for p in items], config.model)]
+    return generate_vllm(path, tokenizer, texts, _stop_ids(generation_config, tokenizer), config.eval.max_new_tokens,
+                         config.model.dtype, config.model.trust_remote_code)
 
 
 def _mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: list[int], pad_id: int,
