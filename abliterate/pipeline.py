@@ -327,6 +327,9 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
 
         check_judge(config.eval)  # a missing judge key must fail now, not after measuring and applying
     model_dir = resolve_model(model, config.model.revision)
+    if out_dir == model_dir.resolve() or model_dir.resolve() in out_dir.parents or out_dir in model_dir.resolve().parents:
+        raise UserError(f"--out {out_dir} overlaps the input model {model_dir}; abliterate never writes into its "
+                        "input. Choose another --out.")
     keys = step_keys(config, fingerprint_dir(model_dir))
     prov = out_dir / PROVENANCE_DIR
     previous = _read_run(prov)

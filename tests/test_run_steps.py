@@ -109,3 +109,19 @@ def test_resolved_config_round_trips_and_the_command_has_no_local_path(tmp_path:
     assert command == "abliterate run BASE_MODEL_DIR --out out-dir --config abliterate/config.toml"
     assert reproduce_command("Qwen/Qwen2.5-0.5B-Instruct", Path("/x/qwen-abl")).startswith(
         "abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-abl")
+
+
+def test_an_output_inside_the_input_model_is_refused_before_any_work(tmp_path: Path):
+    from safetensors.torch import save_file
+    import torch
+
+    from abliterate.errors import UserError
+    from abliterate.pipeline import run
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(1)}, str(model / "model.safetensors"))
+    with pytest.raises(UserError, match="overlaps the input model"):
+        run(str(model), model / "out", load_config())
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
