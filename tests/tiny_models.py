@@ -120,3 +120,49 @@ for _tiny in (
     TinyModel("gemma3", "gemma3", _gemma3_multimodal, model_class="Gemma3ForConditionalGeneration", pre_norm=False),
 ):
     register_tiny(_tiny)
+
+
+# ---- MoE, hybrid and multimodal families (engineer C) -------------------------------------------------------------
+# Two layers each, so that where a family mixes layer kinds both appear: a dense and an MoE layer (mlp_only_layers,
+# first_k_dense_replace, interleave_moe_layer_step...), a linear-attention / Mamba / short-convolution layer and a
+# full-attention one. 4 experts with inter 16; gpt-oss and Llama 4 experts are square (inter = d_model = 32), as real
+# gpt-oss's are, so a wrong orientation passes every shape check and only the residual test can catch it.
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+ROUTED_AND_SHARED = dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16, num_experts_per_tok=2,
+                         first_k_dense_replace=1, n_group=1, topk_group=1)
+LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
+GRANITE_HYBRID = dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                      mamba_n_groups=1, mamba_expand=2, embedding_multiplier=2.0, residual_multiplier=0.5,
+                      logits_scaling=2.0, shared_intermediate_size=32, intermediate_size=16)
+GEMMA4 = dict(head_dim=8, global_head_dim=8, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+
+for _tiny in (
+    dense("qwen2_moe", **MOE, shared_expert_intermediate_size=32, mlp_only_layers=[0]),
+    dense("qwen3_moe", **MOE, mlp_only_layers=[0]),
+    dense("mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
+    dense("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=8,
+          layer_types=["sliding_attention", "full_attention"]),
+    dense("llama4_text", num_local_experts=4, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=64,
+          interleave_moe_layer_step=2),
+    dense("deepseek_v3", **ROUTED_AND_SHARED, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4),  # head_dim: the rotary part
+    dense("glm4_moe", **ROUTED_AND_SHARED),
+    dense("ernie4_5_moe", moe_num_experts=4, moe_num_shared_experts=1, moe_intermediate_size=16,
+          moe_layer_start_index=1, moe_k=2, use_bias=True),  # tied, biases on every projection
+    dense("qwen3_next", **MOE, **LINEAR_ATTENTION, shared_expert_intermediate_size=16, mlp_only_layers=[0]),
+    dense("qwen3_5_text", **LINEAR_ATTENTION),
+    dense("qwen3_5_moe_text", **MOE, **LINEAR_ATTENTION, shared_expert_intermediate_size=16),
+    dense("granitemoehybrid", **GRANITE_HYBRID, num_local_experts=4, num_experts_per_tok=2),
+    dense("granitemoehybrid", "granitemoehybrid-dense", **GRANITE_HYBRID, num_local_experts=0),
+    dense("granitemoe", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
+    dense("granitemoeshared", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+          shared_intermediate_size=32),
+    dense("lfm2", layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+    dense("lfm2_moe", layer_types=["conv", "full_attention"], num_dense_layers=1, **MOE),
+    # Gemma 4 dense with per-layer inputs (like E2B/E4B) and MoE without them (like 26B-A4B): sandwich norms.
+    dense("gemma4_text", pre_norm=False, **GEMMA4, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB),
+    dense("gemma4_text", "gemma4_text-moe", pre_norm=False, **GEMMA4, hidden_size_per_layer_input=0,
+          enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16),
+):
+    register_tiny(_tiny)
