@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from abliterate.architectures import ARCHITECTURES, EditPlan, TensorInfo, plan_edits
 from abliterate.checkpoint import apply_direction
 from abliterate.config import load_config
+from abliterate.errors import UserError
 from abliterate.hooks import ablate_direction, capture_layer_inputs
 from tiny_models import TINY_MODELS, TinyModel, build_tiny, model_class, save_tiny
 
@@ -167,3 +168,85 @@ def test_multi_shard_checkpoint_gives_the_same_edit(case: Case, tmp_path: Path) 
 def test_every_supported_family_has_a_tiny_model() -> None:
     supported = {name for name, entry in ARCHITECTURES.items() if not entry.refuse}
     assert supported <= {tiny.model_type for tiny in TINY_MODELS.values()}
+
+
+# ---- the plan on its own: refusals and layouts, from synthetic tensor lists ---------------------------------------
+
+def llama_tensors(n_layers: int = 2, d_model: int = 8, skip: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
+    names = {"model.embed_tokens.weight": (16, d_model), "model.norm.weight": (d_model,), "lm_head.weight": (16, d_model)}
+    for i in range(n_layers):
+        names[f"model.layers.{i}.self_attn.o_proj.weight"] = (d_model, d_model)
+        names[f"model.layers.{i}.self_attn.q_proj.weight"] = (d_model, d_model)
+        names[f"model.layers.{i}.mlp.down_proj.weight"] = (d_model, 12)
+        names[f"model.layers.{i}.mlp.up_proj.weight"] = (12, d_model)
+    return {name: TensorInfo(shape, "F32") for name, shape in names.items() if name not in skip}
+
+
+LLAMA_CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8}
+
+
+def test_plan_of_a_llama_checkpoint_names_every_writer() -> None:
+    plan = plan_edits(LLAMA_CONFIG, llama_tensors())
+    assert sorted(plan.edits) == ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight",
+                                  "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                                  "model.layers.1.self_attn.o_proj.weight"]
+    assert plan.untie is None and plan.per_layer == {0: plan.per_layer[0], 1: plan.per_layer[1]}
+    assert any("layer 1" in line and "o_proj" in line for line in plan.describe())
+
+
+def test_unknown_model_type_lists_the_supported_ones() -> None:
+    with pytest.raises(UserError, match=r"Unsupported model_type 'mamba_x'.*Supported: .*gemma2.*llama"):
+        plan_edits({**LLAMA_CONFIG, "model_type": "mamba_x"}, llama_tensors())
+
+
+def test_a_layer_without_a_writer_is_refused_not_skipped() -> None:
+    tensors = llama_tensors(skip=("model.layers.1.mlp.down_proj.weight",))
+    with pytest.raises(UserError, match="Layer 1 of this llama checkpoint has no mlp residual writer"):
+        plan_edits(LLAMA_CONFIG, tensors)
+
+
+def test_an_unclaimed_output_projection_is_refused() -> None:
+    tensors = {**llama_tensors(), "model.layers.0.mlp.shared_expert.down_proj.weight": TensorInfo((8, 12), "F32")}
+    with pytest.raises(UserError, match="shared_expert.down_proj.weight looks like an output projection"):
+        plan_edits(LLAMA_CONFIG, tensors)
+
+
+def test_a_writer_with_the_wrong_shape_is_refused() -> None:
+    tensors = {**llama_tensors(), "model.layers.0.self_attn.o_proj.weight": TensorInfo((6, 8), "F32")}
+    with pytest.raises(UserError, match=r"o_proj.weight has shape \[6, 8\].*d_model=8 on axis 0"):
+        plan_edits(LLAMA_CONFIG, tensors)
+
+
+def test_gemma3n_altup_is_refused() -> None:
+    with pytest.raises(UserError, match="not a single stream"):
+        plan_edits({"model_type": "gemma3n", "text_config": {}}, {})
+
+
+def test_missing_output_layer_without_a_tie_is_refused() -> None:
+    tensors = llama_tensors(skip=("lm_head.weight",))
+    assert plan_edits(LLAMA_CONFIG, tensors).untie == ("model.embed_tokens.weight", "lm_head.weight")
+    with pytest.raises(UserError, match="no output layer lm_head.weight"):
+        plan_edits({**LLAMA_CONFIG, "tie_word_embeddings": False}, tensors)
+
+
+def test_layers_beyond_the_config_are_reported_not_edited() -> None:
+    tensors = llama_tensors(3)
+    plan = plan_edits(LLAMA_CONFIG, tensors)
+    assert not any(".layers.2." in name for name in plan.edits)
+    assert any("layer 2 is beyond num_hidden_layers=2" in line for line in plan.describe())
+
+
+def test_gemma3_multimodal_edits_only_the_language_model_in_both_layouts() -> None:
+    config = {"model_type": "gemma3", "text_config": {"num_hidden_layers": 1, "hidden_size": 8}}
+    layer = {"self_attn.o_proj.weight": (8, 8), "mlp.down_proj.weight": (8, 4),
+             "post_attention_layernorm.weight": (8,), "post_feedforward_layernorm.weight": (8,)}
+    for prefix in ("model.language_model.", "language_model.model."):
+        tensors = {f"{prefix}embed_tokens.weight": (16, 8), "vision_tower.encoder.layers.0.out_proj.weight": (8, 8),
+                   **{f"{prefix}layers.0.{name}": shape for name, shape in layer.items()}}
+        plan = plan_edits(config, {name: TensorInfo(shape, "BF16") for name, shape in tensors.items()})
+        assert len(plan.edits) == 3 and all(name.startswith(prefix) for name in plan.edits)
+        assert plan.edits[f"{prefix}layers.0.mlp.down_proj.weight"].needs == (
+            f"{prefix}layers.0.post_feedforward_layernorm.weight",)
+        assert plan.untie[1] == ("lm_head.weight" if prefix == "model.language_model." else "language_model.lm_head.weight")
+        updated = plan.config_updates(config)
+        assert updated["tie_word_embeddings"] is False and updated["text_config"]["tie_word_embeddings"] is False
