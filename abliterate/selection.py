@@ -8,11 +8,12 @@ Candidates from the last layers, with KL above the limit, with induce < 0 or wit
 (MeasureConfig), and the lowest bypass that passes is chosen.
 
 Only the last position's logits matter, so every pass runs the output layer on that position alone, the base logits
-are computed once, and harmful and harmless validation prompts share one set of batches per candidate. The induce
-pass is pruned exactly: candidates are visited in order of bypass, and once one passes every filter no candidate
-with a higher bypass can be chosen, so their induce score is not needed (`MeasureConfig.score_all` computes it
-anyway, for the full figure). When nothing passes, `NoDirectionError` lists the best candidates, the filter each
-failed and a hint, instead of the paper code's bare assert.
+are computed once, and harmful and harmless validation prompts share one set of batches per candidate. The
+search is pruned without changing its result: candidates from discarded layers are not scored, and the induce
+pass visits the others in order of bypass; once one passes every filter no candidate with a higher bypass can be
+chosen, so their induce score is not needed (`MeasureConfig.score_all` scores everything, for the full figure).
+When nothing passes, `NoDirectionError` lists the best candidates, the filter each failed and a hint, instead of
+the paper code's bare assert.
 """
 
 from __future__ import annotations
@@ -164,12 +165,15 @@ def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, r
                      config: MeasureConfig) -> list[CandidateScore]:
     """Bypass and KL for every candidate `[position, layer, d_model]`, then induce where it can matter."""
     n_positions, n_layers, _ = candidates.shape
-    scores = []
-    grid = [(p, layer) for p in range(n_positions) for layer in range(n_layers)]
-    for p, layer in progress.track(grid, "scoring candidates (bypass, KL)"):
-        bypass, kl = bypass_and_kl(model, candidates[p, layer], val, refusal_ids)
-        scores.append(CandidateScore(position=p - n_positions, layer=layer, bypass=bypass, kl=kl))
-    for score in scores:
+    cutoff = layer_cutoff(n_layers, config.max_layer_fraction)
+    scores = [CandidateScore(position=p - n_positions, layer=layer, bypass=math.nan, kl=math.nan,
+                             failed=[f"layer >= {cutoff}"])
+              for p in range(n_positions) for layer in range(n_layers)]
+    # Candidates from discarded layers can never be chosen: they are only scored for the full figure.
+    wanted = [s for s in scores if s.layer < cutoff or config.score_all]
+    for score in progress.track(wanted, "scoring candidates (bypass, KL)"):
+        vector = candidates[score.position + n_positions, score.layer]  # [d_model]
+        score.bypass, score.kl = bypass_and_kl(model, vector, val, refusal_ids)
         score.failed = failed_filters(score, n_layers, config, induce_known=False)
     pending = sorted((s for s in scores if not s.failed or config.score_all),
                      key=lambda s: (math.isnan(s.bypass), s.bypass))
@@ -181,7 +185,7 @@ def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, r
         score.induce = induce_score(model, vector, score.layer, val, refusal_ids)
         score.failed = failed_filters(score, n_layers, config)
         found = found or not score.failed
-    log.info("Scored %d candidates; induce computed for %d.", len(scores),
+    log.info("Scored %d of %d candidates; induce computed for %d.", len(wanted), len(scores),
              sum(not math.isnan(s.induce) for s in scores))
     return scores
 
