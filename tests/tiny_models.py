@@ -166,3 +166,44 @@ for _tiny in (
           enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16),
 ):
     register_tiny(_tiny)
+
+# Multimodal wrappers: only the language model may change; the vision tower and projector are copied bit-identical.
+# Special token ids sit at the top of the tiny vocabulary, above the ids the tests feed.
+_MM_IDS = dict(image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+               vision_end_token_id=VOCAB - 4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+
+
+def _wrapper(model_type: str, text: dict, vision: dict, **extra: Any) -> Callable[[], PretrainedConfig]:
+    return lambda: AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **extra)
+
+
+_MM_TINY = {
+    "mistral3": ("Mistral3ForConditionalGeneration", _wrapper(
+        "mistral3", {**SMALL, "model_type": "mistral"},
+        dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+             head_dim=8, image_size=32, patch_size=8), image_token_index=VOCAB - 1)),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", _wrapper(
+        "qwen2_vl", {**SMALL, "rope_parameters": _MROPE},
+        dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=1), **_MM_IDS)),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", _wrapper(
+        "qwen2_5_vl", {**SMALL, "rope_parameters": _MROPE}, {**_QWEN_VISION, "fullatt_block_indexes": [0]},
+        **_MM_IDS)),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", _wrapper(
+        "qwen3_vl", {**SMALL, "rope_parameters": {**_MROPE, "mrope_interleaved": True}},
+        {**_QWEN_VISION, "deepstack_visual_indexes": [0]}, **_MM_IDS)),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", _wrapper(
+        "qwen3_5", {**SMALL, **LINEAR_ATTENTION}, _QWEN_VISION, **_MM_IDS)),
+    "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", _wrapper(
+        "qwen3_5_moe", {**SMALL, **LINEAR_ATTENTION, **MOE, "shared_expert_intermediate_size": 16}, _QWEN_VISION,
+        **_MM_IDS)),
+    "gemma4": ("Gemma4ForConditionalGeneration", _wrapper(
+        "gemma4", {**SMALL, **GEMMA4, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": VOCAB},
+        dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+             head_dim=8), audio_config=None, image_token_id=VOCAB - 1, boi_token_id=VOCAB - 2,
+        eoi_token_id=VOCAB - 3, video_token_id=VOCAB - 4, audio_token_id=VOCAB - 5, boa_token_id=VOCAB - 6,
+        eoa_token_index=VOCAB - 7)),
+}
+for _model_type, (_class, _make) in _MM_TINY.items():
+    register_tiny(TinyModel(_model_type, _model_type, _make, model_class=_class, pre_norm=_model_type != "gemma4"))
