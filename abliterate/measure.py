@@ -83,11 +83,13 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
     from abliterate.model import load_model
     from abliterate.prompts import prompt_sets
 
+    # Prompt files and the reference are checked before the model loads: a typo should not cost a 16 GB load.
+    sets = prompt_sets(config.prompts)
+    _load_reference(config, None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, tokenizer = load_model(source, config.model)
     timings["load_s"] = time.perf_counter() - start
-    sets = prompt_sets(config.prompts)
     reference = _load_reference(config, int(model.config.get_text_config().hidden_size))
 
     start = time.perf_counter()
@@ -113,7 +115,7 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
 
 # ---- stages ----
 
-def _load_reference(config: Config, d_model: int) -> Direction | None:
+def _load_reference(config: Config, d_model: int | None) -> Direction | None:
     if not config.measure.direction_file:
         return None
     return load_direction(config.measure.direction_file, d_model=d_model)
