@@ -33,7 +33,8 @@ def _sandwich(attn_norm: str, mlp_norm: str, gain: str) -> tuple[WriterRule, ...
 # change nothing for the edit, because the norms they use sit before a sublayer, not between it and the residual.
 for _model_type in ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3", "granite", "seed_oss",
                     "hunyuan_v1_dense", "helium", "arcee", "nemotron", "apertus", "phi3", "glm", "stablelm", "gemma",
-                    "olmo", "cohere", "cohere2"):
+                    "olmo", "cohere", "cohere2", "ernie4_5", "internlm3", "jais2", "iquestcoder", "cwm", "vaultgemma",
+                    "granite_swa"):
     register(_model_type, Architecture(_model_type, CAUSAL_LM, (EMBED, ATTN_O, MLP_DOWN)))
 
 # Sandwich norms: Gemma 2/3 scale by (1 + weight); OLMo 2/3, EXAONE 4 and GLM-4 by weight.
@@ -44,6 +45,9 @@ for _model_type in ("olmo2", "olmo3", "exaone4"):
     register(_model_type, Architecture(
         _model_type, CAUSAL_LM, _sandwich("post_attention_layernorm", "post_feedforward_layernorm", "weight")))
 register("glm4", Architecture("glm4", CAUSAL_LM, _sandwich("post_self_attn_layernorm", "post_mlp_layernorm", "weight")))
+# HyperCLOVA X: post_norm1/post_norm2 (gain = weight) sit before the residual add; its scalar residual_multiplier does
+# not change orthogonality. With use_post_norm false they are absent and the plan stops at the missing norm weight.
+register("hyperclovax", Architecture("hyperclovax", CAUSAL_LM, _sandwich("post_norm1", "post_norm2", "weight")))
 
 # Gemma 3 with its vision tower: only the language model is edited. transformers 5 names it
 # model.language_model.* (lm_head at the top); older Hub checkpoints use language_model.model.*.
@@ -53,6 +57,10 @@ register("gemma3", Architecture(
 
 register("starcoder2", Architecture("starcoder2", CAUSAL_LM, (
     EMBED, ATTN_O, WriterRule(r"mlp\.c_proj\.(weight|bias)", "mlp", "linear"))))
+# nanochat: Llama-like with a parameter-free RMSNorm right after the embedding (a uniform gain keeps r removed) and
+# a two-matrix MLP whose writer is fc2.
+register("nanochat", Architecture("nanochat", CAUSAL_LM, (
+    EMBED, ATTN_O, WriterRule(r"mlp\.fc2\.(weight|bias)", "mlp", "linear"))))
 register("phi", Architecture("phi", CAUSAL_LM, (
     EMBED, WriterRule(r"self_attn\.dense\.(weight|bias)", "mixer", "linear"),
     WriterRule(r"mlp\.fc2\.(weight|bias)", "mlp", "linear")), final_norm="final_layernorm"))
@@ -74,3 +82,17 @@ register("gpt2", Architecture(
      WriterRule(r"attn\.c_proj\.(weight|bias)", "mixer", "conv1d"),
      WriterRule(r"mlp\.c_proj\.(weight|bias)", "mlp", "conv1d")),
     embed="wte.weight", layers="h", final_norm="ln_f", n_layers_key="n_layer", d_model_key="n_embd"))
+
+# Falcon (7B/40B/180B; Falcon 3 is Llama): parallel attention and MLP in both its decoder variants.
+register("falcon", Architecture(
+    "falcon", (Layout("transformer."),),
+    (WriterRule(r"word_embeddings\.weight", "embed", "embedding", scope="global"),
+     WriterRule(r"self_attention\.dense\.(weight|bias)", "mixer", "linear"),
+     WriterRule(r"mlp\.dense_4h_to_h\.(weight|bias)", "mlp", "linear")),
+    embed="word_embeddings.weight", layers="h", final_norm="ln_f"))
+
+# Doge rescales the residual elementwise by learned vectors (input_residual, post_attention_residual): a residual
+# orthogonal to r stops being so after s * x, so no edit of the writers removes r. Refused rather than approximated.
+register("doge", Architecture("doge", CAUSAL_LM, (), refuse=(
+    "its residual stream is rescaled elementwise by learned vectors (input_residual), so removing r from the "
+    "writers does not remove it from the stream; abliterate refuses it rather than edit it approximately.")))

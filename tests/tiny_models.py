@@ -89,6 +89,11 @@ def _gpt_neox() -> PretrainedConfig:
     return AutoConfig.for_model("gpt_neox", **{**SMALL, "rotary_pct": 0.5})
 
 
+def _falcon(**overrides: Any) -> PretrainedConfig:
+    return AutoConfig.for_model("falcon", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
+
+
 def _gemma3_multimodal() -> PretrainedConfig:
     text = {**SMALL, "model_type": "gemma3_text", "sliding_window": 8}
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -115,6 +120,11 @@ for _tiny in (
     dense("smollm3"), dense("glm"), dense("seed_oss"), dense("hunyuan_v1_dense"), dense("helium"), dense("arcee"),
     dense("nemotron"), dense("apertus"), dense("stablelm"), dense("olmo"), dense("starcoder2", use_bias=True),
     dense("phi", partial_rotary_factor=0.5),
+    dense("ernie4_5"), dense("internlm3"), dense("jais2"), dense("iquestcoder"), dense("cwm", sliding_window=8),
+    dense("vaultgemma"), dense("granite_swa", sliding_window=8), dense("hyperclovax", pre_norm=False),
+    dense("nanochat"),
+    TinyModel("falcon", "falcon", _falcon),
+    TinyModel("falcon-new-decoder", "falcon", lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2)),
     TinyModel("gpt_neox", "gpt_neox", _gpt_neox),
     TinyModel("gpt2", "gpt2", _gpt2),
     TinyModel("gemma3", "gemma3", _gemma3_multimodal, model_class="Gemma3ForConditionalGeneration", pre_norm=False),
