@@ -1,8 +1,19 @@
 """Shared fixtures: every model a test uses is built locally (no network)."""
 
 import os
+from pathlib import Path
+
+import pytest
 
 # Tests never reach the Hub: anything that tries gets an immediate error instead of a hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def toy_refuser_dir() -> Path:
+    """The toy refuser checkpoint (built once per machine and cached; see abliterate/toy.py)."""
+    from abliterate.toy import toy_refuser
+
+    return toy_refuser()
