@@ -148,7 +148,7 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.abliterate-tmp-", dir=out_dir.parent))
     try:
-        record = _write_output(tmp, checkpoint, plan, direction, shards, source)
+        record = _write_output(tmp, checkpoint, plan, direction, shards, public_source(source, model_dir))
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,6 +156,14 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     logger.info("Wrote %s: %d tensors edited, %d copied", out_dir, len(plan.edits),
                 sum(len(s) for s in shards.values()) - len(plan.edits))
     return record
+
+
+def public_source(source: str, model_dir: Path) -> str:
+    """How the record names the input: the Hub id as given, or only a local directory's name.
+
+    Outputs get published; a full local path would leak the user's file layout (and often their user name).
+    """
+    return model_dir.name if Path(source).expanduser().is_dir() else source
 
 
 def _check_editable(stored: StoredTensor) -> None:
@@ -264,7 +272,7 @@ def _edit_record(checkpoint: Checkpoint, plan: EditPlan, direction: Direction,
         "model_type": plan.model_type, "n_layers": plan.n_layers, "d_model": plan.d_model,
         "direction": {"sha256": direction.sha256(), "norm_before_normalization": direction.meta.get("source_norm"),
                       "layer": direction.layer, "position": direction.position,
-                      "file": direction.meta.get("source_file"), "saved_as": ["direction.json",
+                      "file": Path(direction.meta.get("source_file", "")).name, "saved_as": ["direction.json",
                                                                                "direction.safetensors"]},
         "untied": {"embedding": plan.untie[0], "lm_head": plan.untie[1]} if plan.untie else None,
         "edited_tensors": edited,

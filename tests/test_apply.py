@@ -132,8 +132,11 @@ def test_output_generates_like_the_hooked_original(applied, llama_dir, direction
     assert torch.equal(generated, expected)
 
 
-def test_record_and_shard_provenance(applied, direction_file):
+def test_record_and_shard_provenance(applied, direction_file, llama_dir):
     out, record = applied
+    # Outputs get published: the record names local inputs by their folder/file name only, never a full path.
+    assert record["source"] == llama_dir.name and record["direction"]["file"] == "direction.json"
+    assert str(llama_dir.parent) not in (out / "abliteration.json").read_text()
     assert json.loads((out / "abliteration.json").read_text()) == record
     assert record["architecture"] == "llama" and record["n_layers"] == 2 and record["d_model"] == D_MODEL
     assert record["edits_per_layer"] == {"0": 4, "1": 4}
