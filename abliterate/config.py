@@ -39,11 +39,19 @@ class ModelConfig:
 
 @dataclass
 class PromptsConfig:
-    harmful_train: str = setting("builtin:harmful", "Harmful prompts for fitting: a local file or hf:owner/name[:split].")
-    harmless_train: str = setting("builtin:harmless", "Harmless prompts for fitting: a local file or hf:owner/name[:split].")
-    harmful_eval: str = setting("builtin:harmful_eval", "Harmful prompts for evaluation, kept apart from the fit.")
-    harmless_eval: str = setting("builtin:harmless_eval", "Harmless prompts for evaluation (over-refusal, KL).")
-    column: str = setting("", "Column holding the instruction in table-like sources; empty to detect it.")
+    harmful_train: str = setting(
+        "hf:walledai/AdvBench@0fdedd558a32c256cd8b458bf7f393b645cbf475:train#prompt",
+        "Harmful prompts for fitting (train+val): a file, builtin:NAME or hf:owner/name[/config][@revision][:split][#column].")
+    harmless_train: str = setting(
+        "hf:tatsu-lab/alpaca:train#instruction",
+        "Harmless prompts for fitting (train+val); rows with a non-empty 'input' are dropped (paper: Alpaca).")
+    harmful_eval: str = setting(
+        "hf:JailbreakBench/JBB-Behaviors/behaviors@c19227d7c9c40307a0999365779c13cd1a5116d0:harmful#Goal",
+        "Harmful prompts for evaluation (paper: JailbreakBench, with categories), kept disjoint from the fit.")
+    harmless_eval: str = setting(
+        "hf:tatsu-lab/alpaca:train#instruction",
+        "Harmless prompts for evaluation (over-refusal), drawn apart from the harmless fit prompts.")
+    column: str = setting("", "Instruction column in table-like files; empty to detect instruction/prompt/goal/Goal/Behavior.")
     n_train: int = setting(128, "Training prompts per side (paper: 128).")
     n_val: int = setting(32, "Validation prompts per side used to score candidates (paper: 32).")
     n_eval: int = setting(100, "Evaluation prompts per side (paper: 100).")

@@ -33,8 +33,7 @@ logger = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "data"
 TEXT_COLUMNS = ("instruction", "prompt", "goal", "Goal", "Behavior", "behavior")
 CATEGORY_COLUMNS = ("category", "Category")
-_HF_SOURCE = re.compile(
-    r"^hf:(?P<name>[^@:#]+?)(?:@(?P<revision>[^:#]+))?(?::(?P<split>[^#]+))?(?:#(?P<column>.+))?$")
+_HF_NAME = re.compile(r"^hf:(?P<name>[^@:#]+)")
 
 
 @dataclass(frozen=True)
@@ -177,21 +176,26 @@ def load_file(path: Path, column: str = "") -> list[Prompt]:
 
 
 def parse_hf_source(source: str) -> dict[str, str]:
-    """`hf:owner/name[/config][@revision][:split][#column]` as its parts (split defaults to train)."""
-    match = _HF_SOURCE.match(source)
-    if not match:
+    """`hf:owner/name[/config][@revision][:split][#column]` as its parts (split defaults to train).
+
+    `@revision` and `:split` may come in either order (`hf:owner/name:split@revision` also reads).
+    """
+    match = _HF_NAME.match(source)
+    rest = source[match.end():] if match else ""
+    parts = dict((mark, value) for mark, value in re.findall(r"([@:#])([^@:#]+)", rest))
+    if not match or "".join(f"{mark}{value}" for mark, value in re.findall(r"([@:#])([^@:#]+)", rest)) != rest:
         raise UserError(f"Cannot read the dataset source '{source}'; write hf:owner/name[/config][@revision]"
                         "[:split][#column].")
     name = match["name"]
     local = name.startswith((".", "/", "~"))
-    parts = name.split("/")
+    pieces = name.split("/")
     config = ""
-    if not local and len(parts) == 3:
-        name, config = "/".join(parts[:2]), parts[2]
-    elif not local and len(parts) != 2:
+    if not local and len(pieces) == 3:
+        name, config = "/".join(pieces[:2]), pieces[2]
+    elif not local and len(pieces) != 2:
         raise UserError(f"'{source}' does not name a Hub dataset as owner/name; write hf:owner/name[/config]...")
-    return {"name": name, "config": config, "revision": match["revision"] or "", "split": match["split"] or "train",
-            "column": match["column"] or ""}
+    return {"name": name, "config": config, "revision": parts.get("@", ""), "split": parts.get(":", "train"),
+            "column": parts.get("#", "")}
 
 
 def load_hub_dataset(source: str, column: str = "") -> list[Prompt]:
