@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 from collections import Counter
@@ -22,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from abliterate import __version__, progress
 from torch import Tensor
 
+from abliterate import __version__, progress
 from abliterate.architectures import EditPlan, TensorEdit, TensorInfo, plan_edits
-from abliterate.config import Config
+from abliterate.config import Config, parse_size
 from abliterate.direction import Direction, load_direction, save_direction
 from abliterate.errors import UserError
 from abliterate.hub import resolve_model
@@ -44,8 +43,6 @@ _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msg
 _SKIP_NAMES = ("README.md", ".gitattributes", "config.json", RECORD_NAME)
 # Largest slice edited at once: 4M elements keep the float64 temporaries near 100 MB.
 EDIT_CHUNK_ELEMENTS = 2**22
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass
@@ -56,16 +53,6 @@ class Checkpoint:
     config: dict[str, Any]
     tensors: dict[str, StoredTensor]  # name -> where it is, in storage order
     files: list[Path]
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as "5GB" (decimal, like transformers), "512MiB" or "1000000"."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise UserError(f"Invalid shard size '{text}'; pass --max-shard-size (apply.max_shard_size) like 5GB, "
-                        "500MB or a byte count.")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def read_checkpoint(model_dir: Path) -> Checkpoint:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,20 @@ class MeasureConfig:
 @dataclass
 class ApplyConfig:
     max_shard_size: str = setting("5GB", "Largest output shard, as transformers writes them (e.g. 5GB, 500MB).")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "5GB" (decimal, like transformers), "512MiB" or "1000000"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise UserError(f"Invalid shard size '{text}'; pass --max-shard-size (apply.max_shard_size) like 5GB, "
+                        "500MB or a byte count.")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 @dataclass
@@ -190,6 +205,7 @@ def validate(config: Config) -> None:
         raise UserError(f"eval.judge must be together, local:PATH or none, got '{e.judge}'.")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
+    parse_size(config.apply.max_shard_size)  # a bad size fails now, not after an hour of measuring
 
 
 def to_dict(config: Config) -> dict:

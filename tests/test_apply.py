@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from abliterate import checkpoint
-from abliterate.checkpoint import apply_direction, edit_in_chunks, inspect_checkpoint, parse_size
+from abliterate.checkpoint import apply_direction, edit_in_chunks, inspect_checkpoint
 from abliterate.cli import app
-from abliterate.config import load_config
+from abliterate.config import load_config, parse_size
 from abliterate.direction import save_direction
 from abliterate.errors import UserError
 from abliterate.weights import edit_tensor
@@ -223,6 +223,8 @@ def test_parse_size(text, size):
 def test_parse_size_refuses(text):
     with pytest.raises(UserError, match="--max-shard-size"):
         parse_size(text)
+    with pytest.raises(UserError, match="--max-shard-size"):  # at load time, before any long step runs
+        load_config(overrides={"apply": {"max_shard_size": text}})
 
 
 runner = CliRunner()
