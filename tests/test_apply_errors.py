@@ -169,3 +169,19 @@ def test_resolve_model(model_dir, tmp_path):
         resolve_model("./relative/missing")
     with pytest.raises(UserError, match=r"not in the Hub cache, and the Hub cannot be reached \(offline"):
         resolve_model("nobody-here/no-such-model-xyz", revision="main")
+
+
+def test_layer_without_writer_refused_by_inspect_and_apply(model_dir, parent, good_direction, tmp_path):
+    """A checkpoint whose layer 0 lost its MLP output projection is refused, never edited partially."""
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "no_down_proj"
+    shutil.copytree(model_dir, source)
+    tensors = load_file(str(source / "model.safetensors"))
+    kept = {name: t for name, t in tensors.items() if not name.startswith("model.layers.0.mlp.down_proj")}
+    save_file(kept, str(source / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="Layer 0 of this llama checkpoint has no mlp residual writer"):
+        inspect_checkpoint(str(source), None, load_config())
+    assert "Layer 0 of this llama checkpoint has no mlp residual writer" in \
+        _refused(source, good_direction, parent / "out")
+    assert list(parent.iterdir()) == []
