@@ -240,7 +240,8 @@ def test_cli_apply_and_inspect(llama_dir, direction_file, tmp_path):
     result = runner.invoke(app, ["inspect", str(llama_dir), "--direction", str(direction_file)])
     assert result.exit_code == 0, result.output
     for text in ("architecture: llama", "model.layers.1.mlp.down_proj.bias", "lm_head.weight will be written from "
-                 "the ORIGINAL model.embed_tokens.weight", "total edited tensors: 9", "fits: 32 values"):
+                 "the ORIGINAL model.embed_tokens.weight", "total edited tensors: 9", "fits: 32 values",
+                 "mlp x2, mixer x2"):
         assert text in result.output
 
 
