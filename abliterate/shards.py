@@ -59,11 +59,13 @@ def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
     data_start = 8 + header_bytes
     tensors = []
     for name, info in header.items():
-        begin, end = info["data_offsets"]
+        try:
+            (begin, end), dtype, shape = info["data_offsets"], str(info["dtype"]), tuple(int(n) for n in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} has a corrupt header entry for {name}; re-download the checkpoint.") from None
         if not 0 <= begin <= end <= size - data_start:
             raise UserError(f"{path} is truncated or corrupt (tensor {name} lies outside the file); re-download it.")
-        tensors.append(StoredTensor(name, path, info["dtype"], tuple(info["shape"]), data_start + begin,
-                                    data_start + end))
+        tensors.append(StoredTensor(name, path, dtype, shape, data_start + begin, data_start + end))
     return sorted(tensors, key=lambda t: t.start), metadata
 
 

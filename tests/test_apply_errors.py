@@ -185,3 +185,27 @@ def test_layer_without_writer_refused_by_inspect_and_apply(model_dir, parent, go
     assert "Layer 0 of this llama checkpoint has no mlp residual writer" in \
         _refused(source, good_direction, parent / "out")
     assert list(parent.iterdir()) == []
+
+
+def test_quantized_writer_refused_before_writing(model_dir, parent, good_direction, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "fp8"
+    shutil.copytree(model_dir, source)
+    tensors = load_file(str(source / "model.safetensors"))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    message = _refused(source, good_direction, parent / "out")
+    assert message == (f"Tensor {name} is stored as F8_E4M3; abliterate edits only float16, bfloat16 and float32 "
+                       "weights. Dequantize the checkpoint first.")
+    assert list(parent.iterdir()) == []
+
+
+def test_corrupt_header_entry(model_dir, parent, good_direction, tmp_path):
+    source = tmp_path / "corrupt"
+    source.mkdir()
+    shutil.copy(model_dir / "config.json", source)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2]}}).encode()  # no data_offsets
+    (source / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    assert "has a corrupt header entry for x" in _refused(source, good_direction, parent / "out")
