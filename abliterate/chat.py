@@ -121,11 +121,13 @@ def end_of_turn_ids(tokenizer: Any, model_config: Any = None) -> list[int]:
     """
     if not getattr(tokenizer, "chat_template", None):
         return []
+    from jinja2 import TemplateError
+
     messages = [{"role": "user", "content": SENTINELS[0]}, {"role": "assistant", "content": SENTINEL_REPLY}]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, **dict(
             getattr(model_config, "template_kwargs", None) or {}))
-    except Exception as error:  # some templates refuse an assistant turn; then EOS alone must do
+    except (TemplateError, TypeError, ValueError) as error:  # a template may refuse this turn; EOS must do
         logger.warning("Could not render an assistant turn to find the end-of-turn token (%s).", error)
         return []
     after = text.rsplit(SENTINEL_REPLY, 1)[-1]

@@ -144,7 +144,7 @@ def _read_csv(path: Path) -> list[Any]:
 
 
 def _read_parquet(path: Path) -> list[Any]:
-    import pyarrow.parquet as parquet
+    from pyarrow import parquet
 
     try:
         return parquet.read_table(path).to_pylist()
@@ -182,8 +182,9 @@ def parse_hf_source(source: str) -> dict[str, str]:
     """
     match = _HF_NAME.match(source)
     rest = source[match.end():] if match else ""
-    parts = dict((mark, value) for mark, value in re.findall(r"([@:#])([^@:#]+)", rest))
-    if not match or "".join(f"{mark}{value}" for mark, value in re.findall(r"([@:#])([^@:#]+)", rest)) != rest:
+    found = re.findall(r"([@:#])([^@:#]+)", rest)
+    parts = dict(found)
+    if not match or "".join(mark + value for mark, value in found) != rest:
         raise UserError(f"Cannot read the dataset source '{source}'; write hf:owner/name[/config][@revision]"
                         "[:split][#column].")
     name = match["name"]

@@ -8,8 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from abliterate.chat import (end_of_instruction_ids, end_of_turn_ids, format_instructions, refusal_token_ids,
-                             stop_token_ids)
+from abliterate.chat import (
+    end_of_instruction_ids,
+    end_of_turn_ids,
+    format_instructions,
+    refusal_token_ids,
+    stop_token_ids,
+)
 from abliterate.errors import UserError
 
 CHATML = (

@@ -53,8 +53,8 @@ def test_jsonl_csv_and_parquet_with_explicit_column(tmp_path):
     ("empty.txt", "\n \n", "", "empty.txt has no prompts; fill it or pass another file"),
     ("bad.json", '["a", ', "", "bad.json is not valid JSON (line 1"),
     ("obj.json", '{"a": [1], "b": [2]}', "", "holds an object, not a list of prompts"),
-    ("col.json", '[{"prompt": "x"}]', "goal", "col.json row 1 has no column 'goal' (it has prompt); choose the "
-                                            "instruction column with --column"),
+    ("col.json", '[{"prompt": "x"}]', "goal",
+     "col.json row 1 has no column 'goal' (it has prompt); choose the instruction column with --column"),
     ("nocol.json", '[{"text2": "x"}]', "", "no instruction column found among text2; name it with --column"),
     ("row.jsonl", '{"prompt": "ok"}\nnot json\n', "", "row.jsonl row 2 is not valid JSON"),
     ("blank.jsonl", '{"prompt": "ok"}\n{"prompt": ""}\n', "", "blank.jsonl row 2 has an empty or non-text prompt"),
