@@ -135,7 +135,7 @@ class _Payload:
 
 def test_pickle_with_code_refused(tmp_path):
     with open(tmp_path / "d.pt", "wb") as handle:
-        pickle.dump(_Payload(), handle)
+        pickle.dump(_Payload(), handle, protocol=2)
     assert "not a tensor saved with torch.save" in _error(tmp_path / "d.pt")
 
 
