@@ -141,7 +141,7 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.debug("Wrote %s: %d tensors edited, %d copied", out_dir, len(plan.edits),
-                sum(len(s) for s in shards.values()) - len(plan.edits))
+                 sum(len(s) for s in shards.values()) - len(plan.edits))
     return record
 
 
