@@ -29,7 +29,10 @@ ROLES = ("embed", "mixer", "mlp", "extra")
 # weight [d_in, d_model] (its bias is [d_model]); `embedding` and `position_embedding` are row tables [n, d_model];
 # `experts_fused` is a 3-D expert tensor whose d_model axis the rule names (1 for [experts, d_model, inter], 2 for
 # gpt-oss and Llama 4's [experts, inter, d_model]: real gpt-oss experts are square, so it cannot be read from the
-# shape); `experts_bias` is a fused expert bias [experts, d_model].
+# shape); `experts_bias` is a fused expert bias [experts, d_model]. AXIS_FROM_SHAPE is for the one family whose Hub
+# and transformers-5 checkpoints store the same fused tensor in both orientations (Qwen3-VL-MoE): the axis that is
+# d_model wins, and square experts are refused because their orientation cannot be known.
+AXIS_FROM_SHAPE = -1
 KIND_AXES = {"embedding": 1, "position_embedding": 1, "linear": 0, "conv1d": 1, "experts_bias": 1}
 KINDS = (*KIND_AXES, "experts_fused")
 
@@ -67,8 +70,8 @@ class WriterRule:
         # Table mistakes are programming errors, caught when the module is imported (and by the tests).
         if self.role not in ROLES or self.kind not in KINDS or self.gain not in GAINS:
             raise ValueError(f"bad WriterRule {self}")
-        if self.kind == "experts_fused" and self.d_model_axis not in (1, 2):
-            raise ValueError(f"experts_fused rule {self.pattern} must name its d_model_axis (1 or 2)")
+        if self.kind == "experts_fused" and self.d_model_axis not in (1, 2, AXIS_FROM_SHAPE):
+            raise ValueError(f"experts_fused rule {self.pattern} must name its d_model_axis (1, 2 or AXIS_FROM_SHAPE)")
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,21 @@ def _describe(rule: WriterRule, kind: str, axis: int) -> str:
     return text
 
 
+def _fused_axis_from_shape(name: str, info: TensorInfo, d_model: int) -> int:
+    """The d_model axis (1 or 2) of a fused expert tensor stored in either orientation; ambiguous shapes refused."""
+    axes = [axis for axis in (1, 2) if len(info.shape) == 3 and info.shape[axis] == d_model]
+    if len(axes) != 1:
+        raise UserError(f"Fused experts {name} have shape {list(info.shape)}: cannot tell which axis is d_model="
+                        f"{d_model} (this family stores both orientations); refusing to guess.")
+    return axes[0]
+
+
 def _make_edit(name: str, rel: str, rule: WriterRule, layer: int | None, base: str,
                info: TensorInfo, d_model: int) -> TensorEdit:
     is_bias = rel.endswith("bias") and len(info.shape) == 1
     axis = rule.d_model_axis if rule.kind == "experts_fused" else (0 if is_bias else KIND_AXES[rule.kind])
+    if axis == AXIS_FROM_SHAPE:
+        axis = _fused_axis_from_shape(name, info, d_model)
     if axis >= len(info.shape) or info.shape[axis] != d_model:
         raise UserError(f"Tensor {name} has shape {list(info.shape)} but a {rule.kind} residual writer needs "
                         f"d_model={d_model} on axis {axis}; the checkpoint does not match its config.json.")

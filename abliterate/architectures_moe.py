@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from abliterate.architectures import (
     ATTN_O,
+    AXIS_FROM_SHAPE,
     CAUSAL_LM,
     EMBED,
     MLP_DOWN,
@@ -143,3 +144,10 @@ register("mistral3", Architecture("mistral3", WRAPPED, LLAMA_WRITERS, text_confi
 QWEN_VL = (Layout("model.language_model."), CAUSAL_LM[0])
 for _model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
     register(_model_type, Architecture(_model_type, QWEN_VL, LLAMA_WRITERS, text_config_key="text_config"))
+
+# Qwen3-VL-MoE: Hub checkpoints (written by transformers 4) store fused experts as [experts, inter, d_model], while
+# transformers 5 holds and saves [experts, d_model, inter] and transposes on load only when the shape disagrees.
+# Both occur on disk, so the d_model axis is read from the shape; square experts (none released) are refused.
+register("qwen3_vl_moe", Architecture("qwen3_vl_moe", QWEN_VL, (
+    EMBED, ATTN_O, MLP_DOWN, WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused",
+                                        d_model_axis=AXIS_FROM_SHAPE)), text_config_key="text_config"))

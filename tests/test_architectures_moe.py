@@ -240,3 +240,38 @@ def test_gpt_oss_mxfp4_checkpoint_is_refused() -> None:
                "model.layers.0.mlp.experts.down_proj_scales": TensorInfo((4, 32, 1), "U8")}
     with pytest.raises(UserError, match="Layer 0 of this gpt_oss checkpoint has no mlp residual writer"):
         plan_edits(config, tensors)
+
+
+@torch.no_grad()
+def test_qwen3_vl_moe_experts_in_either_orientation_get_the_same_edit(tmp_path: Path) -> None:
+    model = build_tiny("qwen3_vl_moe")
+    saved = save_tiny(model, tmp_path / "transformers5")  # fused [experts, d_model, inter]
+    tensors = read_tensors(saved)
+    down_names = [name for name in tensors if name.endswith("mlp.experts.down_proj")]
+    assert down_names and all(tensors[name].shape[1] == model.config.text_config.hidden_size for name in down_names)
+    # The Hub's layout (written by transformers 4): the same experts as [experts, inter, d_model], gate_up likewise.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    transposed = {name: (tensor.transpose(1, 2).contiguous() if ".mlp.experts." in name else tensor)
+                  for name, tensor in tensors.items()}
+    save_file(transposed, hub / "model.safetensors", metadata={"format": "pt"})
+    (hub / "config.json").write_text((saved / "config.json").read_text())
+    direction = random_direction(model.config.text_config.hidden_size)
+    edited = apply(saved, direction, tmp_path / "edited5")
+    edited_hub = apply(hub, direction, tmp_path / "edited_hub")
+    for name in down_names:
+        assert torch.equal(edited_hub[name].transpose(1, 2), edited[name])
+        assert (torch.einsum("edi,d->ei", edited[name], direction).abs().max() < 1e-6)
+    ids = torch.arange(3, 9)[None]  # [batch, pos]
+    logits = [type(model).from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits
+              for folder in (tmp_path / "edited5", tmp_path / "edited_hub")]
+    assert torch.allclose(logits[0], logits[1], rtol=0, atol=1e-5)
+
+
+def test_square_experts_of_a_two_orientation_family_are_refused() -> None:
+    config = {"model_type": "qwen3_vl_moe", "text_config": {"num_hidden_layers": 1, "hidden_size": 32}}
+    tensors = {"model.language_model.embed_tokens.weight": TensorInfo((128, 32), "BF16"),
+               "model.language_model.layers.0.self_attn.o_proj.weight": TensorInfo((32, 32), "BF16"),
+               "model.language_model.layers.0.mlp.experts.down_proj": TensorInfo((4, 32, 32), "BF16")}
+    with pytest.raises(UserError, match=r"cannot tell which axis is d_model=32 .*refusing to guess"):
+        plan_edits(config, tensors)

@@ -203,6 +203,11 @@ _MM_TINY = {
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", _wrapper(
         "qwen3_vl", {**SMALL, "rope_parameters": {**_MROPE, "mrope_interleaved": True}},
         {**_QWEN_VISION, "deepstack_visual_indexes": [0]}, **_MM_IDS)),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", _wrapper(
+        # inter 8: with 16, gate_up [experts, 2 * inter, d_model] would be square and load untransposed.
+        "qwen3_vl_moe", {**SMALL, **MOE, "moe_intermediate_size": 8, "mlp_only_layers": [0],
+                         "rope_parameters": {**_MROPE, "mrope_interleaved": True}},
+        {**_QWEN_VISION, "deepstack_visual_indexes": [0]}, **_MM_IDS)),
     "qwen3_5": ("Qwen3_5ForConditionalGeneration", _wrapper(
         "qwen3_5", {**SMALL, **LINEAR_ATTENTION}, _QWEN_VISION, **_MM_IDS)),
     "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", _wrapper(
