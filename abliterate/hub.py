@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 # What a model download fetches: weights as safetensors, and every small file a checkpoint needs to load and chat.
 ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.txt", "*.model",
                   "*.tiktoken", "*.py", "*.md", "LICENSE*", "NOTICE*"]
-# Mistral-format duplicates of the weights and original (non-HF) exports would double the download for nothing.
-IGNORE_PATTERNS = ["consolidated*", "original/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.msgpack", "*.h5"]
+# Mistral-format duplicates of the weights, original (non-HF) exports and weights in subfolders (ONNX, MLX, other
+# components) are never loaded by transformers from the top level and would multiply the download for nothing.
+IGNORE_PATTERNS = ["consolidated*", "original/*", "*/*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf",
+                   "*.msgpack", "*.h5", "*.onnx*"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -95,7 +95,7 @@ def hub(local_model, monkeypatch, tmp_path):
 
     files = {p.name: p.read_bytes() for p in local_model.iterdir()}
     extra = {"pytorch_model.bin": b"pickle", "consolidated.safetensors": b"mistral format",
-             "original/consolidated.00.pth": b"pickle"}
+             "original/consolidated.00.pth": b"pickle", "onnx/model.safetensors": b"onnx export"}
     server = _Hub({"tester/tiny": {**files, **extra},
                    "tester/bin-only": {"config.json": files["config.json"], "pytorch_model.bin": b"pickle"}})
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -114,7 +114,7 @@ def test_download_fetches_safetensors_and_small_files_only(hub, local_model, tmp
     path = resolve_model("tester/tiny", revision="main")
     expected = sorted(p.name for p in local_model.iterdir())
     assert sorted(p.name for p in path.iterdir()) == expected
-    assert sorted(hub.fetched) == expected  # no .bin, no consolidated.*, nothing under original/
+    assert sorted(hub.fetched) == expected  # no .bin, no consolidated.*, no weights in subfolders
     assert (path / "model.safetensors").read_bytes() == (local_model / "model.safetensors").read_bytes()
 
 
