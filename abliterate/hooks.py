@@ -9,6 +9,7 @@ records the residual stream at every layer input and at the final norm's input. 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,10 +20,16 @@ from torch import Tensor, nn
 from abliterate.architectures import EditPlan, TensorInfo, architecture_for, plan_edits
 
 
+# Selection hooks the same model once per candidate: plan it once (the table and the parameter names do not change).
+_PLANS: weakref.WeakKeyDictionary[nn.Module, EditPlan] = weakref.WeakKeyDictionary()
+
+
 def memory_plan(model: nn.Module) -> EditPlan:
     """The edit plan of a loaded model, from its config and in-memory parameter names."""
-    tensors = {name: TensorInfo(tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()}
-    return plan_edits(model.config.to_dict(), tensors)
+    if model not in _PLANS:
+        tensors = {name: TensorInfo(tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()}
+        _PLANS[model] = plan_edits(model.config.to_dict(), tensors)
+    return _PLANS[model]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

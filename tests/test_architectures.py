@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,11 @@ class Case:
     edited: Path
     direction: torch.Tensor  # [d_model], unit norm, float32
     plan: EditPlan
+
+    @cached_property
+    def edited_model(self) -> torch.nn.Module:
+        """The output checkpoint loaded with transformers (once per family: the tests only read it)."""
+        return model_class(self.tiny).from_pretrained(self.edited, dtype=torch.float32).eval()
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -87,13 +93,9 @@ def left_padded_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def load_edited(case: Case) -> torch.nn.Module:
-    return model_class(case.tiny).from_pretrained(case.edited, dtype=torch.float32).eval()
-
-
 @torch.no_grad()
 def test_residual_stream_has_no_component_along_r(case: Case) -> None:
-    model = load_edited(case)
+    model = case.edited_model
     batch = left_padded_batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with capture_layer_inputs(model) as captured:
@@ -112,15 +114,15 @@ def test_edited_logits_equal_hooked_ablation(case: Case) -> None:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with ablate_direction(case.original, case.direction):
         expected = case.original(**batch).logits[mask.bool()]  # [tokens, vocab]
-        greedy_hooked = case.original.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    model = load_edited(case)
+        greedy_hooked = case.original.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    model = case.edited_model
     logits = model(**batch).logits[mask.bool()]
     unedited = case.original(**batch).logits[mask.bool()]
     scale = expected.abs().max()
     assert (logits - expected).abs().max() < 1e-4 * scale
     assert (unedited - expected).abs().max() > 1e-3 * scale  # the ablation does change this model
     # (4) generation: the edited checkpoint continues exactly as the hooked original does.
-    greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert torch.equal(greedy, greedy_hooked)
 
 
@@ -143,12 +145,12 @@ def test_only_residual_writers_change_and_the_output_layer_is_original(case: Cas
 
 @torch.no_grad()
 def test_output_loads_and_generates_greedily_from_its_own_logits(case: Case) -> None:
-    model = load_edited(case)
+    model = case.edited_model
     batch = left_padded_batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(**batch).logits[:, -1]  # [batch, vocab]
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-    assert generated.shape == (3, ids.shape[1] + 3)
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert generated.shape == (3, ids.shape[1] + 2)
     assert torch.equal(generated[:, ids.shape[1]], logits.argmax(-1))
     # The output layer really is the original one: on the same final hidden states it gives the same logits.
     head_after = model.get_output_embeddings().weight
