@@ -44,6 +44,9 @@ GAINS = ("weight", "one_plus_weight")
 _LOOKS_LIKE_WRITER = re.compile(
     r"(^|\.)(o_proj|out_proj|down_proj|c_proj|dense_4h_to_h|fc2|w2|wo|dense|output_proj)(\.weight|\.bias|_bias)?$"
 )
+# Quantized layouts store weights as packed blocks plus scales (gpt-oss MXFP4 `down_proj_blocks`/`_scales`, GPTQ/AWQ
+# `qweight`, FP8 `weight_scale_inv`): there is no float tensor to edit, so such a checkpoint is refused by name.
+_QUANTIZED = re.compile(r"(_blocks|_scales|\.qweight|\.qzeros|\.weight_scale_inv)$")
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,9 @@ def _required_int(text: dict, key: str, arch: Architecture) -> int:
 
 
 def _check_unclaimed(name: str, rel: str, arch: Architecture) -> None:
+    if _QUANTIZED.search(rel):
+        raise UserError(f"Tensor {name} is quantized; abliterate edits float16, bfloat16 and float32 weights. "
+                        "Use a dequantized (e.g. BF16) copy of the checkpoint as MODEL.")
     if _LOOKS_LIKE_WRITER.search(rel) and not any(re.fullmatch(p, rel) for p in arch.not_writers):
         raise UserError(f"Tensor {name} looks like an output projection into the residual stream, but the "
                         f"'{arch.name}' architecture entry has no rule for it; refusing to edit approximately. "

@@ -77,7 +77,7 @@ register("mixtral", Architecture("mixtral", CAUSAL_LM, (
 
 # gpt-oss: biases everywhere (o_proj, experts), fused [experts, inter, d_model] experts with a fused bias
 # [experts, d_model]; attention sinks are per-head logits, not residual writers. MXFP4 checkpoints store
-# down_proj_blocks/_scales instead of down_proj: their layers have no editable MLP writer and are refused.
+# down_proj_blocks/_scales instead of down_proj: plan_edits refuses them by name (use a BF16 release).
 register("gpt_oss", Architecture("gpt_oss", CAUSAL_LM, (
     EMBED, ATTN_O, WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=2),
     WriterRule(r"mlp\.experts\.down_proj_bias", "mlp", "experts_bias"))))

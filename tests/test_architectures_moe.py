@@ -238,6 +238,10 @@ def test_gpt_oss_mxfp4_checkpoint_is_refused() -> None:
                "model.layers.0.self_attn.o_proj.weight": TensorInfo((32, 32), "BF16"),
                "model.layers.0.mlp.experts.down_proj_blocks": TensorInfo((4, 32, 1, 16), "U8"),
                "model.layers.0.mlp.experts.down_proj_scales": TensorInfo((4, 32, 1), "U8")}
+    with pytest.raises(UserError, match=r"down_proj_blocks is quantized; .* Use a dequantized \(e\.g\. BF16\) copy"):
+        plan_edits(config, tensors)
+    # Without the telltale names, a layer left with no float MLP writer is still refused, never half-edited.
+    del tensors["model.layers.0.mlp.experts.down_proj_blocks"], tensors["model.layers.0.mlp.experts.down_proj_scales"]
     with pytest.raises(UserError, match="Layer 0 of this gpt_oss checkpoint has no mlp residual writer"):
         plan_edits(config, tensors)
 
