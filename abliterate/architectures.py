@@ -318,6 +318,12 @@ def _check_needs(edits: dict[str, TensorEdit], tensors: Mapping[str, TensorInfo]
             if need not in tensors:
                 raise UserError(f"Editing {edit.name} needs the post-norm weight {need}, which the checkpoint "
                                 "lacks; the checkpoint is incomplete.")
+            # The exact post-norm edit holds for a bias-free RMSNorm (output = g * y / rms(y)); a LayerNorm's bias
+            # and mean subtraction would leave a component along r, so such a layout is refused, not approximated.
+            bias = need.removesuffix("weight") + "bias"
+            if bias != need and bias in tensors:
+                raise UserError(f"The post-norm of {edit.name} has a bias ({bias}); the exact edit behind a norm "
+                                "needs a bias-free RMSNorm, so abliterate refuses this checkpoint layout.")
 
 
 def _untie(config: dict, arch: Architecture, layout: Layout, tensors: Mapping[str, TensorInfo]) -> tuple[str, str] | None:

@@ -252,3 +252,17 @@ def test_gemma3_multimodal_edits_only_the_language_model_in_both_layouts() -> No
         assert plan.untie[1] == ("lm_head.weight" if prefix == "model.language_model." else "language_model.lm_head.weight")
         updated = plan.config_updates(config)
         assert updated["tie_word_embeddings"] is False and updated["text_config"]["tie_word_embeddings"] is False
+
+
+def test_a_post_norm_with_a_bias_is_refused() -> None:
+    config = {"model_type": "olmo2", "num_hidden_layers": 1, "hidden_size": 8}
+    tensors = {name: TensorInfo(shape, "F32") for name, shape in {
+        "model.embed_tokens.weight": (16, 8), "lm_head.weight": (16, 8),
+        "model.layers.0.self_attn.o_proj.weight": (8, 8), "model.layers.0.mlp.down_proj.weight": (8, 4),
+        "model.layers.0.post_attention_layernorm.weight": (8,), "model.layers.0.post_feedforward_layernorm.weight": (8,),
+        "model.layers.0.post_feedforward_layernorm.bias": (8,)}.items()}
+    with pytest.raises(UserError, match="post_feedforward_layernorm.bias.*bias-free RMSNorm"):
+        plan_edits(config, tensors)
+    del tensors["model.layers.0.post_feedforward_layernorm.bias"]
+    assert plan_edits(config, tensors).edits["model.layers.0.mlp.down_proj.weight"].needs == (
+        "model.layers.0.post_feedforward_layernorm.weight",)
