@@ -29,12 +29,13 @@ def _sandwich(attn_norm: str, mlp_norm: str, gain: str) -> tuple[WriterRule, ...
 
 # Pre-norm decoders with Llama's on-disk names (embed_tokens, self_attn.o_proj, mlp.down_proj), each checked against
 # the installed modeling code: fused qkv/gate_up (phi3, glm), parallel residual (cohere, cohere2, stablelm), scalar
-# multipliers on the residual branches (granite), (1 + w) pre-norms (gemma, nemotron) and parameter-free norms (olmo)
-# change nothing for the edit, because the norms they use sit before a sublayer, not between it and the residual.
+# multipliers on the residual branches (granite, minicpm3), latent attention (minicpm3), (1 + w) pre-norms (gemma,
+# nemotron) and parameter-free norms (olmo) change nothing for the edit, because their norms sit before a sublayer,
+# not between it and the residual add.
 for _model_type in ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3", "granite", "seed_oss",
                     "hunyuan_v1_dense", "helium", "arcee", "nemotron", "apertus", "phi3", "glm", "stablelm", "gemma",
                     "olmo", "cohere", "cohere2", "ernie4_5", "internlm3", "jais2", "iquestcoder", "cwm", "vaultgemma",
-                    "granite_swa"):
+                    "granite_swa", "minicpm3"):
     register(_model_type, Architecture(_model_type, CAUSAL_LM, (EMBED, ATTN_O, MLP_DOWN)))
 
 # Sandwich norms: Gemma 2/3 scale by (1 + weight); OLMo 2/3, EXAONE 4 and GLM-4 by weight.
