@@ -23,6 +23,8 @@ Gemma 3n (AltUp: not one residual stream) is refused by its entry in `abliterate
 
 from __future__ import annotations
 
+import dataclasses
+
 from abliterate.architectures import (
     ATTN_O,
     AXIS_FROM_SHAPE,
@@ -61,19 +63,30 @@ QWEN_MOE_MLP = (MLP_DOWN, *_experts("mlp", "down_proj"), _linear(r"mlp\.shared_e
 DEEPSEEK_MOE_MLP = (MLP_DOWN, *_experts("mlp", "down_proj"), _linear(r"mlp\.shared_experts\.down_proj"))
 LINEAR_ATTN_OUT = _linear(r"linear_attn\.out_proj", "mixer")
 
-for _model_type in ("qwen2_moe", "qwen3_moe"):
+for _model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
     register(_model_type, Architecture(_model_type, CAUSAL_LM, (EMBED, ATTN_O, *QWEN_MOE_MLP)))
 
 # DeepSeek V3 (MLA attention still writes through o_proj; first_k_dense_replace dense layers; FP8 Hub weights are
 # refused by the checkpoint writer's dtype check), GLM-4.5 MoE and ERNIE 4.5 MoE (tied, optional biases).
-for _model_type in ("deepseek_v3", "glm4_moe", "ernie4_5_moe"):
+for _model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe"):
     register(_model_type, Architecture(_model_type, CAUSAL_LM, (EMBED, ATTN_O, *DEEPSEEK_MOE_MLP)))
 
-# Mixtral: the Hub (and save_pretrained) store block_sparse_moe.experts.N.w2; transformers 5 renames the block to
-# mlp and fuses the experts in memory.
-register("mixtral", Architecture("mixtral", CAUSAL_LM, (
-    EMBED, ATTN_O, WriterRule(r"block_sparse_moe\.experts\.\d+\.w2\.weight", "mlp", "linear"),
-    WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=1))))
+# Hunyuan MoE: a shared MLP named shared_mlp beside the routed experts.
+register("hunyuan_v1_moe", Architecture("hunyuan_v1_moe", CAUSAL_LM, (
+    EMBED, ATTN_O, MLP_DOWN, *_experts("mlp", "down_proj"), _linear(r"mlp\.shared_mlp\.down_proj"))))
+
+# FlexOlmo: OLMo 2's sandwich norms (gain = weight) around attention and the experts.
+register("flex_olmo", Architecture("flex_olmo", CAUSAL_LM, (
+    EMBED, WriterRule(ATTN_O.pattern, "mixer", "linear", post_norms=("post_attention_layernorm.weight",)),
+    *(dataclasses.replace(rule, post_norms=("post_feedforward_layernorm.weight",))
+      for rule in _experts("mlp", "down_proj")))))
+
+# Mixtral and PhiMoE: the Hub (and save_pretrained) store block_sparse_moe.experts.N.w2; transformers 5 renames the
+# block to mlp and fuses the experts in memory.
+for _model_type in ("mixtral", "phimoe"):
+    register(_model_type, Architecture(_model_type, CAUSAL_LM, (
+        EMBED, ATTN_O, WriterRule(r"block_sparse_moe\.experts\.\d+\.w2\.weight", "mlp", "linear"),
+        WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=1))))
 
 # gpt-oss: biases everywhere (o_proj, experts), fused [experts, inter, d_model] experts with a fused bias
 # [experts, d_model]; attention sinks are per-head logits, not residual writers. MXFP4 checkpoints store
