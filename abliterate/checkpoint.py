@@ -28,7 +28,7 @@ from abliterate.architectures import EditPlan, TensorEdit, TensorInfo, plan_edit
 from abliterate.config import Config, parse_size
 from abliterate.direction import Direction, load_direction, save_direction
 from abliterate.errors import UserError
-from abliterate.hub import resolve_model
+from abliterate.hub import is_hub_id, remote_tensor_infos, resolve_model
 from abliterate.shards import FLOAT_DTYPES, OutputTensor, StoredTensor, read_header, read_tensor, write_shard
 from abliterate.weights import edit_tensor
 
@@ -94,24 +94,36 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def build_plan(checkpoint: Checkpoint) -> EditPlan:
-    """The architecture table's plan for this checkpoint, refusing any layer without a residual writer."""
-    infos = {name: TensorInfo(shape=t.shape, dtype=t.dtype) for name, t in checkpoint.tensors.items()}
-    plan = plan_edits(checkpoint.config, infos)
+def build_plan(model_config: dict[str, Any], infos: dict[str, TensorInfo]) -> EditPlan:
+    """The architecture table's plan for a checkpoint, refusing any layer without a residual writer."""
+    plan = plan_edits(model_config, infos)
     empty = [layer for layer in range(plan.n_layers) if not plan.per_layer.get(layer)]
     if empty:
-        raise UserError(f"No residual-stream writer found in layer(s) {empty} of {checkpoint.path} "
-                        f"({plan.arch}); refusing to write a partial edit.")
-    unknown = [name for name in plan.edits if name not in checkpoint.tensors]
+        raise UserError(f"No residual-stream writer found in layer(s) {empty} ({plan.arch}); refusing to write a "
+                        "partial edit.")
+    unknown = [name for name in plan.edits if name not in infos]
     if unknown:
         raise RuntimeError(f"plan names tensors not in the checkpoint: {unknown[:3]}; this is a bug in abliterate")
     return plan
 
 
+def _infos(checkpoint: Checkpoint) -> dict[str, TensorInfo]:
+    return {name: TensorInfo(shape=t.shape, dtype=t.dtype) for name, t in checkpoint.tensors.items()}
+
+
 def inspect_checkpoint(source: str, direction_path: Path | None, config: Config) -> EditPlan:
-    """Resolve `source`, read its headers and return the edit plan (checking the direction's length if given)."""
-    checkpoint = read_checkpoint(resolve_model(source, config.model.revision))
-    plan = build_plan(checkpoint)
+    """The edit plan of `source` (checking the direction's length if given), from headers only.
+
+    For a Hub id the safetensors headers are read remotely, so nothing but config.json and the index is
+    downloaded; offline, the local Hub cache is used.
+    """
+    remote = remote_tensor_infos(source, config.model.revision) if is_hub_id(source) else None
+    if remote is not None:
+        model_config, infos = remote[0], {name: TensorInfo(shape, dtype) for name, (shape, dtype) in remote[1].items()}
+    else:
+        checkpoint = read_checkpoint(resolve_model(source, config.model.revision))
+        model_config, infos = checkpoint.config, _infos(checkpoint)
+    plan = build_plan(model_config, infos)
     if direction_path is not None:
         load_direction(direction_path, plan.d_model)
     return plan
@@ -127,7 +139,7 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     model_dir = resolve_model(source, config.model.revision)
     out_dir = _check_out_dir(model_dir, Path(out_dir), force)
     checkpoint = read_checkpoint(model_dir)
-    plan = build_plan(checkpoint)
+    plan = build_plan(checkpoint.config, _infos(checkpoint))
     direction = load_direction(direction_path, plan.d_model)
     for name in plan.edits:
         _check_editable(checkpoint.tensors[name])

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from abliterate.errors import UserError
@@ -40,8 +42,7 @@ def resolve_model(source: str, revision: str = "") -> Path:
         if revision:
             logger.warning("Ignoring revision %s: %s is a local directory.", revision, source)
         return check_model_dir(path)
-    looks_local = path.exists() or source.startswith((".", "/", "~")) or not _REPO_ID.match(source)
-    if looks_local:
+    if not is_hub_id(source):
         if path.exists():
             raise UserError(f"Model {source} is a file, not a directory; pass the checkpoint's directory or a Hub id.")
         raise UserError(f"Model directory {source} does not exist; pass an existing directory or a Hub id "
@@ -63,17 +64,21 @@ def check_model_dir(path: Path) -> Path:
     raise UserError(f"{path} has no .safetensors weights; pass a directory or Hub id with a safetensors checkpoint.")
 
 
-def _download(repo_id: str, revision: str) -> Path:
-    """snapshot_download with the small-files-only patterns, turning every Hub failure into a UserError."""
-    from huggingface_hub import snapshot_download
+def is_hub_id(source: str) -> bool:
+    """True when `source` names a Hub repository rather than a local path (existing or mistyped)."""
+    path = Path(source).expanduser()
+    return not (path.exists() or source.startswith((".", "/", "~")) or not _REPO_ID.match(source))
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str, action: str) -> Iterator[None]:
+    """Turn every huggingface_hub failure into a UserError that names the fix."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+                                        NotASafetensorsRepoError, RepositoryNotFoundError, RevisionNotFoundError)
 
     where = f"{repo_id}@{revision}" if revision else repo_id
-    logger.info("Resolving %s on the Hub (safetensors and small files only)", where)
     try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=ALLOW_PATTERNS,
-                                   ignore_patterns=IGNORE_PATTERNS)
+        yield
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated: accept its terms on the Hub, then log in with `hf auth login` "
                         "(or set HF_TOKEN).") from None
@@ -82,18 +87,59 @@ def _download(repo_id: str, revision: str) -> Path:
                         "the name, or log in with `hf auth login` for a private repository.") from None
     except RevisionNotFoundError:
         raise UserError(f"Revision '{revision}' does not exist in {repo_id}; fix --revision.") from None
+    except NotASafetensorsRepoError:
+        raise UserError(_NO_SAFETENSORS.format(repo_id=repo_id)) from None
     except LocalEntryNotFoundError:
         raise UserError(f"Model {where} is not a local directory, not in the Hub cache, and the Hub cannot be "
                         "reached (offline or HF_HUB_OFFLINE=1); connect, or pass a local directory.") from None
     except HfHubHTTPError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"Downloading {where} failed: {first_line}; check the name, --revision and your "
+        raise UserError(f"{action} {where} failed: {first_line}; check the name, --revision and your "
                         "connection.") from None
-    path = Path(folder)
+
+
+_NO_SAFETENSORS = ("{repo_id} has no .safetensors weights (only pickle weights, which abliterate does not load "
+                   "because pickles can run code); use a repository with safetensors weights.")
+
+
+def _download(repo_id: str, revision: str) -> Path:
+    """snapshot_download with the small-files-only patterns, turning every Hub failure into a UserError."""
+    from huggingface_hub import snapshot_download
+
+    logger.info("Resolving %s on the Hub (safetensors and small files only)", repo_id)
+    with _hub_errors(repo_id, revision, "Downloading"):
+        path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=ALLOW_PATTERNS,
+                                      ignore_patterns=IGNORE_PATTERNS))
     if not any(path.glob("*.safetensors")) and (path / "config.json").is_file():
-        raise UserError(f"{repo_id} has no .safetensors weights (only pickle weights, which abliterate does not "
-                        "load because pickles can run code); use a repository with safetensors weights.")
+        raise UserError(_NO_SAFETENSORS.format(repo_id=repo_id))
     return path
+
+
+def remote_tensor_infos(repo_id: str, revision: str = "") -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]] | None:
+    """config.json and every tensor's (shape, dtype) of a Hub checkpoint, without downloading its weights.
+
+    The safetensors headers are read with HTTP range requests, so `inspect` of a 70B model costs a few kilobytes.
+    Returns None when the Hub cannot be asked (offline mode): the caller falls back to the local cache.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        with _hub_errors(repo_id, revision, "Reading"):
+            try:
+                config_path = hf_hub_download(repo_id, "config.json", revision=revision or None)
+            except EntryNotFoundError:
+                raise UserError(f"{repo_id} is not a model repository (no config.json); pass a model's Hub id.")
+            metadata = HfApi().get_safetensors_metadata(repo_id, revision=revision or None)
+    except OfflineModeIsEnabled:
+        return None
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"config.json of {repo_id} is not readable JSON ({error}); pass another model.") from None
+    infos = {name: (tuple(info.shape), info.dtype) for file in metadata.files_metadata.values()
+             for name, info in file.tensors.items()}
+    return config, infos
 
 
 # ---- push (G): upload a finished output folder to the Hub ----

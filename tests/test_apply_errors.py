@@ -209,3 +209,11 @@ def test_corrupt_header_entry(model_dir, parent, good_direction, tmp_path):
     header = json.dumps({"x": {"dtype": "F32", "shape": [2]}}).encode()  # no data_offsets
     (source / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
     assert "has a corrupt header entry for x" in _refused(source, good_direction, parent / "out")
+
+
+def test_inspect_hub_id_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(UserError, match=r"not in the Hub cache, and the Hub cannot be reached \(offline"):
+        inspect_checkpoint("nobody-here/no-such-model-xyz", None, load_config())

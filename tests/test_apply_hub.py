@@ -7,6 +7,7 @@ files were fetched, so the tests can check that pickle weights and Mistral-forma
 
 import hashlib
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from abliterate.checkpoint import apply_direction
+from abliterate.checkpoint import apply_direction, inspect_checkpoint
 from abliterate.config import load_config
 from abliterate.direction import save_direction
 from abliterate.errors import UserError
@@ -30,7 +31,8 @@ class _Hub:
 
     def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
         self.repos = repos
-        self.fetched: list[str] = []
+        self.fetched: list[str] = []  # whole files downloaded
+        self.ranged: list[str] = []  # files of which only a byte range was read
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -70,10 +72,20 @@ def _handler(hub: _Hub) -> type:
                         for name, data in files.items()]
                 return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
             name = "/".join(parts[4:])
-            data = files[name]
-            if not head:
+            if name not in files:
+                return self._send(404, b"{}", {"X-Error-Code": "EntryNotFound"}, head)
+            data, status = files[name], 200
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+            ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if ranged and not head:  # safetensors header reads: only the first bytes of a file
+                begin = int(ranged.group(1))
+                end = min(int(ranged.group(2) or len(data) - 1), len(data) - 1)
+                headers["Content-Range"] = f"bytes {begin}-{end}/{len(data)}"
+                data, status = data[begin:end + 1], 206
+                hub.ranged.append(name)
+            elif not head:
                 hub.fetched.append(name)
-            self._send(200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, head)
+            self._send(status, data, headers, head)
 
         def do_GET(self) -> None:
             self._route(head=False)
@@ -138,3 +150,18 @@ def test_hub_errors(hub, repo, revision, message):
     with pytest.raises(UserError) as info:
         resolve_model(repo, revision)
     assert str(info.value).startswith(message)
+
+
+def test_inspect_hub_id_reads_headers_without_downloading_weights(hub, local_model):
+    remote = inspect_checkpoint("tester/tiny", None, load_config())
+    local = inspect_checkpoint(str(local_model), None, load_config())
+    assert remote.edits == local.edits and remote.untie == local.untie and remote.per_layer == local.per_layer
+    assert "model.safetensors" in hub.ranged
+    assert not any(name.endswith(".safetensors") for name in hub.fetched)
+
+
+def test_inspect_hub_errors(hub):
+    with pytest.raises(UserError, match="tester/bin-only has no .safetensors weights"):
+        inspect_checkpoint("tester/bin-only", None, load_config())
+    with pytest.raises(UserError, match="Model tester/missing is neither a local directory nor a Hub repository"):
+        inspect_checkpoint("tester/missing", None, load_config())
