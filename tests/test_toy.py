@@ -34,11 +34,11 @@ def toy_model(toy_refuser_dir):
     return model, tokenizer
 
 
-def _replies(model, tokenizer, prompts: list[str]) -> list[str]:
+def _replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
     texts = format_instructions(tokenizer, prompts, load_config().model)
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=24, do_sample=False,
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=stop_token_ids(tokenizer, model.generation_config),
                              pad_token_id=tokenizer.pad_token_id)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -94,9 +94,12 @@ def test_difference_of_means_direction_bypasses_refusal(toy_model):
     harmless = [p.text for p in load_prompts("builtin:toy_harmless_eval")]
     results = {}
     for layer in range(1, int(0.8 * model.config.num_hidden_layers)):
+        # "I cannot" shows within the first tokens of a reply; eight are enough to see it.
         with ablate_direction(model, candidates[layer].float()):
-            results[layer] = (_rate(_replies(model, tokenizer, harmful)), _rate(_replies(model, tokenizer, harmless)))
-    assert any(harmful_rate <= 0.1 and harmless_rate <= 0.1 for harmful_rate, harmless_rate in results.values()), results
+            results[layer] = (_rate(_replies(model, tokenizer, harmful, 8)), _rate(_replies(model, tokenizer, harmless, 8)))
+        if results[layer][0] <= 0.1 and results[layer][1] <= 0.1:
+            break
+    assert results[layer][0] <= 0.1 and results[layer][1] <= 0.1, results
 
 
 def test_prompt_sets_are_disjoint_and_held_out():
