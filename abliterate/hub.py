@@ -122,13 +122,13 @@ def remote_tensor_infos(repo_id: str, revision: str = "") -> tuple[dict, dict[st
     Returns None when the Hub cannot be asked (offline mode): the caller falls back to the local cache.
     """
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import OfflineModeIsEnabled, RemoteEntryNotFoundError
 
     try:
         with _hub_errors(repo_id, revision, "Reading"):
             try:
                 config_path = hf_hub_download(repo_id, "config.json", revision=revision or None)
-            except EntryNotFoundError:
+            except RemoteEntryNotFoundError:  # not its parent EntryNotFoundError: that includes 'offline'
                 raise UserError(f"{repo_id} is not a model repository (no config.json); pass a model's Hub id.")
             metadata = HfApi().get_safetensors_metadata(repo_id, revision=revision or None)
     except OfflineModeIsEnabled:

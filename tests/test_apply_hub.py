@@ -109,7 +109,8 @@ def hub(local_model, monkeypatch, tmp_path):
     extra = {"pytorch_model.bin": b"pickle", "consolidated.safetensors": b"mistral format",
              "original/consolidated.00.pth": b"pickle", "onnx/model.safetensors": b"onnx export"}
     server = _Hub({"tester/tiny": {**files, **extra},
-                   "tester/bin-only": {"config.json": files["config.json"], "pytorch_model.bin": b"pickle"}})
+                   "tester/bin-only": {"config.json": files["config.json"], "pytorch_model.bin": b"pickle"},
+                   "tester/no-config": {"model.safetensors": files["model.safetensors"]}})
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
@@ -165,3 +166,5 @@ def test_inspect_hub_errors(hub):
         inspect_checkpoint("tester/bin-only", None, load_config())
     with pytest.raises(UserError, match="Model tester/missing is neither a local directory nor a Hub repository"):
         inspect_checkpoint("tester/missing", None, load_config())
+    with pytest.raises(UserError, match=r"tester/no-config is not a model repository \(no config.json\)"):
+        inspect_checkpoint("tester/no-config", None, load_config())
