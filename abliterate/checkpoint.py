@@ -12,6 +12,7 @@ and is moved into place only when complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -206,8 +207,8 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
                               {name: needed[name] for name in edit.needs})
 
     for filename, group in shards.items():
-        write_shard(tmp / filename, group, provenance, edit_fn,
-                    lambda items, name=filename: progress.track(items, f"Writing {name}", len(group)))
+        bar = functools.partial(progress.track, description=f"Writing {filename}", total=len(group))
+        write_shard(tmp / filename, group, provenance, edit_fn, bar)
     if len(shards) > 1:
         _write_index(tmp / INDEX_NAME, shards)
     copied = _copy_small_files(checkpoint.path, tmp)

@@ -73,8 +73,14 @@ def is_hub_id(source: str) -> bool:
 @contextmanager
 def _hub_errors(repo_id: str, revision: str, action: str) -> Iterator[None]:
     """Turn every huggingface_hub failure into a UserError that names the fix."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        NotASafetensorsRepoError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        NotASafetensorsRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from apply_models import D_MODEL, SMALL_FILES, save_checkpoint, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -22,7 +23,6 @@ from abliterate.config import load_config, parse_size
 from abliterate.direction import save_direction
 from abliterate.errors import UserError
 from abliterate.weights import edit_tensor
-from apply_models import D_MODEL, SMALL_FILES, save_checkpoint, tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,7 @@ ATTENTION = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left paddi
 
 
 def test_output_files(applied, llama_dir):
-    out, record = applied
+    out, _ = applied
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["model.safetensors", "config.json", "generation_config.json", "direction.json",
                             "direction.safetensors", "abliteration.json", *SMALL_FILES])
@@ -239,8 +239,8 @@ def test_cli_apply_and_inspect(llama_dir, direction_file, tmp_path):
     assert (out / "model.safetensors.index.json").is_file()
     result = runner.invoke(app, ["inspect", str(llama_dir), "--direction", str(direction_file)])
     assert result.exit_code == 0, result.output
-    for text in ("architecture: llama", "model.layers.1.mlp.down_proj.bias", "lm_head.weight will be written from "
-                 "the ORIGINAL model.embed_tokens.weight", "total edited tensors: 9", "fits: 32 values",
+    for text in ("architecture: llama", "model.layers.1.mlp.down_proj.bias",
+                 "lm_head.weight will be written from the ORIGINAL model.embed_tokens.weight", "total edited tensors: 9", "fits: 32 values",
                  "mlp x2, mixer x2"):
         assert text in result.output
 
@@ -251,9 +251,9 @@ def test_cli_error_is_one_line_exit_2(llama_dir, tmp_path):
     out = tmp_path / "out"
     process = subprocess.run([sys.executable, "-c", "from abliterate.cli import main; main()", "apply",
                               str(llama_dir), "--direction", str(bad), "--out", str(out)],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, check=False)
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == [
-        f"error: Direction in {bad} has 7 values but the model's hidden size (d_model) is 32; pass a direction "
-        "measured on this model with --direction."]
+        (f"error: Direction in {bad} has 7 values but the model's hidden size (d_model) is 32; pass a direction "
+         "measured on this model with --direction.")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from apply_models import D_MODEL, save_checkpoint, tiny_llama
 
 from abliterate import checkpoint
 from abliterate.checkpoint import apply_direction, inspect_checkpoint
@@ -13,7 +14,6 @@ from abliterate.config import load_config
 from abliterate.direction import save_direction
 from abliterate.errors import UserError
 from abliterate.hub import resolve_model
-from apply_models import D_MODEL, save_checkpoint, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def test_corrupt_header_entry(model_dir, parent, good_direction, tmp_path):
 
 
 def test_inspect_hub_id_offline(tmp_path, monkeypatch):
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(UserError, match=r"not in the Hub cache, and the Hub cannot be reached \(offline"):

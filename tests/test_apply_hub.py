@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
+from apply_models import D_MODEL, save_checkpoint, tiny_llama
 from safetensors.torch import load_file
 
 from abliterate.checkpoint import apply_direction, inspect_checkpoint
@@ -21,7 +22,6 @@ from abliterate.config import load_config
 from abliterate.direction import save_direction
 from abliterate.errors import UserError
 from abliterate.hub import resolve_model
-from apply_models import D_MODEL, save_checkpoint, tiny_llama
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -103,7 +103,7 @@ def local_model(tmp_path_factory):
 
 @pytest.fixture
 def hub(local_model, monkeypatch, tmp_path):
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     files = {p.name: p.read_bytes() for p in local_model.iterdir()}
     extra = {"pytorch_model.bin": b"pickle", "consolidated.safetensors": b"mistral format",
