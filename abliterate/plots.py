@@ -6,7 +6,6 @@ matplotlib runs on the Agg backend (no display needed); every figure is written 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,9 +44,8 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
         for position in positions:
             rows = sorted((s for s in scores if s.position == position), key=lambda s: s.layer)
             name = f"pos {position}" + (f" {token_texts[position]!r}" if token_texts and position in token_texts else "")
-            values = [getattr(s, key) for s in rows]
-            axis.plot([s.layer for s in rows], [v if not math.isnan(v) else float("nan") for v in values],
-                      marker="o", markersize=3, label=name)
+            # NaN (not scored: a discarded layer, or a pruned induce pass) leaves a gap in the line.
+            axis.plot([s.layer for s in rows], [getattr(s, key) for s in rows], marker="o", markersize=3, label=name)
         for s in scores:
             if s.chosen:
                 axis.plot([s.layer], [getattr(s, key)], marker="*", markersize=14, color="black", linestyle="none")

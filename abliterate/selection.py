@@ -173,6 +173,10 @@ def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, r
     wanted = [s for s in scores if s.layer < cutoff or config.score_all]
     for score in progress.track(wanted, "scoring candidates (bypass, KL)"):
         vector = candidates[score.position + n_positions, score.layer]  # [d_model]
+        if not bool(vector.any()):
+            # Every prompt has the same tokens at these positions, so the embeddings (layer 0's input) agree exactly.
+            score.failed = ["zero vector"]
+            continue
         score.bypass, score.kl = bypass_and_kl(model, vector, val, refusal_ids)
         score.failed = failed_filters(score, n_layers, config, induce_known=False)
     pending = sorted((s for s in scores if not s.failed or config.score_all),
