@@ -164,3 +164,16 @@ for _model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
 register("qwen3_vl_moe", Architecture("qwen3_vl_moe", QWEN_VL, (
     EMBED, ATTN_O, MLP_DOWN, WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused",
                                         d_model_axis=AXIS_FROM_SHAPE)), text_config_key="text_config"))
+
+# Jamba and Bamba: Mamba or attention mixers and a feed_forward MLP (Jamba's MoE layers: per-expert on disk), pre-norm,
+# final norm final_layernorm.
+JAMBA_WRITERS = (EMBED, ATTN_O, _linear(r"mamba\.out_proj", "mixer"), _linear(r"feed_forward\.down_proj"),
+                 *_experts("feed_forward", "down_proj"))
+for _model_type in ("jamba", "bamba"):
+    register(_model_type, Architecture(_model_type, CAUSAL_LM, JAMBA_WRITERS, final_norm="final_layernorm"))
+
+# MiniMax-Text-01 keeps a normalized residual: each layer's residual is its input layernorm's OUTPUT, so the stream
+# itself passes through norms whose gains turn an r-free vector into one with a component along r.
+register("minimax", Architecture("minimax", CAUSAL_LM, (), refuse=(
+    "its residual stream is re-normalized inside every layer (the residual is the input layernorm's output), so no "
+    "edit of the writers removes a direction exactly; abliterate refuses it rather than edit it approximately.")))

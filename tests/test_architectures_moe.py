@@ -70,6 +70,10 @@ EXPECTED_WRITERS = {
                           "shared_mlp.output_linear.weight"],
                          ["self_attn.o_proj.weight", "block_sparse_moe.output_linear.weight",
                           "shared_mlp.output_linear.weight"]],
+    "jamba": [["mamba.out_proj.weight", "feed_forward.down_proj.weight"],
+              ["self_attn.o_proj.weight", "feed_forward.experts.*.down_proj.weight"]],
+    "bamba": [["mamba.out_proj.weight", "feed_forward.down_proj.weight"],
+              ["self_attn.o_proj.weight", "feed_forward.down_proj.weight"]],
     "lfm2_moe": [["conv.out_proj.weight", "feed_forward.w2.weight"],
                  ["self_attn.out_proj.weight", "feed_forward.experts.*.w2.weight"]],
     "gemma4_text": [["self_attn.o_proj.weight", "mlp.down_proj.weight", "per_layer_projection.weight"]] * 2,
@@ -77,7 +81,7 @@ EXPECTED_WRITERS = {
 }
 
 # Families that save_pretrained (like the Hub) stores one tensor per expert, while transformers fuses them in memory.
-PER_EXPERT = ["mixtral", "phimoe", "flex_olmo", "hunyuan_v1_moe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "qwen3_next",
+PER_EXPERT = ["mixtral", "phimoe", "jamba", "flex_olmo", "hunyuan_v1_moe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "qwen3_next",
               "qwen3_5_moe_text", "lfm2_moe"]
 _PER_EXPERT_NAME = re.compile(r"(.+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\.(?:down_proj|w2)\.weight")
 
@@ -289,3 +293,8 @@ def test_square_experts_of_a_two_orientation_family_are_refused() -> None:
                "model.language_model.layers.0.mlp.experts.down_proj": TensorInfo((4, 32, 32), "BF16")}
     with pytest.raises(UserError, match=r"cannot tell which axis is d_model=32 .*refusing to guess"):
         plan_edits(config, tensors)
+
+
+def test_minimax_normalized_residual_is_refused() -> None:
+    with pytest.raises(UserError, match="re-normalized inside every layer"):
+        plan_edits({"model_type": "minimax", "num_hidden_layers": 1, "hidden_size": 32}, {})

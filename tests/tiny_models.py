@@ -177,6 +177,9 @@ for _tiny in (
     dense("granitemoeshared", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
           shared_intermediate_size=32),
     dense("lfm2", layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+    dense("jamba", num_experts=4, num_experts_per_tok=2, intermediate_size=16, attn_layer_period=2, attn_layer_offset=1,
+          expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False),
+    dense("bamba", attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1),
     dense("lfm2_moe", layer_types=["conv", "full_attention"], num_dense_layers=1, **MOE),
     # Gemma 4 dense with per-layer inputs (like E2B/E4B) and MoE without them (like 26B-A4B): sandwich norms.
     dense("gemma4_text", pre_norm=False, **GEMMA4, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB),
