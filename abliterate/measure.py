@@ -34,8 +34,18 @@ from abliterate.activations import SideActivations, cosine_with, difference_of_m
 from abliterate.config import Config, to_dict
 from abliterate.direction import DIRECTION_JSON, DIRECTION_SAFETENSORS, Direction, load_direction, save_direction
 from abliterate.errors import UserError
-from abliterate.selection import (CandidateScore, NoDirectionError, ValidationSet, build_validation_set, bypass_and_kl, check_kept,
-                                  choose, induce_score, layer_cutoff, score_candidates)
+from abliterate.selection import (
+    CandidateScore,
+    NoDirectionError,
+    ValidationSet,
+    build_validation_set,
+    bypass_and_kl,
+    check_kept,
+    choose,
+    induce_score,
+    layer_cutoff,
+    score_candidates,
+)
 
 log = logging.getLogger(__name__)
 

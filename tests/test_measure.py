@@ -94,7 +94,7 @@ def test_artifacts_describe_the_choice(measured):
     passing = [c for c in scores["candidates"] if not c["failed"] and c["induce"] is not None]
     assert chosen[0]["bypass"] == min(c["bypass"] for c in passing)
     cutoff = scores["filters"]["first_discarded_layer"]
-    assert all("layer >= %d" % cutoff in c["failed"] for c in scores["candidates"] if c["layer"] >= cutoff)
+    assert all(f"layer >= {cutoff}" in c["failed"] for c in scores["candidates"] if c["layer"] >= cutoff)
     assert scores["seed"] == 42 and scores["prompt_counts"]["harmful_train_kept"] >= 2
     assert (out / "scores.png").stat().st_size > 0
 
@@ -155,3 +155,18 @@ def test_nothing_passes_leaves_scores_and_says_which_filter(toy_refuser_dir, tmp
     assert all(c["induce"] is None for c in scores["candidates"])  # pruned: induce could not change anything
     unscored = [c["failed"] for c in scores["candidates"] if c["bypass"] is None]
     assert all(f == ["zero vector"] or f[0].startswith("layer >= ") for f in unscored)
+
+
+def test_refusal_openings_the_model_never_uses_are_caught_by_the_prompt_filter(toy_refuser_dir, tmp_path):
+    from abliterate.errors import UserError
+    from abliterate.measure import measure
+
+    # The toy refuses with "I cannot ...": scored on "Absolutely" it seems to refuse nothing, and no direction
+    # could be meaningful, so measure stops before scoring and says what usually causes it.
+    with pytest.raises(UserError) as caught:
+        measure(str(toy_refuser_dir), tmp_path / "out", _config(refusal_openings=["Absolutely"]))
+    message = str(caught.value)
+    assert message.startswith("Only 0 of 128 harmful training prompts are ones the base model refuses (at least 13 "
+                              "needed); this usually means the chat template is wrong")
+    assert "(measure.refusal_openings)" in message and "measure.filter_prompts = false" in message
+    assert not (tmp_path / "out").exists()

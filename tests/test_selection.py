@@ -10,12 +10,26 @@ import math
 import pytest
 import torch
 
-from abliterate.activations import (Batch, difference_of_means, encode, in_text_order, kl_divergence,
-                                    mean_activations, refusal_score)
+from abliterate.activations import (
+    Batch,
+    difference_of_means,
+    encode,
+    in_text_order,
+    kl_divergence,
+    mean_activations,
+    refusal_score,
+)
 from abliterate.config import MeasureConfig
 from abliterate.errors import UserError
-from abliterate.selection import (CandidateScore, NoDirectionError, build_validation_set, check_kept, choose,
-                                  failed_filters, score_candidates)
+from abliterate.selection import (
+    CandidateScore,
+    NoDirectionError,
+    build_validation_set,
+    check_kept,
+    choose,
+    failed_filters,
+    score_candidates,
+)
 
 
 def _logits_with_refusal_mass(p_refusal: float, vocab: int = 5) -> torch.Tensor:
@@ -113,6 +127,15 @@ def test_too_few_filtered_prompts_is_a_user_error_naming_the_cause():
 
 
 # ---- on a tiny random model ----
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation, badly so on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def tiny():
