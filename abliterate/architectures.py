@@ -147,15 +147,15 @@ class EditPlan:
         """The config to write: embeddings are untied (the embedding is edited, the output layer is not)."""
         updated = dict(config)
         updated["tie_word_embeddings"] = False
-        for key in ("text_config",):
-            if isinstance(updated.get(key), dict):
-                updated[key] = {**updated[key], "tie_word_embeddings": False}
+        if isinstance(updated.get("text_config"), dict):
+            updated["text_config"] = {**updated["text_config"], "tie_word_embeddings": False}
         return updated
 
     def describe(self) -> list[str]:
         """Human-readable lines for `abliterate inspect`: the entry, every edit, the ties and per-layer counts."""
-        lines = [f"architecture: {self.arch} (model_type {self.model_type}), {self.n_layers} layers, "
-                 f"d_model {self.d_model}, text prefix '{self.prefix}'"]
+        header = (f"architecture: {self.arch} (model_type {self.model_type}), {self.n_layers} layers, "
+                  f"d_model {self.d_model}, text prefix '{self.prefix}'")
+        lines = [header]
         if self.untie:
             lines.append(f"tied: {self.untie[1]} will be written from the ORIGINAL {self.untie[0]} "
                          "(tie_word_embeddings set to false)")
@@ -379,5 +379,4 @@ for _model_type in ("gemma3n", "gemma3n_text"):
 
 # The dense entries (engineer B) and the MoE, hybrid and multimodal entries (engineer C) live in their own modules,
 # registered on import; the building blocks above are shared by both.
-from abliterate import architectures_dense  # noqa: E402,F401
-from abliterate import architectures_moe  # noqa: E402,F401
+from abliterate import architectures_dense, architectures_moe  # noqa: F401

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from abliterate.architectures import EditPlan, TensorInfo, architecture_for, plan_edits
 
-
 # Selection hooks the same model once per candidate: plan it once (the table and the parameter names do not change).
 _PLANS: weakref.WeakKeyDictionary[nn.Module, EditPlan] = weakref.WeakKeyDictionary()
 

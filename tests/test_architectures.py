@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import TINY_MODELS, TinyModel, build_tiny, model_class, save_tiny
 
 from abliterate.architectures import ARCHITECTURES, EditPlan, TensorInfo, plan_edits
 from abliterate.checkpoint import apply_direction
 from abliterate.config import load_config
 from abliterate.errors import UserError
 from abliterate.hooks import ablate_direction, capture_layer_inputs
-from tiny_models import TINY_MODELS, TinyModel, build_tiny, model_class, save_tiny
 
 ALL = sorted(TINY_MODELS)
 PRE_NORM = [name for name in ALL if TINY_MODELS[name].pre_norm]
@@ -97,7 +97,7 @@ def left_padded_batch() -> dict[str, torch.Tensor]:
 def test_residual_stream_has_no_component_along_r(case: Case) -> None:
     model = case.edited_model
     batch = left_padded_batch()
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mask = batch["attention_mask"]
     with capture_layer_inputs(model) as captured:
         model(**batch)
     assert sorted(captured) == list(range(case.plan.n_layers + 1))  # every layer input and the final norm's input

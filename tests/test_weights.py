@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from abliterate.architectures import TensorEdit
-from abliterate.weights import edit_tensor, norm_gain, post_norm_direction, project_out, project_out_outputs, project_out_rows
+from abliterate.weights import (
+    edit_tensor,
+    norm_gain,
+    post_norm_direction,
+    project_out,
+    project_out_outputs,
+    project_out_rows,
+)
 
 D_MODEL = 24
 
