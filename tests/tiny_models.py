@@ -20,9 +20,9 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 VOCAB = 128
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2)
+SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
+         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ def _falcon(**overrides: Any) -> PretrainedConfig:
 
 def _gemma3_multimodal() -> PretrainedConfig:
     text = {**SMALL, "model_type": "gemma3_text", "sliding_window": 8}
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
     return AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                 image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
