@@ -111,8 +111,10 @@ def measure_command(
     console.print(table)
     if result.reference:
         best = result.reference["best_candidate"]
+        chosen_cosine = result.reference.get("chosen_cosine")
         console.print(f"Reference: best cosine {best['cosine']:.4f} at layer {best['layer']}, position "
-                      f"{best['position']}; chosen candidate's cosine {result.reference.get('chosen_cosine', '-')}")
+                      f"{best['position']}; the chosen candidate's cosine "
+                      + ("-" if chosen_cosine is None else f"{chosen_cosine:.4f}"))
     console.print(f"Direction: {result.direction_path} (scores in {result.out_dir / 'scores.json'})", soft_wrap=True)
 
 

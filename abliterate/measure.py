@@ -152,6 +152,8 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
         if m.filter_prompts:
             check_kept(side, sides[side].n_kept, len(texts), "training")
     candidates = difference_of_means(sides["harmful"].mean, sides["harmless"].mean)  # [position, layer, d_model]
+    log.info("Candidates from %d harmful and %d harmless training prompts: %d positions x %d layers.",
+             sides["harmful"].n_kept, sides["harmless"].n_kept, candidates.shape[0], candidates.shape[1])
     counts = {"harmful_train": len(sets.harmful_train), "harmless_train": len(sets.harmless_train),
               "harmful_train_kept": sides["harmful"].n_kept, "harmless_train_kept": sides["harmless"].n_kept}
     token_texts = {i - k: tokenizer.decode([token_id]) for i, token_id in enumerate(eoi_ids)}
@@ -205,6 +207,8 @@ def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
                     "bypass": bypass, "kl": kl, "induce": induce, "norm": reference.meta.get("candidate_norm")}
     scores = score_candidates(model, fit.candidates, val, refusal_ids, config.measure)
     best = choose(scores)
+    log.info("Chose layer %d, position %d: bypass %.3f, KL %.4f, induce %.3f.", best.layer, best.position,
+             best.bypass, best.kl, best.induce)
     vector = fit.candidates[best.position + len(fit.eoi_ids), best.layer]  # [d_model] float64
     return scores, {"vector": vector, "layer": best.layer, "position": best.position, "bypass": best.bypass,
                     "kl": best.kl, "induce": best.induce, "norm": float(torch.linalg.vector_norm(vector))}
