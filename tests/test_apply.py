@@ -257,3 +257,17 @@ def test_cli_error_is_one_line_exit_2(llama_dir, tmp_path):
         (f"error: Direction in {bad} has 7 values but the model's hidden size (d_model) is 32; pass a direction "
          "measured on this model with --direction.")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+
+
+def test_only_writers_are_decoded(llama_dir, direction_file, tmp_path, monkeypatch):
+    """Streaming: tensors that are copied are never loaded into memory; only the edited ones are read, once each."""
+    read = []
+    original_read = checkpoint.read_tensor
+
+    def recording_read(stored):
+        read.append(stored.name)
+        return original_read(stored)
+
+    monkeypatch.setattr(checkpoint, "read_tensor", recording_read)
+    record = apply_direction(str(llama_dir), direction_file, tmp_path / "out", load_config())
+    assert sorted(read) == sorted(entry["name"] for entry in record["edited_tensors"])
