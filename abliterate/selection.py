@@ -189,8 +189,9 @@ def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, r
         score.induce = induce_score(model, vector, score.layer, val, refusal_ids)
         score.failed = failed_filters(score, n_layers, config)
         found = found or not score.failed
-    log.info("Scored %d of %d candidates; induce computed for %d.", len(wanted), len(scores),
-             sum(not math.isnan(s.induce) for s in scores))
+    n_scored = sum(not math.isnan(s.bypass) for s in scores)
+    n_induced = sum(not math.isnan(s.induce) for s in scores)
+    log.info("Scored %d of %d candidates; induce computed for %d.", n_scored, len(scores), n_induced)
     return scores
 
 
