@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -147,6 +148,7 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     shards = layout_shards(checkpoint, plan, max_shard_bytes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.abliterate-tmp-", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the output should be like any other folder
     try:
         record = _write_output(tmp, checkpoint, plan, direction, shards, public_source(source, model_dir))
         _move_into_place(tmp, out_dir)
@@ -156,6 +158,12 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     logger.debug("Wrote %s: %d tensors edited, %d copied", out_dir, len(plan.edits),
                  sum(len(s) for s in shards.values()) - len(plan.edits))
     return record
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def public_source(source: str, model_dir: Path) -> str:
@@ -272,8 +280,8 @@ def _edit_record(checkpoint: Checkpoint, plan: EditPlan, direction: Direction,
         "model_type": plan.model_type, "n_layers": plan.n_layers, "d_model": plan.d_model,
         "direction": {"sha256": direction.sha256(), "norm_before_normalization": direction.meta.get("source_norm"),
                       "layer": direction.layer, "position": direction.position,
-                      "file": Path(direction.meta.get("source_file", "")).name, "saved_as": ["direction.json",
-                                                                               "direction.safetensors"]},
+                      "file": Path(direction.meta.get("source_file", "")).name,
+                      "saved_as": ["direction.json", "direction.safetensors"]},
         "untied": {"embedding": plan.untie[0], "lm_head": plan.untie[1]} if plan.untie else None,
         "edited_tensors": edited,
         "edits_per_layer": {str(layer): len(names) for layer, names in sorted(plan.per_layer.items())},

@@ -5,6 +5,7 @@ once per session; each output is written once per module and checked by several 
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,6 +80,9 @@ def test_output_files(applied, llama_dir):
     assert {k: v for k, v in config.items() if k != "tie_word_embeddings"} == \
         {k: v for k, v in original.items() if k != "tie_word_embeddings"}
     assert not list(out.parent.glob(".*abliterate-tmp*"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # not the private 0700 of a temporary directory
 
 
 def test_non_writers_bit_identical_and_lm_head_is_original_embedding(applied, llama_dir):
