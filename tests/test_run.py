@@ -1,0 +1,182 @@
+"""`abliterate run` end to end on the toy refuser: a checkpoint that loads and no longer refuses, its provenance,
+resuming after an interruption, reusing finished steps, and config errors.
+
+One full run is shared by the session (`toy_run`); the tests that interrupt or change settings work on their own
+output folders so that the shared one stays as the first run left it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from abliterate.cli import app
+from abliterate.config import load_config
+from abliterate.errors import UserError
+from abliterate.hub import check_output_complete
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_CONFIG = ROOT / "configs" / "toy.toml"
+REFUSAL = "I cannot"
+
+
+def _demo_prompts() -> tuple[list[str], list[str]]:
+    """The toy's held-out demo prompts: (harmful, harmless), never seen in training, fitting or evaluation."""
+    from abliterate.toy import toy_prompt_splits
+
+    splits = toy_prompt_splits()
+    return splits["harmful_demo"], splits["harmless_demo"]
+
+
+def _invoke_run(model: Path, out: Path, *flags: str):
+    return CliRunner().invoke(app, ["run", str(model), "--out", str(out), "--config", str(TOY_CONFIG), *flags])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation, badly so on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_run(toy_refuser_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("run") / "toy-abliterated"
+    result = _invoke_run(toy_refuser_dir, out)
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return out, result.output
+
+
+def _chat(folder: Path, prompts: list[str]) -> str:
+    """Replies from examples/chat_with_output.py: the output loaded by plain transformers in a fresh process."""
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "chat_with_output.py"), str(folder), *prompts],
+                          capture_output=True, text=True, timeout=300, check=True)
+    return done.stdout
+
+
+def test_output_loads_in_plain_transformers_and_no_longer_refuses(toy_run):
+    out, _ = toy_run
+    harmful, harmless = _demo_prompts()
+    # The base refuses these held-out prompts (test_demo shows it reply by reply); the published checkpoint
+    # answers them, and still answers a harmless one.
+    after = _chat(out, harmful + harmless[:1])
+    assert after.count(REFUSAL) <= 1
+    assert after.count("Sure") >= len(harmful)
+
+
+def test_evaluation_measured_the_refusal_drop(toy_run):
+    out, output = toy_run
+    data = json.loads((out / "abliterate" / "eval" / "eval.json").read_text())
+    base, edited = data["models"]["base"], data["models"]["edited"]
+    assert base["refusal"]["rate"] >= 0.9 and edited["refusal"]["rate"] <= 0.1
+    assert edited["over_refusal"]["rate"] <= 0.1
+    assert "Refusal rate, harmful" in output and "Report:" in output
+
+
+def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_dir):
+    out, _ = toy_run
+    prov = out / "abliterate"
+    check_output_complete(out)  # what `push` would accept
+    run = json.loads((prov / "run.json").read_text())
+    assert run["complete"] and run["seed"] == 42 and run["base_model"] == str(toy_refuser_dir)
+    assert {"torch", "transformers", "abliterate"} <= set(run["versions"])
+    assert load_config(prov / "config.toml") == load_config(TOY_CONFIG)
+    for artifact in ("measure/direction.json", "measure/direction.safetensors", "eval/report.md",
+                     "eval/eval.json"):
+        assert (prov / artifact).is_file(), artifact
+    top, kept = out / "model.safetensors", prov / "apply" / "checkpoint" / "model.safetensors"
+    assert top.stat().st_ino == kept.stat().st_ino  # published as a hard link: no second copy on disk
+    card = (out / "README.md").read_text()
+    assert "- abliterated" in card and "library_name: transformers" in card
+    assert str(out) not in card and str(toy_refuser_dir) not in card and "/tmp/" not in card
+    assert f"input of layer {run['summary']['layer']} of {run['summary']['n_layers']}" in card
+
+
+def test_rerun_with_the_same_settings_reuses_every_step(toy_run, toy_refuser_dir):
+    out, _ = toy_run
+    markers = {step: (out / "abliterate" / step / "step.json").stat().st_mtime_ns for step in ("measure", "apply", "eval")}
+    result = _invoke_run(toy_refuser_dir, out)
+    assert result.exit_code == 0, result.output
+    assert "Reused finished steps: measure, apply, eval" in result.output
+    assert markers == {step: (out / "abliterate" / step / "step.json").stat().st_mtime_ns for step in markers}
+
+
+def test_interrupted_run_resumes_and_finishes_identically(toy_run, toy_refuser_dir, tmp_path, monkeypatch):
+    import abliterate.evaluation
+    from abliterate.pipeline import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the evaluation, after measure and apply finished
+
+    out, config = tmp_path / "out", load_config(TOY_CONFIG)
+    monkeypatch.setattr(abliterate.evaluation, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(toy_refuser_dir), out, config)
+    assert not (out / "config.json").exists()  # nothing at the top looks like a finished model
+    assert not json.loads((out / "abliterate" / "run.json").read_text())["complete"]
+    monkeypatch.undo()
+    result = run(str(toy_refuser_dir), out, config)
+    assert result.reused == ["measure", "apply"]
+    first, _ = toy_run
+    assert (out / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    direction = "abliterate/measure/direction.safetensors"  # its metadata names the folder it was written in
+    assert torch.equal(load_file(out / direction)["direction"], load_file(first / direction)["direction"])
+    check_output_complete(out)
+
+
+def test_a_changed_setting_reruns_only_what_depends_on_it(toy_run, toy_refuser_dir, tmp_path):
+    first, _ = toy_run
+    out = tmp_path / "copy"
+    shutil.copytree(first, out)
+    result = _invoke_run(toy_refuser_dir, out, "--max-new-tokens", "12")
+    assert result.exit_code == 0, result.output
+    assert "Reused finished steps: measure, apply" in result.output and "eval" not in result.output.split(
+        "Reused finished steps:")[1].splitlines()[0]
+    assert json.loads((out / "abliterate" / "run.json").read_text())["config"]["eval"]["max_new_tokens"] == 12
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", "missing.toml"], "Config file missing.toml does not exist"),
+    (["--judge", "bogus"], "eval.judge must be together, local:PATH or none"),
+    (["--n-train", "0"], "prompts.n_train must be at least 1"),
+])
+def test_config_errors_are_refused_before_any_work(tmp_path, flags, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tmp_path), "--out", str(out), *flags])
+    assert isinstance(result.exception, UserError) and message in str(result.exception)
+    assert not out.exists()
+
+
+def test_a_foreign_non_empty_out_is_refused(toy_refuser_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = _invoke_run(toy_refuser_dir, out)
+    assert isinstance(result.exception, UserError)
+    assert "is not empty and holds no abliterate run" in str(result.exception)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_missing_judge_key_fails_before_measuring(toy_refuser_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
+    out = tmp_path / "out"
+    result = _invoke_run(toy_refuser_dir, out, "--judge", "together")
+    assert isinstance(result.exception, UserError) and "TOGETHER_API_KEY" in str(result.exception)
+    assert not (out / "abliterate" / "measure").exists()
+
+
+def test_user_error_is_one_line_from_the_real_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "abliterate.cli", "run", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: Model directory") and done.stderr.count("\n") == 1
