@@ -292,7 +292,7 @@ def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, sco
     if scores:
         plot_scores(scores, folder / SCORES_PLOT, title=f"{source}: refusal direction candidates",
                     cutoff_layer=layer_cutoff(fit.n_layers, config.measure.max_layer_fraction),
-                    token_texts=fit.token_texts)
+                    token_texts=fit.token_texts, kl_max=config.measure.kl_max)
     return summary
 
 

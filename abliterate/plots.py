@@ -6,6 +6,7 @@ matplotlib runs on the Agg backend (no display needed); every figure is written 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,9 +36,16 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", cutoff_layer: int | None = None,
-                token_texts: dict[int, str] | None = None) -> Path:
-    """Bypass, induce and KL against layer, one line per position; the chosen candidate is starred."""
+                token_texts: dict[int, str] | None = None, kl_max: float | None = None) -> Path:
+    """Bypass, induce and KL against layer, one line per position; the chosen candidate is starred.
+
+    The dotted vertical line marks the first discarded layer; dashed horizontal lines mark the filters' thresholds
+    (refusal score 0, the KL limit).
+    """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
+    n_layers = max(s.layer for s in scores) + 1
     positions = sorted({s.position for s in scores})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for axis, (key, label) in zip(axes, _PANELS):
@@ -51,8 +59,16 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
                 axis.plot([s.layer], [getattr(s, key)], marker="*", markersize=14, color="black", linestyle="none")
         if cutoff_layer is not None:
             axis.axvline(cutoff_layer - 0.5, color="grey", linestyle=":", linewidth=1)
+        threshold = kl_max if key == "kl" else 0.0
+        if threshold is not None:
+            axis.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
+        axis.set_xlim(-0.5, n_layers - 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("layer")
         axis.set_title(label, fontsize=10)
+    if any(math.isnan(s.induce) and not math.isnan(s.bypass) and not s.failed for s in scores):
+        axes[1].text(0.02, 0.97, "scored only where it could change the choice;\n--score-all scores every candidate",
+                     transform=axes[1].transAxes, fontsize=7, color="grey", verticalalignment="top")
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
