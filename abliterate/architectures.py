@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from abliterate.errors import UserError
 
@@ -47,6 +47,9 @@ _LOOKS_LIKE_WRITER = re.compile(
 # Quantized layouts store weights as packed blocks plus scales (gpt-oss MXFP4 `down_proj_blocks`/`_scales`, GPTQ/AWQ
 # `qweight`, FP8 `weight_scale_inv`): there is no float tensor to edit, so such a checkpoint is refused by name.
 _QUANTIZED = re.compile(r"(_blocks|_scales|\.qweight|\.qzeros|\.weight_scale_inv)$")
+
+# Outside the layers: a [n, d_model] table named like an embedding (token, position, token-type) must be claimed too.
+_LOOKS_LIKE_EMBEDDING = re.compile(r"(embed|wte|wpe|position)")
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class Architecture:
     required_roles: tuple[str, ...] = ("mixer", "mlp")
     not_writers: tuple[str, ...] = ()
     refuse: str = ""
+    # A wrapper whose language model may be of any family (LLaVA-style): its layouts and text_config_key are its own,
+    # everything else comes from the entry of text_config's model_type.
+    delegate: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,9 @@ def plan_edits(config: dict, tensors: Mapping[str, TensorInfo]) -> EditPlan:
             per_layer[layer].append(name)
         elif name.startswith(layout.prefix):
             rule = _match(global_rules, name[len(layout.prefix):])
-            if rule is not None:
+            if rule is None:
+                _check_unclaimed_embedding(name, name[len(layout.prefix):], info, d_model, arch)
+            else:
                 edits[name] = _make_edit(name, name[len(layout.prefix):], rule, None, layout.prefix, info, d_model)
     _check_layers(arch, edits, per_layer)
     _check_needs(edits, tensors)
@@ -296,6 +304,15 @@ def _check_unclaimed(name: str, rel: str, arch: Architecture) -> None:
                         "Use a dequantized (e.g. BF16) copy of the checkpoint as MODEL.")
     if _LOOKS_LIKE_WRITER.search(rel) and not any(re.fullmatch(p, rel) for p in arch.not_writers):
         raise UserError(f"Tensor {name} looks like an output projection into the residual stream, but the "
+                        f"'{arch.name}' architecture entry has no rule for it; refusing to edit approximately. "
+                        "Report this checkpoint layout so abliterate/architectures.py can be extended.")
+
+
+def _check_unclaimed_embedding(name: str, rel: str, info: TensorInfo, d_model: int, arch: Architecture) -> None:
+    """Outside the layers, a [n, d_model] table named like an embedding adds to the residual: it must be claimed."""
+    if (len(info.shape) == 2 and info.shape[1] == d_model and _LOOKS_LIKE_EMBEDDING.search(rel)
+            and not any(re.fullmatch(p, rel) for p in arch.not_writers)):
+        raise UserError(f"Tensor {name} looks like an embedding table that adds to the residual stream, but the "
                         f"'{arch.name}' architecture entry has no rule for it; refusing to edit approximately. "
                         "Report this checkpoint layout so abliterate/architectures.py can be extended.")
 
@@ -361,6 +378,13 @@ def architecture_for(config: dict) -> Architecture:
                         f"in abliterate/architectures.py). Supported: {', '.join(supported)}.")
     if arch.refuse:
         raise UserError(f"model_type {model_type!r} is not supported: {arch.refuse}")
+    if arch.delegate:
+        text = config.get(arch.text_config_key)
+        inner = architecture_for(text if isinstance(text, dict) else {})
+        if inner.delegate or inner.text_config_key:
+            raise UserError(f"model_type {model_type!r} wraps another wrapper ({inner.name}); not supported.")
+        return replace(inner, name=f"{arch.name}[{inner.name}]", layouts=arch.layouts,
+                       text_config_key=arch.text_config_key)
     return arch
 
 

@@ -267,3 +267,9 @@ def test_a_post_norm_with_a_bias_is_refused() -> None:
     del tensors["model.layers.0.post_feedforward_layernorm.bias"]
     assert plan_edits(config, tensors).edits["model.layers.0.mlp.down_proj.weight"].needs == (
         "model.layers.0.post_feedforward_layernorm.weight",)
+
+
+def test_an_unclaimed_embedding_table_is_refused() -> None:
+    tensors = {**llama_tensors(), "model.embed_positions.weight": TensorInfo((64, 8), "F32")}
+    with pytest.raises(UserError, match="embed_positions.weight looks like an embedding table"):
+        plan_edits(LLAMA_CONFIG, tensors)
