@@ -73,7 +73,11 @@ def _map_first(output: Any, function: Any) -> Any:
 
 def _unit_float32(direction: Tensor) -> Tensor:
     direction = direction.detach().flatten().to(torch.float64)  # [d_model]
-    return (direction / direction.norm()).to(torch.float32)
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        # A zero or NaN direction would silently turn every activation into NaN; callers skip such candidates.
+        raise ValueError("cannot ablate a zero or non-finite direction")
+    return (direction / norm).to(torch.float32)
 
 
 def _replace_hidden(args: tuple, kwargs: dict, function: Any) -> tuple[tuple, dict]:

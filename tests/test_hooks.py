@@ -65,3 +65,10 @@ def test_ablation_leaves_no_component_along_r_anywhere(model: torch.nn.Module) -
     with capture_layer_inputs(model) as plain:
         model(**batch)
     assert (plain[len(captured) - 1][mask] @ r).abs().max() > 1e-3  # without hooks r is there
+
+
+def test_a_zero_direction_is_rejected_before_any_hook_is_registered() -> None:
+    model = build_tiny("llama")
+    with pytest.raises(ValueError, match="zero or non-finite"), ablate_direction(model, torch.zeros(32)):
+        pass
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
