@@ -5,8 +5,9 @@ template puts after the instruction; left padding, so they are the last k tokens
 layer's input (resid_pre), the mean activation over harmful prompts minus the mean over harmless prompts. Means are
 accumulated in float64 on the CPU, one forward pass per batch.
 
-Layer inputs are recorded with `hooks.capture_layer_inputs` (the architecture table decides which modules are the
-decoder layers, so measuring, ablating and editing agree on what "layer i" means). The same forward pass returns the last-position logits, so the base refusal score of every training prompt costs
+Layer inputs are recorded by hooks on `hooks.decoder_layers` (the architecture table decides which modules are the
+decoder layers, so measuring, ablating and editing agree on what "layer i" means), keeping only the last k
+positions. The same forward pass returns the last-position logits, so the base refusal score of every training prompt costs
 nothing extra and prompt filtering (paper: keep harmful prompts the model refuses) is applied while accumulating.
 """
 
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from abliterate import progress
-from abliterate.hooks import capture_layer_inputs, decoder_layers
+from abliterate.hooks import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -132,33 +134,66 @@ class SideActivations:
 
 
 class _Sums:
-    """Running float64 sums over kept prompts (plain sums, so batches can arrive in any order)."""
+    """Running float64 sums over kept prompts, `[position, layer, d_model]` (plain sums: batch order is free)."""
 
     def __init__(self, reference: torch.Tensor | None) -> None:
         self.reference = reference
-        self.total: torch.Tensor | float = 0.0
-        self.normalized: torch.Tensor | float = 0.0
-        self.cosine: torch.Tensor | float = 0.0
+        self.total: dict[int, torch.Tensor] = {}
+        self.normalized: dict[int, torch.Tensor] = {}
+        self.cosine: dict[int, torch.Tensor] = {}
         self.n = 0
 
-    def add(self, acts: torch.Tensor) -> None:
-        """Add kept activations `[kept, position, layer, d_model]` (float64)."""
-        self.n += int(acts.shape[0])
-        self.total = self.total + acts.sum(0)
+    def add_batch(self, captured: dict[int, torch.Tensor], keep: torch.Tensor) -> None:
+        """Add the kept rows (`keep` `[batch]` bool) of every layer's captured `[batch, position, d_model]`."""
+        self.n += int(keep.sum())
+        if bool(keep.any()):
+            for layer, acts in captured.items():
+                self.add(layer, acts[keep])
+
+    def add(self, layer: int, acts: torch.Tensor) -> None:
+        """Add one layer's kept activations `[kept, position, d_model]` (float64)."""
+        self.total[layer] = self.total.get(layer, 0) + acts.sum(0)
         if self.reference is not None:
-            norms = torch.linalg.vector_norm(acts, dim=-1, keepdim=True).clamp_min(1e-30)  # [kept, pos, layer, 1]
-            self.normalized = self.normalized + (acts / norms).sum(0)
-            self.cosine = self.cosine + cosine_with(acts, self.reference).sum(0)
+            norms = torch.linalg.vector_norm(acts, dim=-1, keepdim=True).clamp_min(1e-30)  # [kept, position, 1]
+            self.normalized[layer] = self.normalized.get(layer, 0) + (acts / norms).sum(0)
+            self.cosine[layer] = self.cosine.get(layer, 0) + cosine_with(acts, self.reference).sum(0)
+
+    def _mean(self, sums: dict[int, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([sums[layer] for layer in sorted(sums)], dim=1) / self.n  # [position, layer, ...]
 
     def result(self, scores: torch.Tensor) -> SideActivations:
         if self.n == 0:
             return SideActivations(mean=torch.empty(0, dtype=torch.float64), scores=scores, n_kept=0)
         with_reference = self.reference is not None
         return SideActivations(
-            mean=self.total / self.n, scores=scores, n_kept=self.n,
-            reference_cosine=self.cosine / self.n if with_reference else None,
-            normalized_mean=self.normalized / self.n if with_reference else None,
+            mean=self._mean(self.total), scores=scores, n_kept=self.n,
+            reference_cosine=self._mean(self.cosine) if with_reference else None,
+            normalized_mean=self._mean(self.normalized) if with_reference else None,
         )
+
+
+@contextmanager
+def _last_positions(model: Any, n_positions: int) -> Iterator[dict[int, torch.Tensor]]:
+    """While active, each forward pass records every decoder layer's input at the last `n_positions` positions.
+
+    Only those positions are kept (as float64 on the CPU), so a long prompt on a big model never holds every
+    layer's full residual stream at once.
+    """
+    captured: dict[int, torch.Tensor] = {}
+
+    def recorder(index: int) -> Any:
+        def record(_module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # [batch, pos, d_model]
+            captured[index] = hidden[:, -n_positions:, :].detach().to("cpu", torch.float64)
+        return record
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
+               for i, layer in enumerate(decoder_layers(model))]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def mean_activations(model: Any, batches: list[Batch], n_positions: int, refusal_ids: Sequence[int],
@@ -172,16 +207,12 @@ def mean_activations(model: Any, batches: list[Batch], n_positions: int, refusal
     unit-normalized activations.
     """
     sums, scores = _Sums(reference), []
-    n_layers = len(decoder_layers(model))
-    with capture_layer_inputs(model) as captured:
+    with _last_positions(model, n_positions) as captured:
         for batch in progress.track(batches, description):
             batch_scores = refusal_score(forward_last(model, batch), refusal_ids).cpu()  # [batch]
             scores.append(batch_scores)
             keep = batch_scores * keep_sign > 0 if keep_sign else torch.ones_like(batch_scores, dtype=torch.bool)
-            if bool(keep.any()):
-                acts = torch.stack([captured[i][:, -n_positions:, :].to("cpu", torch.float64)
-                                    for i in range(n_layers)], dim=2)  # [batch, position, layer, d_model]
-                sums.add(acts[keep])
+            sums.add_batch(captured, keep)
     return sums.result(in_text_order(batches, scores))
 
 
