@@ -177,3 +177,8 @@ for _model_type in ("jamba", "bamba"):
 register("minimax", Architecture("minimax", CAUSAL_LM, (), refuse=(
     "its residual stream is re-normalized inside every layer (the residual is the input layernorm's output), so no "
     "edit of the writers removes a direction exactly; abliterate refuses it rather than edit it approximately.")))
+
+# LLaVA-layout wrappers around a language model of any supported family: the wrapper gives only where the language
+# model lives; its writers, norms (Gemma 2's sandwich norms included) and names come from text_config's own entry.
+for _model_type in ("llava", "internvl"):
+    register(_model_type, Architecture(_model_type, WRAPPED, (), text_config_key="text_config", delegate=True))

@@ -298,3 +298,14 @@ def test_square_experts_of_a_two_orientation_family_are_refused() -> None:
 def test_minimax_normalized_residual_is_refused() -> None:
     with pytest.raises(UserError, match="re-normalized inside every layer"):
         plan_edits({"model_type": "minimax", "num_hidden_layers": 1, "hidden_size": 32}, {})
+
+
+def test_llava_wrapper_takes_writers_and_norms_from_its_language_model(tmp_path: Path) -> None:
+    plan = disk_plan(save_tiny(build_tiny("llava-gemma2"), tmp_path / "llava"))
+    assert plan.arch == "llava[gemma2]" and plan.prefix == "language_model.model."
+    o_proj = plan.edits[f"{plan.layers_prefix}0.self_attn.o_proj.weight"]
+    assert o_proj.needs == (f"{plan.layers_prefix}0.post_attention_layernorm.weight",)
+    assert o_proj.gain == "one_plus_weight"  # Gemma 2's convention, from its own entry
+    assert not any(name.startswith("vision_tower.") for name in plan.edits)
+    with pytest.raises(UserError, match="Unsupported model_type 'mamba'"):
+        plan_edits({"model_type": "llava", "text_config": {"model_type": "mamba"}}, {})

@@ -231,8 +231,23 @@ _MM_TINY = {
         eoi_token_id=VOCAB - 3, video_token_id=VOCAB - 4, audio_token_id=VOCAB - 5, boa_token_id=VOCAB - 6,
         eoa_token_index=VOCAB - 7)),
 }
-for _model_type, (_class, _make) in _MM_TINY.items():
-    register_tiny(TinyModel(_model_type, _model_type, _make, model_class=_class, pre_norm=_model_type != "gemma4"))
+_CLIP = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+             num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16)
+_INTERNVL_VISION = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        image_size=[28, 28], patch_size=[14, 14])
+_MM_TINY.update({  # LLaVA-layout wrappers take their writers from the language model's family: llama and gemma2
+    "llava": ("LlavaForConditionalGeneration", _wrapper(
+        "llava", {**SMALL, "model_type": "llama"}, _CLIP, image_token_index=VOCAB - 1)),
+    "llava-gemma2": ("LlavaForConditionalGeneration", _wrapper(
+        "llava", {**SMALL, "model_type": "gemma2", "sliding_window": 8}, _CLIP, image_token_index=VOCAB - 1)),
+    "internvl": ("InternVLForConditionalGeneration", _wrapper(
+        "internvl", {**SMALL, "model_type": "qwen2"}, _INTERNVL_VISION, image_token_id=VOCAB - 1)),
+})
+_MM_MODEL_TYPE = {"llava-gemma2": "llava"}
+_MM_POST_NORM = {"gemma4", "llava-gemma2"}
+for _name, (_class, _make) in _MM_TINY.items():
+    register_tiny(TinyModel(_name, _MM_MODEL_TYPE.get(_name, _name), _make, model_class=_class,
+                            pre_norm=_name not in _MM_POST_NORM))
 
 
 def llama4_multimodal_config() -> PretrainedConfig:
