@@ -273,3 +273,17 @@ def test_an_unclaimed_embedding_table_is_refused() -> None:
     tensors = {**llama_tensors(), "model.embed_positions.weight": TensorInfo((64, 8), "F32")}
     with pytest.raises(UserError, match="embed_positions.weight looks like an embedding table"):
         plan_edits(LLAMA_CONFIG, tensors)
+
+
+def test_gpt2_hub_layout_without_the_transformer_prefix() -> None:
+    # The original openai-community/gpt2 checkpoint stores wte/wpe/h.N at the top level, plus attention-mask buffers.
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8}
+    tensors = {name: TensorInfo(shape, "F32") for name, shape in {
+        "wte.weight": (16, 8), "wpe.weight": (32, 8), "ln_f.weight": (8,), "h.0.attn.bias": (1, 1, 32, 32),
+        "h.0.attn.c_attn.weight": (8, 24), "h.0.attn.c_proj.weight": (8, 8), "h.0.attn.c_proj.bias": (8,),
+        "h.0.mlp.c_fc.weight": (8, 32), "h.0.mlp.c_proj.weight": (32, 8), "h.0.mlp.c_proj.bias": (8,)}.items()}
+    plan = plan_edits(config, tensors)
+    assert sorted(plan.edits) == ["h.0.attn.c_proj.bias", "h.0.attn.c_proj.weight", "h.0.mlp.c_proj.bias",
+                                  "h.0.mlp.c_proj.weight", "wpe.weight", "wte.weight"]
+    assert plan.edits["h.0.mlp.c_proj.weight"].axis == 1  # Conv1D stores [d_in, d_model]
+    assert plan.untie == ("wte.weight", "lm_head.weight")
