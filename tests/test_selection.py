@@ -228,3 +228,30 @@ def test_pruned_search_chooses_what_the_full_search_chooses(tiny):
             continue
         best = choose(pruned)
         assert (best.position, best.layer, best.induce) == (best_full.position, best_full.layer, best_full.induce)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "phi", "falcon", "gpt_neox", "qwen3_moe", "jamba"])
+def test_activations_are_layer_inputs_on_other_families(family):
+    """Conv1D, sandwich norms, parallel blocks, MoE, hybrid: the means are the layer inputs, and the ablation the
+    candidates are scored with leaves every recorded layer input orthogonal to the direction."""
+    from tiny_models import VOCAB, build_tiny
+
+    from abliterate.activations import _last_positions
+    from abliterate.hooks import ablate_direction, decoder_layers
+
+    model = build_tiny(family)
+    n_layers = len(decoder_layers(model))
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=generator)  # [batch, pos]
+    batch = Batch(ids, torch.ones_like(ids), [0, 1, 2])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    expected = torch.stack(hidden[:n_layers], dim=1)[:, :, -2:, :].double().mean(0).transpose(0, 1)
+    side = mean_activations(model, [batch], 2, [5])
+    assert side.mean.shape == (2, n_layers, model.config.get_text_config().hidden_size)
+    assert torch.allclose(side.mean, expected, atol=1e-5)
+    direction = side.mean[1, n_layers // 2]  # [d_model]
+    unit = direction / direction.norm()
+    with ablate_direction(model, direction), _last_positions(model, 7) as captured, torch.no_grad():
+        model(input_ids=ids)
+    assert max(float((captured[i] @ unit).abs().max()) for i in range(n_layers)) < 1e-4
