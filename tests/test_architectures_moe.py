@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import build_tiny, llama4_multimodal_config, save_tiny
 from transformers import AutoModelForCausalLM, Llama4ForConditionalGeneration
 
 from abliterate import architectures
@@ -30,7 +31,6 @@ from abliterate.checkpoint import apply_direction
 from abliterate.config import load_config
 from abliterate.errors import UserError
 from abliterate.hooks import ablate_direction, capture_layer_inputs
-from tiny_models import build_tiny, llama4_multimodal_config, save_tiny
 
 E = "*"  # stands for every expert index 0..3 in the expected plans below
 
@@ -81,8 +81,8 @@ EXPECTED_WRITERS = {
 }
 
 # Families that save_pretrained (like the Hub) stores one tensor per expert, while transformers fuses them in memory.
-PER_EXPERT = ["mixtral", "phimoe", "jamba", "flex_olmo", "hunyuan_v1_moe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "qwen3_next",
-              "qwen3_5_moe_text", "lfm2_moe"]
+PER_EXPERT = ["mixtral", "phimoe", "jamba", "flex_olmo", "hunyuan_v1_moe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
+              "glm4_moe", "ernie4_5_moe", "qwen3_next", "qwen3_5_moe_text", "lfm2_moe"]
 _PER_EXPERT_NAME = re.compile(r"(.+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\.(?:down_proj|w2)\.weight")
 
 

@@ -139,15 +139,16 @@ for _tiny in (
 # first_k_dense_replace, interleave_moe_layer_step...), a linear-attention / Mamba / short-convolution layer and a
 # full-attention one. 4 experts with inter 16; gpt-oss and Llama 4 experts are square (inter = d_model = 32), as real
 # gpt-oss's are, so a wrong orientation passes every shape check and only the residual test can catch it.
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
-ROUTED_AND_SHARED = dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16, num_experts_per_tok=2,
-                         first_k_dense_replace=1, n_group=1, topk_group=1)
-LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
-                        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
-GRANITE_HYBRID = dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
-                      mamba_n_groups=1, mamba_expand=2, embedding_multiplier=2.0, residual_multiplier=0.5,
-                      logits_scaling=2.0, shared_intermediate_size=32, intermediate_size=16)
-GEMMA4 = dict(head_dim=8, global_head_dim=8, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+ROUTED_AND_SHARED = {"n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 16,
+                     "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}
+LINEAR_ATTENTION = {"layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
+                    "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8}
+GRANITE_HYBRID = {"layer_types": ["mamba", "attention"], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8,
+                  "mamba_n_groups": 1, "mamba_expand": 2, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                  "logits_scaling": 2.0, "shared_intermediate_size": 32, "intermediate_size": 16}
+GEMMA4 = {"head_dim": 8, "global_head_dim": 8, "layer_types": ["sliding_attention", "full_attention"],
+          "sliding_window": 8}
 
 for _tiny in (
     dense("qwen2_moe", **MOE, shared_expert_intermediate_size=32, mlp_only_layers=[0]),
@@ -190,9 +191,9 @@ for _tiny in (
 
 # Multimodal wrappers: only the language model may change; the vision tower and projector are copied bit-identical.
 # Special token ids sit at the top of the tiny vocabulary, above the ids the tests feed.
-_MM_IDS = dict(image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
-               vision_end_token_id=VOCAB - 4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)
+_MM_IDS = {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2, "vision_start_token_id": VOCAB - 3,
+           "vision_end_token_id": VOCAB - 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_QWEN_VISION = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32}
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
 
 
@@ -203,11 +204,11 @@ def _wrapper(model_type: str, text: dict, vision: dict, **extra: Any) -> Callabl
 _MM_TINY = {
     "mistral3": ("Mistral3ForConditionalGeneration", _wrapper(
         "mistral3", {**SMALL, "model_type": "mistral"},
-        dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-             head_dim=8, image_size=32, patch_size=8), image_token_index=VOCAB - 1)),
+        {"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 8}, image_token_index=VOCAB - 1)),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", _wrapper(
         "qwen2_vl", {**SMALL, "rope_parameters": _MROPE},
-        dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=1), **_MM_IDS)),
+        {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 1}, **_MM_IDS)),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", _wrapper(
         "qwen2_5_vl", {**SMALL, "rope_parameters": _MROPE}, {**_QWEN_VISION, "fullatt_block_indexes": [0]},
         **_MM_IDS)),
@@ -226,15 +227,15 @@ _MM_TINY = {
         **_MM_IDS)),
     "gemma4": ("Gemma4ForConditionalGeneration", _wrapper(
         "gemma4", {**SMALL, **GEMMA4, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": VOCAB},
-        dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-             head_dim=8), audio_config=None, image_token_id=VOCAB - 1, boi_token_id=VOCAB - 2,
+        {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "num_key_value_heads": 2, "head_dim": 8}, audio_config=None, image_token_id=VOCAB - 1, boi_token_id=VOCAB - 2,
         eoi_token_id=VOCAB - 3, video_token_id=VOCAB - 4, audio_token_id=VOCAB - 5, boa_token_id=VOCAB - 6,
         eoa_token_index=VOCAB - 7)),
 }
-_CLIP = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-             num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16)
-_INTERNVL_VISION = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=[28, 28], patch_size=[14, 14])
+_CLIP = {"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "image_size": 28, "patch_size": 14, "projection_dim": 16}
+_INTERNVL_VISION = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "image_size": [28, 28], "patch_size": [14, 14]}
 _MM_TINY.update({  # LLaVA-layout wrappers take their writers from the language model's family: llama and gemma2
     "llava": ("LlavaForConditionalGeneration", _wrapper(
         "llava", {**SMALL, "model_type": "llama"}, _CLIP, image_token_index=VOCAB - 1)),
@@ -254,9 +255,9 @@ def llama4_multimodal_config() -> PretrainedConfig:
     """Llama 4 with its vision tower (Llama4ForConditionalGeneration): dense + MoE text layers, square experts."""
     text = {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size": 32,
             "intermediate_size_mlp": 64, "interleave_moe_layer_step": 2}
-    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16,
-                  pixel_shuffle_ratio=0.5)
+    vision = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14, "vision_output_dim": 16, "projector_input_dim": 16,
+              "projector_output_dim": 16, "pixel_shuffle_ratio": 0.5}
     return AutoConfig.for_model("llama4", text_config=text, vision_config=vision, image_token_index=VOCAB - 1,
                                 boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3, pad_token_id=0,
                                 bos_token_id=1, eos_token_id=2)
