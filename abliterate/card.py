@@ -9,6 +9,7 @@ path, a user name or a token: every absolute path is scrubbed before the card is
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -87,13 +88,14 @@ def _front_matter(facts: CardFacts) -> str:
 
 
 def _what_was_done(facts: CardFacts) -> list[str]:
-    token = f" (the token `{facts.position_token.strip() or facts.position_token}`)" if facts.position_token else ""
+    # json.dumps shows a newline or tab token as \n or \t instead of breaking the line.
+    token = f" (the token `{json.dumps(facts.position_token)[1:-1]}`)" if facts.position_token else ""
     counts = facts.n_prompts
-    fitted = (f" from {counts['harmful_train']} harmful and {counts['harmless_train']} harmless instructions"
-              if "harmful_train" in counts and "harmless_train" in counts else "")
+    fitted = (f"{counts['harmful_train']} harmful and {counts['harmless_train']} harmless instructions"
+              if "harmful_train" in counts and "harmless_train" in counts else "harmful and harmless instructions")
     found = ("The refusal direction r was found as in Arditi et al. 2024, *Refusal in Language Models Is Mediated "
              "by a Single Direction* (arXiv:2406.11717): the difference between the mean residual-stream activations "
-             f"on harmful and harmless instructions{fitted}, read at the input of layer {facts.layer} of "
+             f"on {fitted}, read at the input of layer {facts.layer} of "
              f"{facts.n_layers} at position {facts.position} from the end of the prompt{token}, chosen among all "
              "layers and positions by how well ablating it bypasses refusal while keeping harmless next-token "
              "distributions close (KL).")
@@ -106,9 +108,9 @@ def _what_was_done(facts: CardFacts) -> list[str]:
         "",
         found,
         "",
-        "r was then removed from the weights: every tensor that writes into the residual stream was projected "
-        "off r (W <- W - r r^T W, biases likewise), computed in float32 and stored in the original dtype. "
-        "Every other tensor is bit-identical to the base model.",
+        ("r was then removed from the weights: every tensor that writes into the residual stream was projected "
+         "off r (W <- W - r r^T W, biases likewise), computed in float32 and stored in the original dtype. "
+         "Every other tensor is bit-identical to the base model."),
         "",
         "| edited tensors | count |",
         "|---|---:|",
@@ -116,14 +118,15 @@ def _what_was_done(facts: CardFacts) -> list[str]:
     lines += [f"| {kind} | {count} |" for kind, count in sorted(facts.edited_counts.items())]
     lines.append(f"| **total** | **{sum(facts.edited_counts.values())}** |")
     if facts.untied:
-        lines += ["", "The base model ties its output layer to the embedding; the output layer is written out "
-                      "explicitly with the original weights (`tie_word_embeddings: false`), so only the input side changed."]
+        lines += ["", ("The base model ties its output layer to the embedding; the output layer is written out "
+                       "explicitly with the original weights (`tie_word_embeddings: false`), so only the input side "
+                       "changed.")]
     return lines + [""]
 
 
 def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) -> str:
     """The full README.md text, scrubbed of local paths (`replacements` maps known paths to public names)."""
-    base = facts.base_model or f"a local {facts.model_type} checkpoint"
+    base = facts.base_model or f"A local {facts.model_type} checkpoint"
     name = facts.name or (facts.base_model.split("/")[-1] if facts.base_model else facts.model_type) + "-abliterated"
     link = f"[{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model else base
     at = f" at revision `{facts.base_revision}`" if facts.base_revision else ""
@@ -132,22 +135,21 @@ def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) ->
     body = [
         f"# {name}",
         "",
-        f"{link}{at} with its refusal direction removed from the weights (\"abliteration\"), made with "
-        f"[abliterate](https://pypi.org/project/abliterate/) {facts.version}. It loads like the base model "
-        "with `AutoModelForCausalLM.from_pretrained` and needs no custom code.",
+        (f"{link}{at} with its refusal direction removed from the weights (\"abliteration\"), made with "
+         f"[abliterate](https://pypi.org/project/abliterate/) {facts.version}. It loads like the base model "
+         "with `AutoModelForCausalLM.from_pretrained` and needs no custom code."),
         "",
-        "**Warning**: this model is much less likely to refuse harmful requests than its base. Use it for research "
-        "and apply your own safeguards.",
+        ("**Warning**: this model is much less likely to refuse harmful requests than its base. Use it for "
+         "research and apply your own safeguards."),
         "",
         *_what_was_done(facts),
-        "## Evaluation",
-        "",
+        *([] if evaluation.startswith("## Evaluation") else ["## Evaluation", ""]),
         evaluation,
         "",
         "## Reproduce",
         "",
-        "The resolved settings of this run are in `abliterate/config.toml` in this repository; "
-        "the direction, candidate scores, plots and replies are beside it.",
+        ("The resolved settings of this run are in `abliterate/config.toml` in this repository; "
+         "the direction, candidate scores, plots and replies are beside it."),
         "",
         "```bash",
         f"pip install abliterate=={facts.version}",

@@ -287,7 +287,7 @@ def push(folder: Path, repo: str, private: bool = False, revision: str = "", tok
             return f"{api.endpoint}/{repo}/tree/{revision or 'main'}"
         info = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model", revision=revision or None,
                                  commit_message=message, ignore_patterns=list(PUSH_IGNORE_PATTERNS))
-    except Exception as error:  # noqa: BLE001 - translated into a user message when it is the user's to fix
+    except Exception as error:  # translated into a user message when it is the user's to fix
         reason = _describe_hub_failure(error, repo)
         if reason is None:
             raise

@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -152,7 +153,7 @@ def _measure_work(model: str, config: Config) -> Callable[[Path], dict]:
         # With --use-reference and a direction file that names no layer, there is no layer or position to report.
         return {"direction": Path(found.direction_path).resolve().relative_to(folder.resolve()).as_posix(),
                 "layer": found.layer, "position": found.position, "token_text": found.token_text,
-                "n_prompts": {key: value for key, value in found.counts.items() if key.startswith(("harm"))}}
+                "n_prompts": {key: value for key, value in found.counts.items() if key.startswith("harm")}}
     return work
 
 
@@ -162,7 +163,9 @@ def _apply_work(model: str, direction_path: Path, config: Config) -> Callable[[P
 
         record = apply_direction(model, direction_path, folder / "checkpoint", config)
         return {"n_layers": record["n_layers"], "model_type": record["model_type"], "n_edited": record["n_edited"],
-                "edits_by_kind": record["edits_by_kind"], "untied": record["untied"] is not None}
+                "edits_by_kind": dict(Counter(f"{edit['role']} ({edit['kind']})"
+                                              for edit in record["edited_tensors"])),
+                "untied": record["untied"] is not None}
     return work
 
 

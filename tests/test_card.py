@@ -47,13 +47,20 @@ def test_front_matter_is_hub_metadata(tmp_path: Path):
 def test_body_states_the_edit_the_evaluation_and_the_command(tmp_path: Path):
     card = render_card(_facts(tmp_path))
     assert "input of layer 14 of 24 at position -2" in card
-    assert "from 128 harmful and 128 harmless instructions" in card
+    assert "activations on 128 harmful and 128 harmless instructions" in card
     assert "| attention output | 24 |" in card and "| **total** | **49** |" in card
     assert "tie_word_embeddings: false" in card
     assert "| refusal rate, harmful (n=100) | 0.95 | 0.02 |" in card
     assert "abliterate run Qwen/Qwen2.5-0.5B-Instruct --out Qwen2.5-0.5B-Instruct-abliterated" in card
     assert "pip install abliterate==0.1.0" in card
     assert "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct" in card
+    assert "(the token `<|im_start|>`)" in card
+
+
+def test_a_newline_token_and_an_embedded_report_heading_read_well(tmp_path: Path):
+    card = render_card(_facts(tmp_path, position_token="\n", eval_markdown="## Evaluation\n\n| a | b |\n"))
+    assert "(the token `\\n`)" in card
+    assert card.count("## Evaluation") == 1
 
 
 def test_no_local_paths_user_names_or_tokens(tmp_path: Path):
@@ -76,7 +83,7 @@ def test_local_base_has_no_base_model_and_unknown_license(tmp_path: Path):
     path.write_text(card)
     metadata = metadata_load(path)
     assert "base_model" not in metadata and "license" not in metadata
-    assert "a local qwen2 checkpoint" in card
+    assert "A local qwen2 checkpoint" in card
 
 
 def test_license_from_base_card_then_config(tmp_path: Path):

@@ -84,7 +84,7 @@ def test_publish_links_every_file_and_writes_config_last(tmp_path: Path, monkeyp
                        ("README.md", "base card")):
         (checkpoint / name).write_text(text)
     order: list[str] = []
-    import abliterate.pipeline as pipeline
+    from abliterate import pipeline
 
     real_link = pipeline._link
     monkeypatch.setattr(pipeline, "_link", lambda source, target: (order.append(target.name), real_link(source, target)))
@@ -112,8 +112,8 @@ def test_resolved_config_round_trips_and_the_command_has_no_local_path(tmp_path:
 
 
 def test_an_output_inside_the_input_model_is_refused_before_any_work(tmp_path: Path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from abliterate.errors import UserError
     from abliterate.pipeline import run
