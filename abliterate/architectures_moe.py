@@ -10,15 +10,18 @@ Two things make these families harder than the dense ones:
   [experts, inter, d_model] in gpt-oss and Llama 4, whose forward computes h @ down_proj[e]; real gpt-oss experts are
   square (inter = d_model = 2880), so the orientation is written here, never read from the shape.
 - Hybrids have more writers: gated delta-net `linear_attn.out_proj` (Qwen3-Next, Qwen 3.5), Mamba `mamba.out_proj`
-  (Granite 4), short-convolution `conv.out_proj` (LFM2), and Gemma 4's per-layer-input `per_layer_projection`.
+  (Granite 4, Jamba, Bamba), short-convolution `conv.out_proj` (LFM2), and Gemma 4's per-layer-input
+  `per_layer_projection`.
 
-Norms: every family here is pre-norm (the norm before a sublayer never touches what it writes), except Gemma 4,
-whose norm gain is `weight` (not Gemma 2/3's 1 + weight) and whose MoE layers nest post-norms: the dense MLP passes
+Norms: every family here is pre-norm (the norm before a sublayer never touches what it writes), except FlexOlmo
+(OLMo 2's post-norms, gain `weight`) and Gemma 4, whose norm gain is `weight` too (not Gemma 2/3's 1 + weight) and
+whose MoE layers nest post-norms: the dense MLP passes
 post_feedforward_layernorm_1, the experts post_feedforward_layernorm_2, and their sum post_feedforward_layernorm, so
 each writer is made orthogonal to normalize(g_inner * g_outer * r). Scalars on the residual branches (Granite's
 residual_multiplier, Gemma 4's layer_scalar, gated shared experts) do not change orthogonality.
 
-Gemma 3n (AltUp: not one residual stream) is refused by its entry in `abliterate.architectures`.
+Refused: MiniMax-Text-01 (its residual is re-normalized in every layer) here, Gemma 3n (AltUp: not one residual
+stream) in `abliterate.architectures`. LLaVA-style wrappers delegate to their language model's own entry.
 """
 
 from __future__ import annotations
@@ -81,9 +84,9 @@ register("flex_olmo", Architecture("flex_olmo", CAUSAL_LM, (
     *(dataclasses.replace(rule, post_norms=("post_feedforward_layernorm.weight",))
       for rule in _experts("mlp", "down_proj")))))
 
-# Mixtral and PhiMoE: the Hub (and save_pretrained) store block_sparse_moe.experts.N.w2; transformers 5 renames the
-# block to mlp and fuses the experts in memory.
-for _model_type in ("mixtral", "phimoe"):
+# Mixtral, PhiMoE and MiniMax-M2: the Hub (and save_pretrained) store block_sparse_moe.experts.N.w2; transformers 5
+# renames the block to mlp and fuses the experts in memory.
+for _model_type in ("mixtral", "phimoe", "minimax_m2"):
     register(_model_type, Architecture(_model_type, CAUSAL_LM, (
         EMBED, ATTN_O, WriterRule(r"block_sparse_moe\.experts\.\d+\.w2\.weight", "mlp", "linear"),
         WriterRule(r"mlp\.experts\.down_proj", "mlp", "experts_fused", d_model_axis=1))))

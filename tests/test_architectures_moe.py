@@ -42,6 +42,7 @@ EXPECTED_WRITERS = {
                   ["self_attn.o_proj.weight", "mlp.experts.*.down_proj.weight"]],
     "mixtral": [["self_attn.o_proj.weight", "block_sparse_moe.experts.*.w2.weight"]] * 2,
     "phimoe": [["self_attn.o_proj.weight", "block_sparse_moe.experts.*.w2.weight"]] * 2,
+    "minimax_m2": [["self_attn.o_proj.weight", "block_sparse_moe.experts.*.w2.weight"]] * 2,
     "olmoe": [["self_attn.o_proj.weight", "mlp.experts.*.down_proj.weight"]] * 2,
     "flex_olmo": [["self_attn.o_proj.weight", "mlp.experts.*.down_proj.weight"]] * 2,
     "hunyuan_v1_moe": [["self_attn.o_proj.weight", "mlp.experts.*.down_proj.weight",

@@ -155,6 +155,7 @@ for _tiny in (
     dense("qwen3_moe", **MOE, mlp_only_layers=[0]),
     dense("mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
     dense("phimoe", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
+    dense("minimax_m2", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
     dense("olmoe", num_experts=4, num_experts_per_tok=2, intermediate_size=16),
     dense("flex_olmo", pre_norm=False, num_experts=4, num_experts_per_tok=2, intermediate_size=16),
     dense("hunyuan_v1_moe", num_experts=4, moe_topk=2, num_shared_expert=1, moe_intermediate_size=16),
