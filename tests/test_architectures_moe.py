@@ -310,3 +310,28 @@ def test_llava_wrapper_takes_writers_and_norms_from_its_language_model(tmp_path:
     assert not any(name.startswith("vision_tower.") for name in plan.edits)
     with pytest.raises(UserError, match="Unsupported model_type 'mamba'"):
         plan_edits({"model_type": "llava", "text_config": {"model_type": "mamba"}}, {})
+
+
+@torch.no_grad()
+def test_deepseek_multi_token_prediction_layer_is_copied_not_edited(tmp_path: Path) -> None:
+    # DeepSeek V3 / GLM-4.5 Hub checkpoints carry an MTP layer at index num_hidden_layers, which transformers does
+    # not load; it has its own embedding, head and projections, none of them part of the residual stream we edit.
+    model = build_tiny("deepseek_v3")
+    folder = save_tiny(model, tmp_path / "source")
+    n_layers = model.config.num_hidden_layers
+    tensors = read_tensors(folder)
+    mtp = {name.replace(f"layers.{n_layers - 1}.", f"layers.{n_layers}."): tensor.clone()
+           for name, tensor in tensors.items() if f"layers.{n_layers - 1}." in name}
+    mtp.update({f"model.layers.{n_layers}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+                f"model.layers.{n_layers}.shared_head.head.weight": tensors["lm_head.weight"].clone(),
+                f"model.layers.{n_layers}.eh_proj.weight": torch.randn(32, 64)})
+    for path in folder.glob("*.safetensors"):
+        path.unlink()
+    save_file({**tensors, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    plan = disk_plan(folder)
+    assert any(f"layer {n_layers} is beyond" in line for line in plan.describe())
+    direction = random_direction(plan.d_model)
+    after = apply(folder, direction, tmp_path / "edited")
+    assert all(torch.equal(after[name], tensor) for name, tensor in mtp.items())
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32)
+    assert max_residual_cosine(edited, edited, direction) < 1e-5
