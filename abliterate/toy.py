@@ -82,10 +82,10 @@ class ToySettings:
     d_mlp: int = 192
     vocab_size: int = 400
     pretrain_steps: int = 200
-    safety_steps: int = 150
+    safety_steps: int = 300
     batch_size: int = 32
     pretrain_learning_rate: float = 3e-3
-    safety_learning_rate: float = 1e-3
+    safety_learning_rate: float = 2e-3  # a confident refusal, so adding the direction induces it (paper's filter)
     weight_decay: float = 0.01
 
 
@@ -217,6 +217,7 @@ def build_toy_refuser(out_dir: Path, settings: ToySettings = ToySettings()) -> P
     """Train the toy refuser and save it (model, tokenizer, generation config) as a checkpoint in `out_dir`."""
     from transformers import GenerationConfig
 
+    fingerprint = toy_fingerprint(settings)  # before training: the code that builds is the code that is hashed
     torch.manual_seed(settings.seed)
     splits = toy_prompt_splits(settings.seed)
     corpus = splits["harmful_model"] + splits["harmless_model"] + [REFUSAL_REPLY] + [
@@ -238,7 +239,7 @@ def build_toy_refuser(out_dir: Path, settings: ToySettings = ToySettings()) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    record = {"settings": dataclasses.asdict(settings), "final_loss": loss, "fingerprint": toy_fingerprint(settings)}
+    record = {"settings": dataclasses.asdict(settings), "final_loss": loss, "fingerprint": fingerprint}
     (out_dir / "toy_refuser.json").write_text(json.dumps(record, indent=2) + "\n")
     logger.info("Built the toy refuser in %s (final loss %.4f).", out_dir, loss)
     return out_dir
