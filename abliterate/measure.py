@@ -198,13 +198,7 @@ def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
     """Score the candidates and choose one, or score the reference direction when `use_reference` is set."""
     refusal_ids = fit.refusal_ids
     if config.measure.use_reference and reference is not None:
-        bypass, kl = bypass_and_kl(model, reference.vector, val, refusal_ids)
-        induce = None
-        if reference.layer is not None and 0 <= reference.layer < fit.n_layers:
-            norm = float(reference.meta.get("candidate_norm", 1.0))  # induce adds the raw (unnormalized) vector
-            induce = induce_score(model, reference.vector * norm, reference.layer, val, refusal_ids)
-        return [], {"vector": reference.vector, "layer": reference.layer, "position": reference.position,
-                    "bypass": bypass, "kl": kl, "induce": induce, "norm": reference.meta.get("candidate_norm")}
+        return [], _reference_choice(model, fit, val, reference)
     scores = score_candidates(model, fit.candidates, val, refusal_ids, config.measure)
     best = choose(scores)
     log.info("Chose layer %d, position %d: bypass %.3f, KL %.4f, induce %.3f.", best.layer, best.position,
@@ -212,6 +206,28 @@ def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
     vector = fit.candidates[best.position + len(fit.eoi_ids), best.layer]  # [d_model] float64
     return scores, {"vector": vector, "layer": best.layer, "position": best.position, "bypass": best.bypass,
                     "kl": best.kl, "induce": best.induce, "norm": float(torch.linalg.vector_norm(vector))}
+
+def _reference_choice(model: Any, fit: _Fit, val: ValidationSet, reference: Direction) -> dict[str, Any]:
+    """The reference direction, scored like a candidate, at its own layer and position when the file names them.
+
+    A file without them (the paper code's `direction.pt`) is placed at the candidate it is most aligned with, and
+    that candidate's norm scales it for the induce score, so every later step has a layer to work with.
+    """
+    layer, position, norm = reference.layer, reference.position, reference.meta.get("candidate_norm")
+    k = len(fit.eoi_ids)
+    if layer is None or not 0 <= layer < fit.n_layers or position is None or not -k <= position < 0:
+        cosines = cosine_with(fit.candidates, reference.vector)  # [position, layer]
+        index, layer = divmod(int(cosines.argmax()), fit.n_layers)
+        position = index - k
+        norm = float(torch.linalg.vector_norm(fit.candidates[index, layer]))
+        log.info("The reference names no usable layer/position; using the most aligned candidate's: layer %d, "
+                 "position %d (cosine %.3f).", layer, position, float(cosines[index, layer]))
+    bypass, kl = bypass_and_kl(model, reference.vector, val, fit.refusal_ids)
+    scale = float(norm) if norm is not None else 1.0  # induce adds the raw (unnormalized) vector
+    induce = induce_score(model, reference.vector * scale, layer, val, fit.refusal_ids)
+    return {"vector": reference.vector, "layer": layer, "position": position, "bypass": bypass, "kl": kl,
+            "induce": induce, "norm": norm}
+
 
 # ---- artifacts ----
 

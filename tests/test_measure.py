@@ -170,3 +170,15 @@ def test_refusal_openings_the_model_never_uses_are_caught_by_the_prompt_filter(t
                               "needed); this usually means the chat template is wrong")
     assert "(measure.refusal_openings)" in message and "measure.filter_prompts = false" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_reference_vector_is_placed_at_its_most_aligned_candidate(measured, toy_refuser_dir, tmp_path):
+    from abliterate.measure import measure
+
+    bare = tmp_path / "direction.pt"  # the paper code's format: a tensor, no layer or position
+    torch.save(load_direction(measured.direction_path).vector * 3.0, bare)
+    again = measure(str(toy_refuser_dir), tmp_path / "out", _config(direction_file=str(bare), use_reference=True))
+    assert (again.layer, again.position) == (measured.layer, measured.position)
+    assert again.chosen["bypass"] == pytest.approx(measured.chosen["bypass"], abs=1e-6)
+    assert again.chosen["induce"] == pytest.approx(measured.chosen["induce"], abs=1e-5)
+    assert load_direction(tmp_path / "out" / "direction.json").layer == measured.layer
