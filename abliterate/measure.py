@@ -143,11 +143,13 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
     refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings))
     m = config.measure
     sides = {}
+    # The per-prompt reference cosines are reported for harmful prompts only (where refusal is expected).
+    reference_vector = None if reference is None else reference.vector
     for side, prompts, sign in (("harmful", sets.harmful_train, 1), ("harmless", sets.harmless_train, -1)):
         texts = format_instructions(tokenizer, [p.text for p in prompts], config.model)
         batches = encode(tokenizer, texts, m.batch_size)
         sides[side] = mean_activations(model, batches, k, refusal_ids, keep_sign=sign if m.filter_prompts else 0,
-                                       reference=None if reference is None else reference.vector,
+                                       reference=reference_vector if side == "harmful" else None,
                                        description=f"{side} activations")
         if m.filter_prompts:
             check_kept(side, sides[side].n_kept, len(texts), "training")
