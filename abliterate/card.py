@@ -44,6 +44,7 @@ class CardFacts:
     untied: bool = False  # the tied output layer was written out with the original embedding
     eval_markdown: str = ""  # the evaluation report (empty when evaluation was skipped)
     name: str = ""  # title of the card; defaults to the base model's name plus "-abliterated"
+    used_reference: bool = False  # the direction came from a file (--use-reference), not from selection
 
 
 def base_license(model_dir: Path, config: dict) -> dict[str, str]:
@@ -99,9 +100,11 @@ def _what_was_done(facts: CardFacts) -> list[str]:
              f"{facts.n_layers} at position {facts.position} from the end of the prompt{token}, chosen among all "
              "layers and positions by how well ablating it bypasses refusal while keeping harmless next-token "
              "distributions close (KL).")
-    if facts.layer is None:
+    if facts.layer is None or facts.used_reference:
+        where = f" (its best-aligned candidate is layer {facts.layer}, position {facts.position})" \
+            if facts.layer is not None else ""
         found = ("The refusal direction r was supplied as a reference direction file (`--use-reference`), not "
-                 f"selected on this model, following Arditi et al. 2024 (arXiv:2406.11717); the model has "
+                 f"selected on this model{where}, following Arditi et al. 2024 (arXiv:2406.11717); the model has "
                  f"{facts.n_layers} layers.")
     lines = [
         "## What was done",

@@ -153,6 +153,7 @@ def _measure_work(model: str, config: Config) -> Callable[[Path], dict]:
         # With --use-reference and a direction file that names no layer, there is no layer or position to report.
         return {"direction": Path(found.direction_path).resolve().relative_to(folder.resolve()).as_posix(),
                 "layer": found.layer, "position": found.position, "token_text": found.token_text,
+                "used_reference": bool(found.used_reference),
                 "n_prompts": {key: value for key, value in found.counts.items() if key.startswith("harm")}}
     return work
 
@@ -296,7 +297,7 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
         license=base_license(model_dir, json.loads((model_dir / "config.json").read_text())),
         model_type=applied["model_type"], n_layers=applied["n_layers"],
         layer=measured["layer"], position=measured["position"],
-        position_token=measured["token_text"],
+        position_token=measured["token_text"], used_reference=measured.get("used_reference", False),
         n_prompts=measured.get("n_prompts", {}), edited_counts=applied["edits_by_kind"], untied=applied["untied"],
         eval_markdown=(prov / "eval" / evaluated["report"]).read_text() if evaluated else "",
         command=reproduce_command(model, out_dir), version=__version__, name=out_dir.name,

@@ -97,3 +97,9 @@ def test_license_from_base_card_then_config(tmp_path: Path):
 def test_scrub_keeps_urls_and_fractions():
     text = "see https://huggingface.co/a/b and 3/4 of harmful/harmless, file /data/models/llama/config.json"
     assert scrub(text) == "see https://huggingface.co/a/b and 3/4 of harmful/harmless, file config.json"
+
+
+def test_a_supplied_reference_direction_is_not_called_selected(tmp_path: Path):
+    card = render_card(_facts(tmp_path, used_reference=True))
+    assert "supplied as a reference direction file (`--use-reference`)" in card
+    assert "its best-aligned candidate is layer 14, position -2" in card and "chosen among all" not in card
