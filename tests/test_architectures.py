@@ -111,19 +111,15 @@ def test_residual_stream_has_no_component_along_r(case: Case) -> None:
 @torch.no_grad()
 def test_edited_logits_equal_hooked_ablation(case: Case) -> None:
     batch = left_padded_batch()
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mask = batch["attention_mask"]
     with ablate_direction(case.original, case.direction):
         expected = case.original(**batch).logits[mask.bool()]  # [tokens, vocab]
-        greedy_hooked = case.original.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     model = case.edited_model
     logits = model(**batch).logits[mask.bool()]
     unedited = case.original(**batch).logits[mask.bool()]
     scale = expected.abs().max()
     assert (logits - expected).abs().max() < 1e-4 * scale
     assert (unedited - expected).abs().max() > 1e-3 * scale  # the ablation does change this model
-    # (4) generation: the edited checkpoint continues exactly as the hooked original does.
-    greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
-    assert torch.equal(greedy, greedy_hooked)
 
 
 def test_only_residual_writers_change_and_the_output_layer_is_original(case: Case) -> None:
