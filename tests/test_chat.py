@@ -156,3 +156,22 @@ def test_load_model_gives_an_eval_model_and_left_padded_tokenizer(toy_refuser_di
     assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<|pad|>"
     with pytest.raises(UserError, match="does not exist"):
         load_model(str(toy_refuser_dir / "nope"), load_config().model)
+
+
+def test_sentencepiece_style_tokenizer_dedupes_spaced_variants_and_finds_inst_suffix():
+    """Metaspace tokenizers (Llama 2, Mistral v1) give "I" and " I" the same piece; [/INST] is the suffix."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(["I cannot help. As an AI I cannot. [INST] Name a fruit [/INST] Sure"] * 20,
+                                trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    assert tokenizer.convert_ids_to_tokens(refusal_token_ids(tokenizer, ["I", "As"])) == ["▁I", "▁As"]
+    tokenizer.chat_template = MISTRAL
+    suffix = end_of_instruction_ids(tokenizer, _model_config())
+    assert tokenizer.convert_ids_to_tokens(suffix) == ["▁[/INST]"]
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer)) == ["</s>"]
