@@ -94,8 +94,9 @@ def end_of_instruction_ids(tokenizer: Any, model_config: Any) -> list[int]:
 def refusal_token_ids(tokenizer: Any, openings: list[str]) -> list[int]:
     """The first token of each refusal opening, with and without a leading space, deduplicated, in order.
 
-    Byte-level and SentencePiece tokenizers give "I" and " I" different ids; the reply may begin either way
-    depending on the template, so both count. Openings whose first token is only a space are skipped.
+    Byte-level tokenizers give "I" and " I" different ids and the reply may begin either way depending on the
+    template, so both count; SentencePiece gives both the same piece, kept once. A bare leading "▁" piece is skipped
+    for the word's own piece.
     """
     ids: list[int] = []
     for opening in openings:
@@ -114,10 +115,10 @@ def refusal_token_ids(tokenizer: Any, openings: list[str]) -> list[int]:
 
 
 def end_of_turn_ids(tokenizer: Any, model_config: Any = None) -> list[int]:
-    """The special token(s) that close an assistant turn, read from a rendered conversation.
+    """The special token that closes an assistant turn (as a list: empty when there is none), read from a rendering.
 
-    The conversation [user, assistant reply] is rendered; the special tokens right after the reply text (before
-    any trailing whitespace) are the end of turn. Templates that end a turn with plain text give none.
+    The conversation [user, assistant reply] is rendered; the first special token after the reply text (skipping
+    whitespace) is the end of turn. Templates that end a turn with plain text give none.
     """
     if not getattr(tokenizer, "chat_template", None):
         return []
