@@ -85,7 +85,8 @@ def load_model(source: str, model_config: Any, dtype: str | None = None) -> tupl
 
     model_dir = resolve_model(source, getattr(model_config, "revision", ""))
     tokenizer = load_tokenizer(model_dir, model_config)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype or model_config.dtype),
+    # use_safetensors: never fall back to pickle weights, even if a folder holds both.
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype or model_config.dtype), "use_safetensors": True,
                               "trust_remote_code": model_config.trust_remote_code}
     device_map = _device_map(model_config.device_map)
     if device_map is not None:
