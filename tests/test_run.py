@@ -180,3 +180,29 @@ def test_user_error_is_one_line_from_the_real_command(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2
     assert done.stderr.startswith("error: Model directory") and done.stderr.count("\n") == 1
+
+
+def test_run_with_push_uploads_the_finished_output(toy_run, toy_refuser_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    from tests.hub_server import FakeHub
+
+    first, _ = toy_run
+    out = tmp_path / "copy"
+    shutil.copytree(first, out)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the loopback Hub speaks plain LFS
+    hub = FakeHub("hf_run_push_token_0123456789").start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        result = _invoke_run(toy_refuser_dir, out, "--push", "me/toy-abliterated")
+        assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+        assert "Reused finished steps: measure, apply, eval" in result.output and "Pushed:" in result.output
+        files = hub.files("me/toy-abliterated")
+    finally:
+        hub.stop()
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert files["README.md"] == (out / "README.md").read_bytes()
+    assert "abliterate/eval/report.md" in files and "abliterate/config.toml" in files
+    assert not any(name.startswith("abliterate/apply/") for name in files)  # the local copy stays local
