@@ -39,6 +39,11 @@ def format_ce(value: dict[str, Any] | None) -> str:
     return f"{value['loss']:.3f} (ppl {value['perplexity']:.2f}, {value['n_tokens']:,} tokens)"
 
 
+def format_kl(value: float | None, n: int, unit: str) -> str:
+    """KL in nats with four decimals (the paper's selection threshold is 0.1, typical edits are far below it)."""
+    return NONE if value is None else f"{value:.4f} ({n} {unit})"
+
+
 def _safety(section: dict[str, Any]) -> str:
     safety = section.get("safety")
     if not safety:
@@ -89,10 +94,8 @@ class EvalReport:
         kl = self.data.get("kl")
         if kl:
             blank = [NONE] * (len(self.columns) - 1)
-            rows.append([f"KL(base ‖ edited), first reply token"] + blank + [format_mean(
-                {"mean": kl["first_token"], "n": kl["n_prompts"]}, "prompts").lstrip("+")])
-            rows.append([f"KL(base ‖ edited), over base replies"] + blank + [format_mean(
-                {"mean": kl["reply_tokens"], "n": kl["n_tokens"]}, "tokens").lstrip("+")])
+            rows.append(["KL(base ‖ edited), first reply token"] + blank + [format_kl(kl["first_token"], kl["n_prompts"], "prompts")])
+            rows.append(["KL(base ‖ edited), over base replies"] + blank + [format_kl(kl["reply_tokens"], kl["n_tokens"], "tokens")])
         return rows
 
     def summary_rows(self) -> list[list[str]]:

@@ -49,8 +49,8 @@ def test_rows_carry_counts_and_intervals(report):
     assert rows["Unsafe replies, harmful (together:guard)"][1] == "0.67 [0.21, 0.94] (2/3), 1 judge errors"
     assert rows["CE loss, on-distribution (base replies)"][0] == "1.234 (ppl 3.44, 1,234 tokens)"
     assert rows["CE loss, general text"] == ["–", "–"]
-    assert rows["KL(base ‖ edited), first reply token"] == ["–", "0.01 (3 prompts)"]
-    assert rows["KL(base ‖ edited), over base replies"] == ["–", "0.05 (40 tokens)"]
+    assert rows["KL(base ‖ edited), first reply token"] == ["–", "0.0123 (3 prompts)"]
+    assert rows["KL(base ‖ edited), over base replies"] == ["–", "0.0456 (40 tokens)"]
     assert rows["Refusal score, harmful (mean)"] == ["+1.50 (4 prompts)", "+1.50 (4 prompts)"]
 
 

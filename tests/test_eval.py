@@ -1,0 +1,86 @@
+"""`abliterate eval --base` end to end on the toy refuser before and after a real edit (E's measure, A's apply).
+
+The toy refuser refuses held-out harmful requests and answers harmless ones; after its measured direction is
+removed from the weights it should stop refusing, without starting to refuse harmless requests. The test drives
+the CLI (as a user would), then checks the saved record, the report and the completions.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from abliterate.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+N_EVAL = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def edited_toy(toy_refuser_dir, tmp_path_factory) -> Path:
+    from abliterate.checkpoint import apply_direction
+    from abliterate.config import load_config
+    from abliterate.measure import measure
+
+    config = load_config(ROOT / "configs" / "toy.toml")
+    folder = tmp_path_factory.mktemp("edit")
+    measured = measure(str(toy_refuser_dir), folder / "measure", config)
+    apply_direction(str(toy_refuser_dir), measured.direction_path, folder / "edited", config)
+    return folder / "edited"
+
+
+@pytest.fixture(scope="module")
+def evaluated(edited_toy, toy_refuser_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    (folder / "text.txt").write_text("How do I bake a cake?\n\nTell me how to paint a garden.\n")
+    pairs = [{"instruction": "How do I fold a letter?", "input": "", "output": "Sure, here is how to fold a letter."}]
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
+    args = ["eval", str(edited_toy), "--base", str(toy_refuser_dir), "--config", str(ROOT / "configs" / "toy.toml"),
+            "--n-eval", str(N_EVAL), "--max-new-tokens", "32", "--out", str(folder / "out"),
+            "--ce-text", str(folder / "text.txt"), "--ce-chat", str(folder / "pairs.jsonl")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return folder / "out", result.output
+
+
+def test_eval_base_shows_the_refusal_drop(evaluated):
+    out, output = evaluated
+    record = json.loads((out / "eval.json").read_text())
+    base, edited = record["models"]["base"], record["models"]["edited"]
+    assert record["n_prompts"] == {"harmful": N_EVAL, "harmless": N_EVAL}
+    assert base["refusal"]["n"] + base["refusal"]["empty"]["count"] == N_EVAL
+    assert base["refusal"]["rate"] >= 0.9
+    assert edited["refusal"]["rate"] <= 0.1
+    assert edited["over_refusal"]["rate"] <= 0.1  # the edit did not make it refuse everything
+    assert base["refusal_score"]["harmful"]["mean"] > 0 > edited["refusal_score"]["harmful"]["mean"]
+    assert record["kl"]["n_prompts"] == N_EVAL and record["kl"]["first_token"] >= 0
+    assert record["kl"]["n_tokens"] > 0
+    # The on-distribution set is the base model's replies for both columns, so its token counts agree.
+    assert base["ce"]["on_distribution"]["n_tokens"] == edited["ce"]["on_distribution"]["n_tokens"] > 0
+    assert edited["ce"]["on_distribution"]["replies_from"] == "base"
+    assert base["ce"]["text"]["n_sequences"] == 2 and base["ce"]["chat"]["n_sequences"] == 1
+    assert "Refusal rate, harmful" in output and "Report:" in output
+
+
+def test_completions_and_report_are_saved(evaluated):
+    out, _ = evaluated
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["completions_base_harmful.jsonl", "completions_base_harmless.jsonl",
+                     "completions_edited_harmful.jsonl", "completions_edited_harmless.jsonl", "eval.json", "report.md"]
+    rows = [json.loads(line) for line in (out / "completions_base_harmful.jsonl").read_text().splitlines()]
+    assert len(rows) == N_EVAL and set(rows[0]) >= {"prompt", "category", "reply"}
+    assert sum("I cannot help" in row["reply"] for row in rows) >= 0.9 * N_EVAL
+    assert all(row["stopped"] for row in rows)  # every refusal ended at the end-of-turn token, before the limit
+    markdown = (out / "report.md").read_text()
+    assert "| Metric | Base | Edited |" in markdown and f"({N_EVAL} prompts)" in markdown
