@@ -350,6 +350,8 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     checkpoint = prov / "apply" / "checkpoint"
     if not config.run.skip_eval:
         steps["eval"] = run_step(prov, "eval", keys["eval"], force, _eval_work(model, checkpoint, config), reused)
+    else:  # an earlier run's report must not sit beside a card that claims no numbers
+        shutil.rmtree(prov / "eval", ignore_errors=True)
     record["published_files"] = _publish(out_dir, checkpoint, _card_text(model, model_dir, out_dir, config, steps))
     result = RunResult(
         out_dir=out_dir, layer=steps["measure"]["layer"], position=steps["measure"]["position"],

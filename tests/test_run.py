@@ -206,3 +206,17 @@ def test_run_with_push_uploads_the_finished_output(toy_run, toy_refuser_dir, tmp
     assert files["README.md"] == (out / "README.md").read_bytes()
     assert "abliterate/eval/report.md" in files and "abliterate/config.toml" in files
     assert not any(name.startswith("abliterate/apply/") for name in files)  # the local copy stays local
+
+
+def test_skip_eval_claims_no_numbers(toy_run, toy_refuser_dir, tmp_path):
+    first, _ = toy_run
+    out = tmp_path / "copy"
+    shutil.copytree(first, out)
+    result = _invoke_run(toy_refuser_dir, out, "--skip-eval")
+    assert result.exit_code == 0, result.output
+    assert "Reused finished steps: measure, apply" in result.output
+    assert "evaluation skipped (--skip-eval)" in result.output
+    card = (out / "README.md").read_text()
+    assert "Evaluation was skipped" in card and "Refusal rate" not in card
+    assert json.loads((out / "abliterate" / "run.json").read_text())["steps"]["eval"] == "skipped"
+    assert not (out / "abliterate" / "eval").exists()  # no stale report from the earlier run left beside it
