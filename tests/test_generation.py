@@ -141,3 +141,14 @@ def test_vllm_missing_is_a_user_error(tokenizer):
             generate_vllm("unused", tokenizer, ["x"], [EOS_ID], 4)
     else:
         pytest.skip("vLLM is installed here")
+
+
+def test_stop_ids_derived_from_the_template_stop_generation(tokenizer):
+    # D's derivation: generation config EOS plus the end-of-turn token read from a rendered assistant turn.
+    from abliterate.chat import stop_token_ids
+
+    model = build_successor_model()
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
+    assert set(stop_ids) == {EOS_ID, EOT_ID}
+    [reply] = generate_transformers(model, tokenizer, [chat(tokenizer, "hello")], stop_ids, max_new_tokens=8, batch_size=1)
+    assert (reply.text, reply.stopped) == ("a b", True)
