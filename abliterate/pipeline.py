@@ -280,7 +280,7 @@ def _read_run(prov: Path) -> dict:
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; choose a directory for --out.")
-    is_run = (out_dir / PROVENANCE_DIR / RUN_FILE).is_file()
+    is_run = (out_dir / PROVENANCE_DIR).is_dir()  # created first thing by run, so even a run stopped at once counts
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_run and not force:
         raise UserError(f"--out {out_dir} is not empty and holds no abliterate run to continue; choose another "
                         "--out or pass --force to write into it.")
