@@ -84,3 +84,29 @@ def test_completions_and_report_are_saved(evaluated):
     assert all(row["stopped"] for row in rows)  # every refusal ended at the end-of-turn token, before the limit
     markdown = (out / "report.md").read_text()
     assert "| Metric | Base | Edited |" in markdown and f"({N_EVAL} prompts)" in markdown
+
+
+def test_eval_without_base_has_one_column_and_no_kl(toy_refuser_dir, tmp_path):
+    from abliterate.config import load_config
+    from abliterate.evaluation import evaluate
+
+    config = load_config(ROOT / "configs" / "toy.toml", {"prompts": {"n_eval": 8}})
+    report = evaluate(str(toy_refuser_dir), config, tmp_path / "out")
+    assert report.columns == ["model"] and report.data["kl"] is None
+    section = report.data["models"]["model"]
+    assert section["refusal"]["rate"] >= 0.9 and section["ce"]["on_distribution"]["replies_from"] == "self"
+    assert all(len(row) == 2 for row in report.rows())
+    assert "| Metric | Model |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_vllm_backend_without_vllm_fails_before_loading_weights(toy_refuser_dir, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    result = CliRunner().invoke(app, ["eval", str(toy_refuser_dir), "--config", str(ROOT / "configs" / "toy.toml"),
+                                      "--backend", "vllm", "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "--backend vllm needs vLLM" in str(result.exception)
+    assert not (tmp_path / "out").exists()
