@@ -27,8 +27,14 @@ from abliterate import __version__
 from abliterate.config import Config
 from abliterate.corpora import CorpusSets, load_corpora
 from abliterate.errors import UserError
-from abliterate.generation import (Completion, Reply, generate_transformers, generate_vllm, pad_token_id,
-                                   save_completions)
+from abliterate.generation import (
+    Completion,
+    Reply,
+    generate_transformers,
+    generate_vllm,
+    pad_token_id,
+    save_completions,
+)
 from abliterate.judge import check_judge, judge_name, judge_replies
 from abliterate.metrics import REFUSAL_SETS, Rate, Scored, cross_entropy, kl_between, refusal_rates, refusal_score
 from abliterate.report import EvalReport

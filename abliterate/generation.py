@@ -65,7 +65,7 @@ def pad_token_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
 
 def cut_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:
     """Token ids up to (not including) the first stop token, and whether one was found."""
-    stops = set(int(i) for i in stop_ids)
+    stops = {int(i) for i in stop_ids}
     for index, token in enumerate(token_ids):
         if int(token) in stops:
             return [int(t) for t in token_ids[:index]], True

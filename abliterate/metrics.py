@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from abliterate import progress
+
 # The refusal score and the KL are E's pure functions, shared with measuring so both use the same definition.
 from abliterate.activations import kl_divergence, refusal_score  # noqa: F401 - refusal_score re-exported
 

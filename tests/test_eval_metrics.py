@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from test_generation import build_llama
 
 from abliterate.metrics import (
     PAPER_REFUSALS,
@@ -16,7 +17,6 @@ from abliterate.metrics import (
     refusal_score,
     wilson_interval,
 )
-from test_generation import build_llama
 
 
 def test_substrings_are_case_insensitive_and_anywhere():

@@ -11,6 +11,7 @@ import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -23,9 +24,9 @@ FAKE_KEY = "test-key-not-a-secret"
 
 
 class GuardServer(BaseHTTPRequestHandler):
-    requests: Counter = Counter()
-    bodies: list = []
-    headers_seen: list = []
+    requests: ClassVar[Counter] = Counter()
+    bodies: ClassVar[list] = []
+    headers_seen: ClassVar[list] = []
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
