@@ -195,7 +195,7 @@ def _mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: li
     sequences = [Scored(ids, len(ids)) for ids in prompt_ids]  # scores only the last position
     for batch in batches(sequences, batch_size):
         last = torch.stack([logprobs[0] for logprobs in position_logprobs(model, batch, pad_id)])  # [batch, vocab]
-        scores.extend(refusal_score(last, refusal_ids).tolist())
+        scores.extend(refusal_score(last, refusal_ids).cpu().tolist())
     return {"mean": sum(scores) / len(scores) if scores else None, "n": len(scores)}
 
 

@@ -113,7 +113,11 @@ class Scored:
 
 @torch.inference_mode()
 def position_logprobs(model: Any, batch: Sequence[Scored], pad_id: int) -> list[Tensor]:
-    """Float32 log-probabilities at each sequence's scored positions, on the CPU.  # list of [positions, vocab]"""
+    """Float32 log-probabilities at each sequence's scored positions, left on the model's output device.
+
+    Returns a list of `[positions, vocab]` tensors; callers reduce them there (a 128k vocabulary makes moving them
+    to the CPU the slowest part of the pass).
+    """
     device = model.get_input_embeddings().weight.device
     width = max(len(item.ids) for item in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq], right padded
@@ -123,7 +127,7 @@ def position_logprobs(model: Any, batch: Sequence[Scored], pad_id: int) -> list[
         mask[row, : len(item.ids)] = 1
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [batch, seq, vocab]
     return [
-        torch.log_softmax(logits[row, list(item.positions)].float(), dim=-1).cpu()  # [positions, vocab]
+        torch.log_softmax(logits[row, list(item.positions)].float(), dim=-1)  # [positions, vocab]
         for row, item in enumerate(batch)
     ]
 
@@ -139,7 +143,8 @@ def cross_entropy(model: Any, sequences: Sequence[Scored], pad_id: int, batch_si
         for item, logprobs in zip(batch, position_logprobs(model, batch, pad_id)):
             if not item.targets:
                 continue
-            picked = logprobs[torch.arange(len(item.targets)), torch.tensor(item.targets)]  # [targets]
+            targets = torch.tensor(item.targets, device=logprobs.device)  # [targets]
+            picked = logprobs[torch.arange(len(item.targets), device=logprobs.device), targets]  # [targets]
             total_nll -= picked.to(torch.float64).sum().item()
             n_tokens += len(item.targets)
     loss = total_nll / n_tokens if n_tokens else None
@@ -153,7 +158,7 @@ def kl_between(base: Any, edited: Any, sequences: Sequence[Scored], pad_id: int,
     for batch in progress.track(batches(sequences, batch_size), "KL base vs edited"):
         pairs = zip(position_logprobs(base, batch, pad_id), position_logprobs(edited, batch, pad_id))
         for item, (base_logprobs, edited_logprobs) in zip(batch, pairs):
-            per_position = kl_divergence(base_logprobs, edited_logprobs)  # [positions]
+            per_position = kl_divergence(base_logprobs, edited_logprobs.to(base_logprobs.device)).cpu()  # [positions]
             first.append(per_position[0].item())
             if item.targets:
                 every.extend(per_position.tolist())
