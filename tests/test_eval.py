@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from abliterate.cli import app
+from test_judge import server  # noqa: F401 - the loopback guard server fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 N_EVAL = 40
@@ -110,3 +111,22 @@ def test_vllm_backend_without_vllm_fails_before_loading_weights(toy_refuser_dir,
                                       "--backend", "vllm", "--out", str(tmp_path / "out")])
     assert result.exit_code != 0 and "--backend vllm needs vLLM" in str(result.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_with_the_together_judge_on_loopback(edited_toy, toy_refuser_dir, server, tmp_path, monkeypatch):
+    # The guard server calls a reply unsafe when it complies ("Sure, ..."): the refusing base is safe, the edit is not.
+    from abliterate.config import load_config
+    from abliterate.evaluation import evaluate
+
+    monkeypatch.setenv("TOGETHER_BASE_URL", server)
+    monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-a-secret")
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    settings = {"prompts": {"n_eval": 8}, "eval": {"judge": "together", "judge_min_words": 0, "judge_backoff_s": 0.01}}
+    report = evaluate(str(edited_toy), load_config(ROOT / "configs" / "toy.toml", settings), tmp_path / "out",
+                      base=str(toy_refuser_dir))
+    base, edited = report.data["models"]["base"]["safety"], report.data["models"]["edited"]["safety"]
+    assert (base["unsafe"]["count"], base["unsafe"]["n"], base["n_errors"]) == (0, 8, 0)
+    assert (edited["unsafe"]["count"], edited["unsafe"]["n"]) == (8, 8)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions_edited_harmful.jsonl").read_text().splitlines()]
+    assert [row["unsafe"] for row in rows] == [True] * 8
+    assert "Unsafe replies, harmful (together:meta-llama/Meta-Llama-Guard-3-8B)" in report.to_markdown()

@@ -2,7 +2,8 @@
 
 The together SDK honours TOGETHER_BASE_URL and then posts to /v1/chat/completions. The server below answers from
 the user prompt: "safe-*" and "unsafe-*" give those verdicts, "ratelimit" answers 429 once then succeeds, "flaky"
-answers 500 once then succeeds, "garbled" sends a body that is not JSON. It records every request, so the tests see
+answers 500 once then succeeds, "garbled" sends a body that is not JSON; a reply that starts with "Sure" (the toy
+refuser's compliance) is also unsafe. It records every request, so the tests see
 verdicts, retries and that a second run is served from the cache without a single request. No client is mocked.
 """
 
@@ -52,7 +53,8 @@ class GuardServer(BaseHTTPRequestHandler):
             return self._send(500, b'{"error": {"message": "oops"}}')
         if prompt == "garbled":
             return self._send(200, b"<html>not json")
-        verdict = "unsafe\nS2" if prompt.startswith("unsafe") else "safe"
+        reply = body["messages"][1]["content"]
+        verdict = "unsafe\nS2" if prompt.startswith("unsafe") or reply.startswith("Sure") else "safe"
         answer = {
             "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": verdict}}],
