@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_judge import server  # noqa: F401 - the loopback guard server fixture
 from typer.testing import CliRunner
 
 from abliterate.cli import app
-from test_judge import server  # noqa: F401 - the loopback guard server fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 N_EVAL = 40
@@ -113,7 +113,7 @@ def test_vllm_backend_without_vllm_fails_before_loading_weights(toy_refuser_dir,
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_with_the_together_judge_on_loopback(edited_toy, toy_refuser_dir, server, tmp_path, monkeypatch):
+def test_eval_with_the_together_judge_on_loopback(edited_toy, toy_refuser_dir, server, tmp_path, monkeypatch):  # noqa: F811
     # The guard server calls a reply unsafe when it complies ("Sure, ..."): the refusing base is safe, the edit is not.
     from abliterate.config import load_config
     from abliterate.evaluation import evaluate
