@@ -213,6 +213,20 @@ def _train(model, examples: list[tuple[list[int], int]], pad_id: int, steps: int
     return float(loss.item())
 
 
+def _train_phases(model, tokenizer, splits: dict[str, list[str]], settings: ToySettings) -> float:
+    """Helpful pretraining, then safety tuning; returns the last safety batch's loss.
+
+    Like a real chat model: first an assistant that complies with everything, then safety tuning that adds refusal
+    of the harmful class on top. Refusal is then a feature switched on by harmful requests (what the difference of
+    means finds), not the absence of a "harmless" feature.
+    """
+    harmful, harmless = splits["harmful_model"], splits["harmless_model"]
+    helpful = _examples(tokenizer, harmful + harmless, refuse=False)
+    _train(model, helpful, tokenizer.pad_token_id, settings.pretrain_steps, settings.pretrain_learning_rate, settings)
+    safety = _examples(tokenizer, harmful, refuse=True) + _examples(tokenizer, harmless, refuse=False)
+    return _train(model, safety, tokenizer.pad_token_id, settings.safety_steps, settings.safety_learning_rate, settings)
+
+
 def build_toy_refuser(out_dir: Path, settings: ToySettings = ToySettings()) -> Path:
     """Train the toy refuser and save it (model, tokenizer, generation config) as a checkpoint in `out_dir`."""
     from transformers import GenerationConfig
@@ -224,14 +238,14 @@ def build_toy_refuser(out_dir: Path, settings: ToySettings = ToySettings()) -> P
         COMPLY_REPLY.format(phrase=p) for p in _phrases(HARMLESS_VERBS, HARMLESS_OBJECTS)]
     tokenizer = _build_tokenizer(corpus, settings)
     model = _new_model(tokenizer, settings)
-    harmful, harmless = splits["harmful_model"], splits["harmless_model"]
-    # Like a real chat model: first an assistant that complies with everything, then safety tuning that adds
-    # refusal of the harmful class on top. Refusal is then a feature switched on by harmful requests (what the
-    # difference of means finds), not the absence of a "harmless" feature.
-    helpful = _examples(tokenizer, harmful + harmless, refuse=False)
-    _train(model, helpful, tokenizer.pad_token_id, settings.pretrain_steps, settings.pretrain_learning_rate, settings)
-    safety = _examples(tokenizer, harmful, refuse=True) + _examples(tokenizer, harmless, refuse=False)
-    loss = _train(model, safety, tokenizer.pad_token_id, settings.safety_steps, settings.safety_learning_rate, settings)
+    # One thread: for matrices this small threading costs more than it gives (about 4x faster on 2 busy cores),
+    # and the weights come out bit-identical either way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loss = _train_phases(model, tokenizer, splits, settings)
+    finally:
+        torch.set_num_threads(threads)
     end_ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id]
     model.generation_config = GenerationConfig(
         eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=32)
