@@ -50,7 +50,7 @@ TOY_SETTINGS: dict[str, dict[str, Any]] = {
     "prompts": {"harmful_train": "builtin:toy_harmful_train", "harmless_train": "builtin:toy_harmless_train",
                 "harmful_eval": "builtin:toy_harmful_eval", "harmless_eval": "builtin:toy_harmless_eval",
                 "n_train": 128, "n_val": 32, "n_eval": 100},
-    "measure": {"batch_size": 64, "require_induce": False},  # see configs/toy.toml for why
+    "measure": {"batch_size": 64},
     "eval": {"max_new_tokens": 24, "batch_size": 100, "judge": "none"},
 }
 

@@ -25,7 +25,7 @@ TOY_SETTINGS = {
     "prompts": {"harmful_train": "builtin:toy_harmful_train", "harmless_train": "builtin:toy_harmless_train",
                 "harmful_eval": "builtin:toy_harmful_eval", "harmless_eval": "builtin:toy_harmless_eval",
                 "n_train": 128, "n_val": 32, "n_eval": 100},
-    "measure": {"batch_size": 64, "require_induce": False},
+    "measure": {"batch_size": 64},
 }
 
 
