@@ -19,7 +19,7 @@ from abliterate import __version__
 from abliterate.cli import app
 from abliterate.errors import UserError
 from abliterate.hub import check_output_complete, push
-from tests.hub_server import FakeHub
+from hub_server import FakeHub
 
 TOKEN = "hf_test_write_token_0123456789"
 

@@ -185,7 +185,7 @@ def test_user_error_is_one_line_from_the_real_command(tmp_path):
 def test_run_with_push_uploads_the_finished_output(toy_run, toy_refuser_dir, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from tests.hub_server import FakeHub
+    from hub_server import FakeHub
 
     first, _ = toy_run
     out = tmp_path / "copy"
