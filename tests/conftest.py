@@ -17,3 +17,14 @@ def toy_refuser_dir() -> Path:
     from abliterate.toy import toy_refuser
 
     return toy_refuser()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: a second torch thread only adds synchronisation, badly so on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from abliterate.cli import app
@@ -16,13 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFUSAL = "I cannot"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation, badly so on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_toy_preset_is_what_the_demo_runs():

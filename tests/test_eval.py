@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_judge import server  # noqa: F401 - the loopback guard server fixture
 from typer.testing import CliRunner
 
@@ -19,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N_EVAL = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import FakeHub
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -19,7 +20,6 @@ from abliterate import __version__
 from abliterate.cli import app
 from abliterate.errors import UserError
 from abliterate.hub import check_output_complete, push
-from hub_server import FakeHub
 
 TOKEN = "hf_test_write_token_0123456789"
 

@@ -40,13 +40,7 @@ def _invoke_run(model: Path, out: Path, *flags: str):
     return CliRunner().invoke(app, ["run", str(model), "--out", str(out), "--config", str(TOY_CONFIG), *flags])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation, badly so on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -183,9 +177,8 @@ def test_user_error_is_one_line_from_the_real_command(tmp_path):
 
 
 def test_run_with_push_uploads_the_finished_output(toy_run, toy_refuser_dir, tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
     from hub_server import FakeHub
+    from huggingface_hub import constants
 
     first, _ = toy_run
     out = tmp_path / "copy"
