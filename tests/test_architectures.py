@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_models import TESTED_ELSEWHERE, TINY_MODELS, TinyModel, build_tiny, model_class, save_tiny
+from tiny_models import TESTED_ELSEWHERE, TINY_MODELS, TinyModel, build_tiny, model_class, read_tensors, save_tiny
 
 from abliterate.architectures import ARCHITECTURES, EditPlan, TensorInfo, plan_edits
 from abliterate.checkpoint import apply_direction
@@ -44,14 +43,6 @@ class Case:
     def edited_model(self) -> torch.nn.Module:
         """The output checkpoint loaded with transformers (once per family: the tests only read it)."""
         return model_class(self.tiny).from_pretrained(self.edited, dtype=torch.float32).eval()
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name != "direction.safetensors":
-            tensors.update(load_file(path))
-    return tensors
 
 
 def checkpoint_plan(folder: Path) -> EditPlan:

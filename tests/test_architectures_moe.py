@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny_models import build_tiny, llama4_multimodal_config, save_tiny
+from safetensors.torch import save_file
+from tiny_models import build_tiny, llama4_multimodal_config, read_tensors, save_tiny
 from transformers import AutoModelForCausalLM, Llama4ForConditionalGeneration
 
 from abliterate import architectures
@@ -93,14 +93,6 @@ def apply(source: Path, direction: torch.Tensor, out_dir: Path) -> dict[str, tor
     direction_file.write_text(json.dumps({"direction": direction.tolist()}))
     apply_direction(str(source), direction_file, out_dir, load_config())
     return read_tensors(out_dir)
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name != "direction.safetensors":
-            tensors.update(load_file(path))
-    return tensors
 
 
 def disk_plan(folder: Path) -> architectures.EditPlan:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 VOCAB = 128
@@ -268,3 +269,12 @@ def llama4_multimodal_config() -> PretrainedConfig:
 # Llama4ForConditionalGeneration.forward fails in transformers 5.24 (it reads `image_outputs` from its language
 # model's output), so its language model (model.language_model, a Llama4ForCausalLM) is checked directly.
 TESTED_ELSEWHERE = {"llama4": "tests/test_architectures_moe.py::test_llama4_multimodal_edits_only_its_language_model"}
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight tensor of a saved checkpoint folder (the saved direction left out)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name != "direction.safetensors":
+            tensors.update(load_file(path))
+    return tensors
