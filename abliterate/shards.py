@@ -54,8 +54,8 @@ class StoredTensor:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
-    """The tensors of one safetensors file in storage order, and its `__metadata__`."""
+def read_header(path: Path, fix: str = "re-download the checkpoint") -> tuple[list[StoredTensor], dict[str, str]]:
+    """The tensors of one safetensors file in storage order, and its `__metadata__`; `fix` ends the error messages."""
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -64,7 +64,7 @@ def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
                 raise ValueError(f"header length {header_bytes} does not fit the file")
             header = json.loads(handle.read(header_bytes))
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not a readable safetensors file ({error}); re-download the checkpoint.") from None
+        raise UserError(f"{path} is not a readable safetensors file ({error}); {fix}.") from None
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_bytes
     tensors = []
@@ -72,9 +72,9 @@ def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
         try:
             (begin, end), dtype, shape = info["data_offsets"], str(info["dtype"]), tuple(int(n) for n in info["shape"])
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path} has a corrupt header entry for {name}; re-download the checkpoint.") from None
+            raise UserError(f"{path} has a corrupt header entry for {name}; {fix}.") from None
         if not 0 <= begin <= end <= size - data_start:
-            raise UserError(f"{path} is truncated or corrupt (tensor {name} lies outside the file); re-download it.")
+            raise UserError(f"{path} is truncated or corrupt (tensor {name} lies outside the file); {fix}.")
         tensors.append(StoredTensor(name, path, dtype, shape, data_start + begin, data_start + end))
     return sorted(tensors, key=lambda t: t.start), metadata
 
