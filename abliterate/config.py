@@ -32,6 +32,8 @@ class ModelConfig:
     revision: str = setting("", "Hub revision (branch, tag or commit) of the model; empty for the default branch.")
     dtype: str = setting("auto", "Dtype to load the model in for measuring and evaluating: auto, float32, bfloat16, float16.")
     device_map: str = setting("auto", "accelerate device_map for loading (auto spreads a big model over GPUs and CPU).")
+    max_memory: str = setting("", "Memory cap per device for loading, e.g. 0=20GiB,1=20GiB,cpu=64GiB; what fits nowhere is offloaded to offload_folder. Empty: all free memory.")
+    offload_folder: str = setting("", "Folder for the weights offloaded to disk when the model does not fit; empty for a temporary folder.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model repository. Off unless you trust it.")
     chat_template: str = setting("", "A Jinja chat template file to use instead of the tokenizer's own.")
     system_prompt: str = setting("", "System prompt put before every instruction; empty for none.")
@@ -92,6 +94,18 @@ def parse_size(text: str) -> int:
         raise UserError(f"Invalid shard size '{text}'; pass --max-shard-size (apply.max_shard_size) like 5GB, "
                         "500MB or a byte count.")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """accelerate's max_memory from "0=20GiB,1=20GiB,cpu=64GiB" (GPU indices, cpu, or other device names)."""
+    limits: dict[int | str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        device, _, size = (piece.strip() for piece in item.partition("="))
+        if not device or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size, flags=re.IGNORECASE):
+            raise UserError(f"Invalid max memory entry '{item}'; pass --max-memory (model.max_memory) as "
+                            "DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
+        limits[int(device) if device.isdigit() else device] = size.replace(" ", "")
+    return limits
 
 
 @dataclass
@@ -206,6 +220,7 @@ def validate(config: Config) -> None:
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
     parse_size(config.apply.max_shard_size)  # a bad size fails now, not after an hour of measuring
+    parse_max_memory(config.model.max_memory)
 
 
 def to_dict(config: Config) -> dict:

@@ -8,7 +8,7 @@ answers ordinary requests shows up). With a base model, KL(base || edited) on th
 token and over the base replies' tokens. Then the safety judge on the harmful replies. Everything fails early: the
 judge's key, the CE data and the prompt files are checked before the first token is generated.
 
-Memory: models are loaded one at a time, except while the KL is computed, when base and edited are both loaded.
+Memory: models are loaded one at a time; for the KL the base's log-probabilities are recorded before it is released.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ from abliterate.generation import (
     save_completions,
 )
 from abliterate.judge import check_judge, judge_name, judge_replies
-from abliterate.metrics import REFUSAL_SETS, Rate, Scored, cross_entropy, kl_between, refusal_rates, refusal_score
+from abliterate.metrics import (
+    REFUSAL_SETS,
+    Rate,
+    Scored,
+    cross_entropy,
+    kl_to_record,
+    record_logprobs,
+    refusal_rates,
+    refusal_score,
+)
 from abliterate.report import EvalReport
 
 log = logging.getLogger(__name__)
@@ -69,12 +78,13 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     if base:
         base_model, base_tokenizer = _load(base, config)
         runs["base"] = _evaluate_one(base_model, base_tokenizer, prompts, corpora, config, None, early.get("base"))
+        pad_id = pad_token_id(base_tokenizer, _stop_ids(base_model.generation_config, base_tokenizer, config))
+        base_record = record_logprobs(base_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
+        del base_model  # before the edited model loads: a model that barely fits must never be held twice
+        _release_memory()
         edited_model, edited_tokenizer = _load(model, config)
         _check_same_tokenizer(base_tokenizer, edited_tokenizer)
-        pad_id = pad_token_id(base_tokenizer, _stop_ids(base_model.generation_config, base_tokenizer, config))
-        kl = kl_between(base_model, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
-        del base_model
-        _release_memory()
+        kl = kl_to_record(base_record, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
         runs["edited"] = _evaluate_one(edited_model, edited_tokenizer, prompts, corpora, config,
                                        runs["base"].harmless_replies, early.get("edited"))
         del edited_model
