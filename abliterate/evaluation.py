@@ -193,7 +193,7 @@ def _vllm_replies(source: str, prompts: dict[str, list[Any]], config: Config) ->
     texts = [text for items in prompts.values()
              for text in format_instructions(tokenizer, [p.text for p in items], config.model)]
     return generate_vllm(path, tokenizer, texts, _stop_ids(generation_config, tokenizer, config), config.eval.max_new_tokens,
-                         config.model.dtype, config.model.trust_remote_code)
+                         config.model.dtype, config.model.trust_remote_code, config.eval.tensor_parallel_size)
 
 
 def _mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: list[int], pad_id: int,
