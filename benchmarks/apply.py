@@ -76,7 +76,9 @@ from abliterate import checkpoint, shards
 from abliterate.config import load_config
 seconds, lock = {}, threading.Lock()
 def timed(module, name, label):
-    original = getattr(module, name)
+    original = getattr(module, name, None)
+    if original is None:  # an older abliterate without this phase
+        return
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -89,6 +91,7 @@ def timed(module, name, label):
 timed(checkpoint, "read_tensor", "read edited tensors")
 timed(checkpoint, "edit_in_chunks", "edit (float64 maths)")
 timed(shards, "_pwrite_all", "write edited tensors")
+timed(shards, "_write_tensor", "write edited tensors")
 timed(shards, "_copy_range", "copy other tensors (kernel)")
 start = time.perf_counter()
 checkpoint.apply_direction(sys.argv[1], Path(sys.argv[3]), Path(sys.argv[2]), load_config())
