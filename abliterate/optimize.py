@@ -35,7 +35,6 @@ from abliterate.activations import encode, kl_divergence, refusal_score
 from abliterate.config import Config, OptimizeConfig
 from abliterate.edit_params import EDIT_FILE, EditParams, Kernel, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
-from abliterate.metrics import position_logprobs
 from abliterate.selection import ValidationSet, last_log_probs
 
 log = logging.getLogger(__name__)
@@ -74,9 +73,43 @@ class _Search:
     candidates: torch.Tensor  # [position, layer, d_model] float64
     harmless_mean: torch.Tensor  # [position, layer, d_model] float64
     config: OptimizeConfig
-    reply_batches: list[Any]  # batches of Scored: harmless validation prompts + the base model's greedy replies
-    reply_base: list[torch.Tensor]  # the base model's log-probs on them, each [positions, vocab]
-    pad_id: int
+    replies: list[_Replies]  # harmless validation prompts + the base model's greedy replies, in batches
+
+
+@dataclass
+class _Replies:
+    """One right-padded batch of prompt + base reply sequences, its scored positions and the base log-probs there.
+
+    Built once, so a trial costs one forward pass and one log-softmax per batch (no per-row work).
+    """
+
+    input_ids: torch.Tensor  # [batch, seq]
+    attention_mask: torch.Tensor  # [batch, seq]
+    rows: torch.Tensor  # [tokens] row of every scored position
+    columns: torch.Tensor  # [tokens] position predicting each reply token
+    base: torch.Tensor  # [tokens, vocab] float32 base log-probs
+
+    @classmethod
+    def build(cls, model: Any, batch: list[Any], pad_id: int) -> _Replies:
+        width = max(len(item.ids) for item in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, seq]
+        rows, columns = [], []
+        for row, item in enumerate(batch):
+            ids[row, : len(item.ids)] = torch.tensor(item.ids)
+            mask[row, : len(item.ids)] = 1
+            rows += [row] * len(item.positions)
+            columns += list(item.positions)
+        replies = cls(ids, mask, torch.tensor(rows), torch.tensor(columns), torch.empty(0))
+        replies.base = replies.log_probs(model)
+        return replies
+
+    @torch.inference_mode()
+    def log_probs(self, model: Any) -> torch.Tensor:
+        device = model.get_input_embeddings().weight.device
+        logits = model(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       use_cache=False).logits  # [batch, seq, vocab]
+        return torch.log_softmax(logits[self.rows.to(device), self.columns.to(device)].float(), dim=-1).cpu()
 
 
 # ---- the search space ----
@@ -127,10 +160,9 @@ def objectives(search: _Search, params: EditParams) -> tuple[float, float, float
     directions = layer_directions(params, search.candidates, search.harmless_mean)
     with hooked_edit(search.model, params, directions):
         log_probs = last_log_probs(search.model, search.val.batches)  # [n_harmful, vocab]
-        edited = [lp for batch in search.reply_batches
-                  for lp in position_logprobs(search.model, batch, search.pad_id)]  # each [positions, vocab]
+        edited = [replies.log_probs(search.model) for replies in search.replies]  # each [tokens, vocab]
     scores = refusal_score(log_probs, search.refusal_ids)  # [n_harmful]
-    per_token = torch.cat([kl_divergence(base, new) for base, new in zip(search.reply_base, edited)])  # [tokens]
+    per_token = torch.cat([kl_divergence(r.base, new) for r, new in zip(search.replies, edited)])  # [tokens]
     kl = float(per_token.mean())
     if not bool(torch.isfinite(scores).all()) or not math.isfinite(kl):
         return math.inf, math.inf, 1.0
@@ -345,10 +377,9 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     pad_id = pad_token_id(tokenizer, stop_ids)
     phrases, tokens, gen_size = REFUSAL_SETS[config.eval.refusal_set], config.optimize.confirm_tokens, config.eval.batch_size
     replies = held_out(model, tokenizer, [], harmless, stop_ids, pad_id, phrases, tokens, gen_size)
-    reply_batches = batches(replies.scored, size)
-    reply_base = [lp for batch in reply_batches for lp in position_logprobs(model, batch, pad_id)]
+    reply_batches = [_Replies.build(model, list(batch), pad_id) for batch in batches(replies.scored, size)]
     state = _Search(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
-                    config.optimize, reply_batches, reply_base, pad_id)
+                    config.optimize, reply_batches)
     held = held_out(model, tokenizer, format_instructions(tokenizer, [p.text for p in sets.harmful_eval], config.model),
                     format_instructions(tokenizer, [p.text for p in sets.harmless_eval], config.model), stop_ids,
                     pad_id, phrases, tokens, gen_size)
