@@ -8,14 +8,14 @@ The stages, in order:
    edit applied as hooks (exactly the checkpoint that would be written): the mean refusal probability
    sigmoid(refusal score) on harmful prompts, and the mean next-token KL(base || edited) on harmless prompts. The
    paper's edit and two variants of it are the first trials, so the front is never worse than the paper's point.
-   Trials live in a journal file in the output folder (resumable);
+   Every finished trial is logged in the output folder, so a stopped search resumes;
 3. confirmation by generation on the held-out prompts (`abliterate.confirm`) of the Pareto points with the lowest
    KL among those whose validation refusal is at most the target, and of the paper's edit;
 4. the choice: the confirmed point with the least reply KL whose held-out refusal is at most the target (else the
    lowest refusal), or `optimize.trial`; it is written as edit.json, which `apply --direction edit.json` writes.
 
 Written beside measure's files: optimize.json (every trial, the Pareto front, the confirmation, the choice,
-timings and trials per second), pareto.png, edit.json + edit_directions.safetensors, optuna-journal.log.
+timings and trials per second), pareto.png, edit.json + edit_directions.safetensors, trials.jsonl (the study).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZE_FILE = "optimize.json"
 PARETO_PLOT = "pareto.png"
-JOURNAL_FILE = "optuna-journal.log"
+TRIALS_LOG = "trials.jsonl"
 STUDY_NAME = "abliterate"
 
 
@@ -170,19 +170,45 @@ def objectives(search: _Search, params: EditParams) -> tuple[float, float, float
 
 
 def _study(out_dir: Path, config: OptimizeConfig) -> Any:
+    """An in-memory study holding every trial already logged in `out_dir` (so a stopped search resumes).
+
+    Optuna's journal file fsyncs on every suggested value (about 1000 fsyncs for 60 trials of this search, 3.4 s on
+    the development VM: as long as the search itself), so finished trials are logged one JSON line each instead
+    (`TRIALS_LOG`, flushed, not fsynced) and replayed with Optuna's own `create_trial` on resume: a crash loses at
+    most the trial in flight.
+    """
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.distributions import json_to_distribution
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(out_dir / JOURNAL_FILE)))
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.n_startup_trials,
                                          multivariate=True)
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=True,
-                               directions=["minimize", "minimize"])
+    study = optuna.create_study(study_name=STUDY_NAME, sampler=sampler, directions=["minimize", "minimize"])
+    log_path = out_dir / TRIALS_LOG
+    lines = log_path.read_text().splitlines() if log_path.is_file() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash: that trial is simply run again
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=row["params"], values=row["values"], user_attrs=row["user_attrs"],
+            distributions={name: json_to_distribution(text) for name, text in row["distributions"].items()}))
+    return study
 
 
-def search(study: Any, state: _Search, paper: tuple[int, int], n_layers: int, n_positions: int) -> float:
+def _log_trial(out_dir: Path, trial: Any) -> None:
+    """Append one finished trial to the study's log (see `_study`)."""
+    from optuna.distributions import distribution_to_json
+
+    row = {"number": trial.number, "params": trial.params, "values": trial.values, "user_attrs": trial.user_attrs,
+           "distributions": {name: distribution_to_json(d) for name, d in trial.distributions.items()}}
+    with (out_dir / TRIALS_LOG).open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def search(study: Any, state: _Search, paper: tuple[int, int], n_layers: int, n_positions: int,
+           out_dir: Path) -> float:
     """Run the trials the study still lacks; returns the seconds they took."""
     from optuna.trial import TrialState
 
@@ -198,7 +224,7 @@ def search(study: Any, state: _Search, paper: tuple[int, int], n_layers: int, n_
         params = suggest(trial, n_layers, n_positions, config)
         refusal, kl, refusing = objectives(state, params)
         trial.set_user_attr("refusing_share", refusing)
-        study.tell(trial, [refusal, kl])
+        _log_trial(out_dir, study.tell(trial, [refusal, kl]))
     elapsed = time.perf_counter() - start
     if remaining:
         log.info("%d trials in %.1f s (%.1f trials/s).", remaining, elapsed, remaining / max(elapsed, 1e-9))
@@ -304,7 +330,7 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     timings["prepare_s"] = time.perf_counter() - start
     n_positions, n_layers, _ = state.candidates.shape
     study = _study(out_dir, config.optimize)
-    timings["search_s"] = search(study, state, (paper.layer, paper.position), n_layers, n_positions)
+    timings["search_s"] = search(study, state, (paper.layer, paper.position), n_layers, n_positions, out_dir)
     trials = [t for t in study.trials if t.values is not None]
     pareto = sorted(t.number for t in study.best_trials)
     paper_trial = _paper_trial(trials, seeded_trials(paper.layer, paper.position, n_layers, config.optimize)[0])

@@ -78,6 +78,7 @@ def damage(peers: Path, base: str, edited: Path, prompts: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-trials", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the search's sampler.")
     parser.add_argument("--peers", default="/work/shared/peers", help="Folder holding the peer's damage.py.")
     args = parser.parse_args()
     import torch
@@ -88,7 +89,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model = str(toy_refuser())
     config = demo_config()
-    config.optimize.n_trials = args.n_trials
+    config.optimize.n_trials, config.optimize.seed = args.n_trials, args.seed
     with tempfile.TemporaryDirectory(prefix="abliterate-bench-optimize-") as tmp:
         root = Path(tmp)
         prompts = prompts_json(root)
