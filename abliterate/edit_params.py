@@ -156,7 +156,7 @@ def edit_tensor(tensor: Tensor, u: Tensor, axis: int, weight: float, preserve_no
     `u` must be unit norm (or zero: nothing changes); the result has the input's dtype (cast back once).
     """
     moved = tensor.to(COMPUTE_DTYPE).movedim(axis, -1)  # [..., d_model]
-    u = u.to(COMPUTE_DTYPE)  # [d_model]
+    u = u.to(device=tensor.device, dtype=COMPUTE_DTYPE)  # [d_model]
     edited = moved - weight * (moved @ u).unsqueeze(-1) * u  # [..., d_model]
     if preserve_norm:
         edited = edited * _length_ratio(moved, edited)
@@ -186,7 +186,7 @@ class ParameterizedEdit:
     def edit(self, edit: TensorEdit, tensor: Tensor, needed: dict[str, Tensor]) -> Tensor:
         """The edited tensor (in place, slice by slice, like `checkpoint.edit_in_chunks`)."""
         weight = self.params.weight(edit.role, edit.layer)
-        u = _writer_u(edit, direction_of(edit, self.directions), needed)
+        u = _writer_u(edit, direction_of(edit, self.directions), {k: v.cpu() for k, v in needed.items()})
         if weight == 0 or not bool(u.any()):
             return tensor
         # Biases are single vectors: projected, never rescaled (see the module docstring).
@@ -292,8 +292,9 @@ def hooked_edit(model: nn.Module, params: EditParams, directions: Tensor) -> Ite
         for module_name, edits in by_module.items():
             first = edits[0]
             weight = params.weight(first.role, first.layer)
-            needed = {name: named[name].detach() for name in first.needs}
-            u = _writer_u(first, direction_of(first, directions).to(COMPUTE_DTYPE), needed)
+            # Gains and directions are d_model vectors: u is computed on the CPU, moved where it is used.
+            needed = {name: named[name].detach().cpu() for name in first.needs}
+            u = _writer_u(first, direction_of(first, directions).cpu().to(COMPUTE_DTYPE), needed)
             if weight == 0 or not bool(u.any()):
                 continue
             is_table = first.kind in ("embedding", "position_embedding")
@@ -314,5 +315,6 @@ def _rescaled(tensor: Tensor, u: Tensor, axis: int, weight: float) -> Tensor:
     (W D) followed by the output hook's projection is (W - w u u^T W) D: the written weight exactly.
     """
     moved = tensor.to(COMPUTE_DTYPE).movedim(axis, -1)  # [..., d_model]
-    edited = moved - weight * (moved @ u.to(COMPUTE_DTYPE)).unsqueeze(-1) * u.to(COMPUTE_DTYPE)
+    u = u.to(device=tensor.device, dtype=COMPUTE_DTYPE)  # [d_model]
+    edited = moved - weight * (moved @ u).unsqueeze(-1) * u
     return (moved * _length_ratio(moved, edited)).movedim(-1, axis).to(tensor.dtype).contiguous()

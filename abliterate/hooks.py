@@ -83,8 +83,9 @@ def writer_direction(model: nn.Module, writer: Writer, direction: Tensor) -> Ten
     Zero when every post-norm gain on r's support is zero (the norm's output has no r component to remove).
     """
     params = dict(model.named_parameters())
-    gains = [norm_gain(params[name].detach(), writer.edit.gain) for name in writer.edit.needs]
-    return post_norm_direction(direction.detach().to(torch.float64), gains)  # [d_model]
+    # The gains are d_model vectors: computed on the CPU, whatever device (or devices) the model is on.
+    gains = [norm_gain(params[name].detach().cpu(), writer.edit.gain) for name in writer.edit.needs]
+    return post_norm_direction(direction.detach().cpu().to(torch.float64), gains)  # [d_model]
 
 
 @contextmanager
