@@ -3,12 +3,11 @@
 The stages, in order:
 1. measure (the paper's selection, `abliterate.measure`): candidates, harmless means and the paper's direction;
    an output folder that already holds them is reused, so a stopped search resumes where it was;
-2. a multi-objective Optuna search (TPE; Optuna is the well-kept library the leading peer uses too) over
-   `abliterate.edit_params.EditParams`, minimizing two forward-pass objectives on the validation prompts with the
-   edit applied as hooks (exactly the checkpoint that would be written): the mean refusal probability
-   sigmoid(refusal score) on harmful prompts, and the mean next-token KL(base || edited) on harmless prompts. The
-   paper's edit and two variants of it are the first trials, so the front is never worse than the paper's point.
-   Every finished trial is logged in the output folder, so a stopped search resumes;
+2. the search (`abliterate.search`): multi-objective Optuna TPE over `abliterate.edit_params.EditParams`,
+   minimizing the harmful refusal probability and the harmless per-token reply KL on the validation prompts with
+   the edit as hooks (exactly the checkpoint that would be written); the paper's edit and two variants of it are
+   the first trials, so the front is never worse than the paper's point. Finished trials are logged in the output
+   folder, so a stopped search resumes;
 3. confirmation by generation on the held-out prompts (`abliterate.confirm`) of the Pareto points with the lowest
    KL among those whose validation refusal is at most the target, and of the paper's edit;
 4. the choice: the confirmed point with the least reply KL whose held-out refusal is at most the target (else the
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +29,25 @@ from typing import Any
 import torch
 
 from abliterate import progress
-from abliterate.activations import encode, kl_divergence, refusal_score
+from abliterate.activations import encode, refusal_score
 from abliterate.config import Config, OptimizeConfig
-from abliterate.edit_params import EDIT_FILE, EditParams, Kernel, hooked_edit, layer_directions, write_edit
+from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
+from abliterate.search import (
+    ReplySet,
+    SearchState,
+    load_study,
+    params_of,
+    search,
+    seeded_trials,
+    trial_rows,
+)
 from abliterate.selection import ValidationSet, last_log_probs
 
 log = logging.getLogger(__name__)
 
 OPTIMIZE_FILE = "optimize.json"
 PARETO_PLOT = "pareto.png"
-TRIALS_LOG = "trials.jsonl"
-STUDY_NAME = "abliterate"
 
 
 @dataclass
@@ -61,182 +66,6 @@ class OptimizeResult:
     position: int | None = None
     token_text: str = ""
     counts: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class _Search:
-    """Everything a trial needs: the model, the validation set and the measured tables."""
-
-    model: Any
-    val: ValidationSet
-    refusal_ids: list[int]
-    candidates: torch.Tensor  # [position, layer, d_model] float64
-    harmless_mean: torch.Tensor  # [position, layer, d_model] float64
-    config: OptimizeConfig
-    replies: list[_Replies]  # harmless validation prompts + the base model's greedy replies, in batches
-
-
-@dataclass
-class _Replies:
-    """One right-padded batch of prompt + base reply sequences, its scored positions and the base log-probs there.
-
-    Built once, so a trial costs one forward pass and one log-softmax per batch (no per-row work).
-    """
-
-    input_ids: torch.Tensor  # [batch, seq]
-    attention_mask: torch.Tensor  # [batch, seq]
-    rows: torch.Tensor  # [tokens] row of every scored position
-    columns: torch.Tensor  # [tokens] position predicting each reply token
-    base: torch.Tensor  # [tokens, vocab] float32 base log-probs
-
-    @classmethod
-    def build(cls, model: Any, batch: list[Any], pad_id: int) -> _Replies:
-        width = max(len(item.ids) for item in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq]
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, seq]
-        rows, columns = [], []
-        for row, item in enumerate(batch):
-            ids[row, : len(item.ids)] = torch.tensor(item.ids)
-            mask[row, : len(item.ids)] = 1
-            rows += [row] * len(item.positions)
-            columns += list(item.positions)
-        replies = cls(ids, mask, torch.tensor(rows), torch.tensor(columns), torch.empty(0))
-        replies.base = replies.log_probs(model)
-        return replies
-
-    @torch.inference_mode()
-    def log_probs(self, model: Any) -> torch.Tensor:
-        device = model.get_input_embeddings().weight.device
-        logits = model(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                       use_cache=False).logits  # [batch, seq, vocab]
-        return torch.log_softmax(logits[self.rows.to(device), self.columns.to(device)].float(), dim=-1).cpu()
-
-
-# ---- the search space ----
-
-def suggest(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfig) -> EditParams:
-    """One point of the search space, drawn by an Optuna trial (the ranges are the peer's, widened to all layers)."""
-    top = float(n_layers - 1)
-
-    def kernel(name: str) -> Kernel:
-        peak = trial.suggest_float(f"{name}.peak_weight", 0.5, config.max_weight)
-        return Kernel(peak_weight=peak, peak_layer=trial.suggest_float(f"{name}.peak_layer", 0.0, top),
-                      min_weight=peak * trial.suggest_float(f"{name}.min_fraction", 0.0, 1.0),
-                      width=trial.suggest_float(f"{name}.width", 1.0, max(1.0, float(n_layers))))
-
-    choices = {"per_layer": config.search_per_layer, "projected": config.search_projected,
-               "preserve_norm": config.search_preserve_norm}
-    flags = {name: trial.suggest_categorical(name, [False, True]) if allowed else False
-             for name, allowed in choices.items()}
-    return EditParams(position=trial.suggest_int("position", -n_positions, -1),
-                      direction_index=trial.suggest_float("direction_index", 0.0, top),
-                      mixer=kernel("mixer"), mlp=kernel("mlp"),
-                      embed_weight=trial.suggest_float("embed_weight", 0.0, config.max_weight), **flags)
-
-
-def seeded_trials(layer: int, position: int, n_layers: int, config: OptimizeConfig) -> list[dict[str, Any]]:
-    """The paper's edit (every writer at weight 1, one direction) as trial values, and its two variants."""
-    full = {"peak_weight": 1.0, "peak_layer": 0.0, "min_fraction": 1.0, "width": float(n_layers)}
-    paper = {"position": position, "direction_index": float(layer), "embed_weight": 1.0,
-             **{f"{kind}.{key}": value for kind in ("mixer", "mlp") for key, value in full.items()}}
-    flags = [name for name, allowed in (("per_layer", config.search_per_layer), ("projected", config.search_projected),
-                                        ("preserve_norm", config.search_preserve_norm)) if allowed]
-    paper.update({name: False for name in flags})
-    variants = [{**paper, name: True} for name in ("projected", "preserve_norm") if name in flags]
-    return [paper, *variants]
-
-
-# ---- objectives ----
-
-@torch.inference_mode()
-def objectives(search: _Search, params: EditParams) -> tuple[float, float, float]:
-    """(mean harmful refusal probability, mean per-token harmless reply KL, share of harmful prompts refusing).
-
-    The refusal probability is sigmoid(refusal score) at the last prompt position of the harmful validation prompts;
-    the KL is KL(base || edited) at every position of the base model's own greedy replies to the harmless validation
-    prompts (teacher-forced, so still forward passes only): the first reply token's distribution, which is the
-    paper's KL, and every later one, which is what decides whether harmless replies stay the same.
-    """
-    directions = layer_directions(params, search.candidates, search.harmless_mean)
-    with hooked_edit(search.model, params, directions):
-        log_probs = last_log_probs(search.model, search.val.batches)  # [n_harmful, vocab]
-        edited = [replies.log_probs(search.model) for replies in search.replies]  # each [tokens, vocab]
-    scores = refusal_score(log_probs, search.refusal_ids)  # [n_harmful]
-    per_token = torch.cat([kl_divergence(r.base, new) for r, new in zip(search.replies, edited)])  # [tokens]
-    kl = float(per_token.mean())
-    if not bool(torch.isfinite(scores).all()) or not math.isfinite(kl):
-        return math.inf, math.inf, 1.0
-    return float(torch.sigmoid(scores).mean()), kl, float((scores > 0).double().mean())
-
-
-def _study(out_dir: Path, config: OptimizeConfig) -> Any:
-    """An in-memory study holding every trial already logged in `out_dir` (so a stopped search resumes).
-
-    Optuna's journal file fsyncs on every suggested value (about 1000 fsyncs for 60 trials of this search, 3.4 s on
-    the development VM: as long as the search itself), so finished trials are logged one JSON line each instead
-    (`TRIALS_LOG`, flushed, not fsynced) and replayed with Optuna's own `create_trial` on resume: a crash loses at
-    most the trial in flight.
-    """
-    import optuna
-    from optuna.distributions import json_to_distribution
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.n_startup_trials,
-                                         multivariate=True)
-    study = optuna.create_study(study_name=STUDY_NAME, sampler=sampler, directions=["minimize", "minimize"])
-    log_path = out_dir / TRIALS_LOG
-    lines = log_path.read_text().splitlines() if log_path.is_file() else []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash: that trial is simply run again
-            continue
-        study.add_trial(optuna.trial.create_trial(
-            params=row["params"], values=row["values"], user_attrs=row["user_attrs"],
-            distributions={name: json_to_distribution(text) for name, text in row["distributions"].items()}))
-    return study
-
-
-def _log_trial(out_dir: Path, trial: Any) -> None:
-    """Append one finished trial to the study's log (see `_study`)."""
-    from optuna.distributions import distribution_to_json
-
-    row = {"number": trial.number, "params": trial.params, "values": trial.values, "user_attrs": trial.user_attrs,
-           "distributions": {name: distribution_to_json(d) for name, d in trial.distributions.items()}}
-    with (out_dir / TRIALS_LOG).open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def search(study: Any, state: _Search, paper: tuple[int, int], n_layers: int, n_positions: int,
-           out_dir: Path) -> float:
-    """Run the trials the study still lacks; returns the seconds they took."""
-    from optuna.trial import TrialState
-
-    config = state.config
-    if not study.trials:
-        for values in seeded_trials(paper[0], paper[1], n_layers, config):
-            study.enqueue_trial(values)
-    done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
-    remaining = max(0, config.n_trials - done)
-    start = time.perf_counter()
-    for _ in progress.track(range(remaining), "optimizing the edit (trials)"):
-        trial = study.ask()
-        params = suggest(trial, n_layers, n_positions, config)
-        refusal, kl, refusing = objectives(state, params)
-        trial.set_user_attr("refusing_share", refusing)
-        _log_trial(out_dir, study.tell(trial, [refusal, kl]))
-    elapsed = time.perf_counter() - start
-    if remaining:
-        log.info("%d trials in %.1f s (%.1f trials/s).", remaining, elapsed, remaining / max(elapsed, 1e-9))
-    return elapsed
-
-
-def params_of(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfig) -> EditParams:
-    """The EditParams a finished trial stands for (its recorded values replayed through the search space)."""
-    import optuna
-
-    fixed = optuna.trial.FixedTrial(trial.params)
-    return suggest(fixed, n_layers, n_positions, config)
 
 
 # ---- choosing ----
@@ -270,14 +99,6 @@ def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str,
     return min(confirmed, key=lambda c: (c["harmful_refusal"], c["reply_kl"]))
 
 
-def trial_rows(trials: list[Any], pareto: list[int]) -> list[dict[str, Any]]:
-    """Every finished trial as JSON rows: its values, whether it is on the front, its raw parameters."""
-    front = set(pareto)
-    return [{"trial": t.number, "refusal": t.values[0], "kl": t.values[1],
-             "refusing_share": t.user_attrs.get("refusing_share"), "pareto": t.number in front, "params": t.params}
-            for t in trials if t.values is not None]
-
-
 def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, directions: torch.Tensor) -> Path:
     """optimize.json, pareto.png and the chosen edit (edit.json + its directions)."""
     from abliterate.plots import plot_pareto
@@ -288,17 +109,6 @@ def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, di
     plot_pareto(payload["trials"], payload["chosen"]["trial"], payload["paper_trial"], out_dir / PARETO_PLOT,
                 title=f"{payload['model']}: refusal vs KL")
     return edit_path
-
-
-def default_edit_path(out_dir: Path) -> Path:
-    return Path(out_dir) / EDIT_FILE
-
-
-def encode_validation(tokenizer: Any, harmful: list[str], harmless: list[str], batch_size: int) -> Any:
-    """Harmful and harmless validation texts in shared batches, and which rows are harmful."""
-    texts = harmful + harmless
-    is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
-    return encode(tokenizer, texts, batch_size), is_harmful
 
 
 # ---- the whole job ----
@@ -329,7 +139,7 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     state, held = _prepare(model, tokenizer, config, tables["candidates"], tables["harmless_mean"])
     timings["prepare_s"] = time.perf_counter() - start
     n_positions, n_layers, _ = state.candidates.shape
-    study = _study(out_dir, config.optimize)
+    study = load_study(out_dir, config.optimize)
     timings["search_s"] = search(study, state, (paper.layer, paper.position), n_layers, n_positions, out_dir)
     trials = [t for t in study.trials if t.values is not None]
     pareto = sorted(t.number for t in study.best_trials)
@@ -363,7 +173,7 @@ def _paper_trial(trials: list[Any], values: dict[str, Any]) -> int:
     return trials[0].number
 
 
-def _confirm_trial(state: _Search, tokenizer: Any, held: Any, trial: Any) -> dict[str, Any]:
+def _confirm_trial(state: SearchState, tokenizer: Any, held: Any, trial: Any) -> dict[str, Any]:
     from abliterate.confirm import confirm
 
     n_positions, n_layers, _ = state.candidates.shape
@@ -375,7 +185,7 @@ def _confirm_trial(state: _Search, tokenizer: Any, held: Any, trial: Any) -> dic
 
 
 def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tensor,
-             harmless_mean: torch.Tensor) -> tuple[_Search, Any]:
+             harmless_mean: torch.Tensor) -> tuple[SearchState, Any]:
     """The validation set (filtered like measure's) with the base replies, and the held-out prompts."""
     from abliterate.chat import format_instructions, refusal_token_ids, stop_token_ids
     from abliterate.confirm import held_out
@@ -403,8 +213,8 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     pad_id = pad_token_id(tokenizer, stop_ids)
     phrases, tokens, gen_size = REFUSAL_SETS[config.eval.refusal_set], config.optimize.confirm_tokens, config.eval.batch_size
     replies = held_out(model, tokenizer, [], harmless, stop_ids, pad_id, phrases, tokens, gen_size)
-    reply_batches = [_Replies.build(model, list(batch), pad_id) for batch in batches(replies.scored, size)]
-    state = _Search(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
+    reply_batches = [ReplySet.build(model, list(batch), pad_id) for batch in batches(replies.scored, size)]
+    state = SearchState(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
                     config.optimize, reply_batches)
     held = held_out(model, tokenizer, format_instructions(tokenizer, [p.text for p in sets.harmful_eval], config.model),
                     format_instructions(tokenizer, [p.text for p in sets.harmless_eval], config.model), stop_ids,
