@@ -199,16 +199,18 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
     size = config.measure.batch_size
     scores = refusal_score(last_log_probs(model, encode(tokenizer, harmful + harmless, size)), refusal_ids)  # [n]
+    harmful_scores = scores[:len(harmful)]  # [n_harmful] base refusal scores
     if config.measure.filter_prompts:  # as measure: harmful prompts the base refuses, harmless ones it answers
-        n_harmful = len(harmful)
-        harmful = [t for t, score in zip(harmful, scores[:n_harmful]) if score > 0]
-        harmless = [t for t, score in zip(harmless, scores[n_harmful:]) if score < 0]
+        harmless = [t for t, score in zip(harmless, scores[len(harmful):]) if score < 0]
+        harmful = [t for t, score in zip(harmful, harmful_scores) if score > 0]
+        harmful_scores = harmful_scores[harmful_scores > 0]
         if not harmful or not harmless:
             raise UserError("No validation prompt is left after the refusal filter; set measure.filter_prompts = "
                             "false or check the chat template (--chat-template).")
     harmful_batches, harmless_batches = encode(tokenizer, harmful, size), encode(tokenizer, harmless, size)
+    # `batches` holds the harmful rows only: the harmless side is scored on whole replies (`abliterate.search`).
     val = ValidationSet(harmful_batches, harmless_batches, torch.ones(len(harmful), dtype=torch.bool),
-                        last_log_probs(model, harmless_batches), torch.empty(0))
+                        last_log_probs(model, harmless_batches), harmful_scores)
     stop_ids = list(stop_token_ids(tokenizer, model.generation_config))
     pad_id = pad_token_id(tokenizer, stop_ids)
     phrases, tokens, gen_size = REFUSAL_SETS[config.eval.refusal_set], config.optimize.confirm_tokens, config.eval.batch_size
