@@ -154,8 +154,8 @@ def optimize_command(
                       "yes" if row["trial"] == result.chosen_trial else "")
     console = _console()
     console.print(table)
-    rate = result.timings_s.get("search_s") or 0.0
-    console.print(f"Search: {rate:.1f} s" + (f" ({result.n_trials / rate:.1f} trials/s)" if rate else ""))
+    speed = f" ({result.trials_per_s:.1f} trials/s)" if result.trials_per_s else ""
+    console.print(f"Search: {result.timings_s.get('search_s', 0.0):.1f} s{speed}")
     console.print(f"Edit: {result.edit_path} (write it with: abliterate apply MODEL --direction {result.edit_path} "
                   "--out DIR)", soft_wrap=True)
 

@@ -62,6 +62,7 @@ class OptimizeResult:
     confirmation: list[dict[str, Any]]
     n_trials: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    trials_per_s: float | None = None  # of the trials this call ran (None when it only replayed earlier ones)
     layer: int | None = None
     position: int | None = None
     token_text: str = ""
@@ -107,7 +108,7 @@ def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, di
     edit_path = write_edit(out_dir, params, directions, meta)
     (out_dir / OPTIMIZE_FILE).write_text(json.dumps(payload, indent=1) + "\n")
     plot_pareto(payload["trials"], payload["chosen"]["trial"], payload["paper_trial"], out_dir / PARETO_PLOT,
-                title=f"{payload['model']}: refusal vs KL")
+                title=f"{Path(str(payload['model'])).name}: refusal vs KL")
     return edit_path
 
 
@@ -140,7 +141,9 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     timings["prepare_s"] = time.perf_counter() - start
     n_positions, n_layers, _ = state.candidates.shape
     study = load_study(out_dir, config.optimize)
+    n_before = len(study.trials)  # trials replayed from an earlier run are not part of this run's speed
     timings["search_s"] = search(study, state, (paper.layer, paper.position), n_layers, n_positions, out_dir)
+    n_new = len(study.trials) - n_before
     trials = [t for t in study.trials if t.values is not None]
     pareto = sorted(t.number for t in study.best_trials)
     paper_trial = _paper_trial(trials, seeded_trials(paper.layer, paper.position, n_layers, config.optimize)[0])
@@ -154,14 +157,15 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     directions = layer_directions(params, state.candidates, state.harmless_mean)
     n_run = len(trials)
     payload = {"model": paper.meta.get("model", source), "objectives": ["harmful refusal probability (validation)",
-               "harmless next-token KL (validation)"], "n_trials": n_run, "paper_trial": paper_trial,
+               "harmless per-token KL over the base replies (validation)"], "n_trials": n_run, "paper_trial": paper_trial,
                "pareto": pareto, "trials": trial_rows(trials, pareto), "confirmation": confirmed, "chosen": chosen,
                "chosen_params": params.to_dict(), "target_refusal": config.optimize.target_refusal,
                "timings_s": timings,
-               "trials_per_s": (n_run / timings["search_s"]) if timings["search_s"] > 0 else None}
+               "trials_this_run": n_new, "trials_per_s": n_new / timings["search_s"] if n_new else None}
     edit_path = write_outputs(out_dir, payload, params, directions)
     return OptimizeResult(out_dir=out_dir, edit_path=edit_path, chosen_trial=chosen["trial"], paper_trial=paper_trial,
                           params=params.to_dict(), confirmation=confirmed, n_trials=n_run, timings_s=timings,
+                          trials_per_s=payload["trials_per_s"],
                           layer=paper.layer, position=paper.position, token_text=paper.meta.get("token_text", ""))
 
 

@@ -109,7 +109,7 @@ def plot_pareto(trials: Sequence[dict], chosen: int, paper: int, path: Path, tit
             ax.scatter([point["kl"]], [point["refusal"]], marker=marker, s=120, color=colour, zorder=3,
                        label=f"{label} (trial {number})")
     ax.set_xscale("symlog", linthresh=1e-4)
-    ax.set_xlabel("KL(base || edited), harmless validation prompts")
+    ax.set_xlabel("per-token KL(base || edited) over base replies, harmless validation prompts")
     ax.set_ylabel("refusal probability, harmful validation prompts")
     ax.set_title(title)
     ax.legend(fontsize=8)

@@ -61,7 +61,7 @@ def optimized(model: str, out: Path, config) -> dict:
     whole = time.perf_counter() - start
     search_s = found.timings_s["search_s"]
     chosen = next(row for row in found.confirmation if row["trial"] == found.chosen_trial)
-    return {"whole_s": whole, "whole_cpu_s": time.process_time() - cpu_start, "search_s": search_s, "trials_per_s": found.n_trials / search_s,
+    return {"whole_s": whole, "whole_cpu_s": time.process_time() - cpu_start, "search_s": search_s, "trials_per_s": found.trials_per_s,
             "measure_s": found.timings_s["measure_s"], "confirm_s": found.timings_s["confirm_s"],
             "apply_s": time.perf_counter() - apply_start, "trial": found.chosen_trial, "confirmed": chosen,
             "params": found.params}

@@ -136,3 +136,20 @@ def test_optimize_help_names_its_options() -> None:
     result = CliRunner().invoke(app, ["optimize", "--help"])
     assert result.exit_code == 0
     assert "--n-trials" in result.output and "--trial" in result.output
+
+
+def test_optimize_command_on_a_finished_search_reruns_nothing_and_prints_the_confirmation(
+        searched, toy_refuser_dir: Path, tmp_path: Path) -> None:
+    _, out = searched
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = tmp_path / "small.toml"
+    root = Path(__file__).resolve().parents[1]
+    config.write_text((root / "configs" / "toy.toml").read_text().replace("n_eval = 100", "n_eval = 40")
+                      + "\n[optimize]\nn_startup_trials = 4\nn_confirm = 2\n")
+    result = CliRunner().invoke(app, ["optimize", str(toy_refuser_dir), "--out", str(copy), "--config", str(config),
+                                      "--n-trials", str(N_TRIALS)])
+    assert result.exit_code == 0, result.output
+    assert "(paper)" in result.output and "yes" in result.output
+    assert len((copy / "trials.jsonl").read_text().splitlines()) == N_TRIALS  # nothing new was run
+    assert json.loads((copy / "optimize.json").read_text())["trials_per_s"] is None
