@@ -251,9 +251,27 @@ def describe_edit(params: dict[str, Any], chosen: dict[str, Any], paper_trial: i
 
 
 def optimize_work(model: str, config: Config) -> Any:
-    """`run --optimize`'s first step: `optimize` in the step folder; returns what `run` and the card read."""
+    """`run --optimize`'s first step; returns what `run` and the card read.
+
+    `run` gives each step a fresh folder, so the search itself runs in a working folder beside it that is named by
+    everything the trials depend on (not the trial count or `optimize.trial`): an interrupted `run --optimize`
+    resumes its search, and a changed setting starts a new one.
+    """
     def work(folder: Path) -> dict:
-        found = optimize(model, folder, config)
+        import hashlib
+        import shutil
+
+        from abliterate.config import to_dict
+
+        settings = to_dict(config)
+        searched = {key: value for key, value in settings["optimize"].items() if key not in ("n_trials", "trial")}
+        digest = hashlib.sha256(json.dumps([model, settings["model"], settings["prompts"], settings["measure"],
+                                            searched], sort_keys=True).encode()).hexdigest()[:16]
+        scratch = folder.parent / f".optimize-{digest}"
+        scratch.mkdir(exist_ok=True)
+        found = optimize(model, scratch, config)
+        shutil.copytree(scratch, folder, dirs_exist_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         chosen = next(c for c in found.confirmation if c["trial"] == found.chosen_trial)
         scores = json.loads((folder / "scores.json").read_text())
         return {"direction": EDIT_FILE, "layer": found.layer, "position": found.position,

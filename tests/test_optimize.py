@@ -4,7 +4,7 @@ One short search is shared by the module. The checks: the paper's edit is a tria
 edit meets the refusal target held out; the checkpoint `apply` writes from edit.json gives, by generation, exactly
 the refusal rate and identical-reply share the confirmation measured on the hooked model; a second call with more
 trials continues the same study (earlier trials unchanged, measurement reused); `--trial N` ships trial N; and
-`run --optimize` writes a card that says which edit shipped.
+`run --optimize` writes a card that says which edit shipped and resumes an interrupted search.
 """
 
 from __future__ import annotations
@@ -153,3 +153,34 @@ def test_optimize_command_on_a_finished_search_reruns_nothing_and_prints_the_con
     assert "(paper)" in result.output and "yes" in result.output
     assert len((copy / "trials.jsonl").read_text().splitlines()) == N_TRIALS  # nothing new was run
     assert json.loads((copy / "optimize.json").read_text())["trials_per_s"] is None
+
+
+def test_an_interrupted_run_optimize_resumes_its_search(toy_refuser_dir: Path, tmp_path: Path, one_thread: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from abliterate import search
+
+    config = tmp_path / "small.toml"
+    root = Path(__file__).resolve().parents[1]
+    config.write_text((root / "configs" / "toy.toml").read_text().replace("n_eval = 100", "n_eval = 40")
+                      + f"\n[optimize]\nn_trials = {N_TRIALS}\nn_startup_trials = 4\nn_confirm = 1\n")
+    out = tmp_path / "run"
+    args = ["run", str(toy_refuser_dir), "--out", str(out), "--config", str(config), "--optimize", "--skip-eval"]
+    real, calls = search.objectives, []
+
+    def interrupted(*a: object, **k: object) -> tuple[float, float, float]:
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("the machine went away")
+        return real(*a, **k)
+
+    monkeypatch.setattr(search, "objectives", interrupted)
+    assert CliRunner().invoke(app, args).exit_code != 0
+    (scratch,) = (out / "abliterate").glob(".optimize-*")
+    logged = (scratch / "trials.jsonl").read_text().splitlines()
+    assert len(logged) == 5
+    monkeypatch.setattr(search, "objectives", real)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    final = (out / "abliterate" / "measure" / "trials.jsonl").read_text().splitlines()
+    assert len(final) == N_TRIALS and final[:5] == logged
+    assert not list((out / "abliterate").glob(".optimize-*"))
