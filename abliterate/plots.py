@@ -1,5 +1,5 @@
 """Figures written by `measure`: the three selection scores against layer (like the paper's figure) and the cosine
-heatmap of every candidate with a reference direction.
+heatmap of every candidate with a reference direction; and by `optimize`: the trials' Pareto plot.
 
 matplotlib runs on the Agg backend (no display needed); every figure is written to a temporary name and renamed.
 """
@@ -113,4 +113,7 @@ def plot_pareto(trials: Sequence[dict], chosen: int, paper: int, path: Path, tit
     ax.set_ylabel("refusal probability, harmful validation prompts")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
