@@ -127,7 +127,7 @@ def inspect_checkpoint(source: str, direction_path: Path | None, config: Config)
         checkpoint = read_checkpoint(resolve_model(source, config.model.revision))
         model_config, infos = checkpoint.config, _infos(checkpoint)
     plan = build_plan(model_config, infos)
-    if direction_path is not None:
+    if direction_path is not None and read_edit(direction_path, plan) is None:  # an edit.json is checked by read_edit
         load_direction(direction_path, plan.d_model)
     return plan
 

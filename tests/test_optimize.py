@@ -153,6 +153,8 @@ def test_optimize_command_on_a_finished_search_reruns_nothing_and_prints_the_con
     assert "(paper)" in result.output and "yes" in result.output
     assert len((copy / "trials.jsonl").read_text().splitlines()) == N_TRIALS  # nothing new was run
     assert json.loads((copy / "optimize.json").read_text())["trials_per_s"] is None
+    inspected = CliRunner().invoke(app, ["inspect", str(toy_refuser_dir), "--direction", str(copy / "edit.json")])
+    assert inspected.exit_code == 0, inspected.output
 
 
 def test_an_interrupted_run_optimize_resumes_its_search(toy_refuser_dir: Path, tmp_path: Path, one_thread: None,
