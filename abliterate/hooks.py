@@ -77,12 +77,14 @@ def writers(model: nn.Module) -> list[Writer]:
     return list(found.values())
 
 
-def writer_direction(model: nn.Module, writer: Writer, direction: Tensor) -> Tensor:
+def writer_direction(model: nn.Module, writer: Writer, direction: Tensor,
+                     params: dict[str, Tensor] | None = None) -> Tensor:
     """The float64 direction the weight edit removes from this writer's output: r, or normalize(g * r) behind norms.
 
     Zero when every post-norm gain on r's support is zero (the norm's output has no r component to remove).
+    `params` is the model's named parameters, when the caller already has them.
     """
-    params = dict(model.named_parameters())
+    params = params if params is not None else dict(model.named_parameters())
     # The gains are d_model vectors: computed on the CPU, whatever device (or devices) the model is on.
     gains = [norm_gain(params[name].detach().cpu(), writer.edit.gain) for name in writer.edit.needs]
     return post_norm_direction(direction.detach().cpu().to(torch.float64), gains)  # [d_model]
@@ -147,7 +149,8 @@ def _replace_hidden(args: tuple, kwargs: dict, function: Any) -> tuple[tuple, di
 def ablate_direction(model: nn.Module, direction: Tensor) -> Iterator[None]:
     """While active, the model is the one `apply` writes for `direction`: each writer loses r (or g * r, normalized)."""
     r = _unit_float32(direction)
-    with project_writers(model, [(writer, writer_direction(model, writer, r), 1.0) for writer in writers(model)]):
+    params = dict(model.named_parameters())
+    with project_writers(model, [(w, writer_direction(model, w, r, params), 1.0) for w in writers(model)]):
         yield
 
 
