@@ -45,6 +45,7 @@ class CardFacts:
     eval_markdown: str = ""  # the evaluation report (empty when evaluation was skipped)
     name: str = ""  # title of the card; defaults to the base model's name plus "-abliterated"
     used_reference: bool = False  # the direction came from a file (--use-reference), not from selection
+    optimized_edit: str = ""  # with `run --optimize`: which edit shipped and its parameters (Markdown)
 
 
 def base_license(model_dir: Path, config: dict) -> dict[str, str]:
@@ -111,6 +112,7 @@ def _what_was_done(facts: CardFacts) -> list[str]:
         "",
         found,
         "",
+        facts.optimized_edit or
         ("r was then removed from the weights: every tensor that writes into the residual stream was projected "
          "off r (W <- W - r r^T W, biases likewise), computed in float32 and stored in the original dtype. "
          "Every other tensor is bit-identical to the base model."),

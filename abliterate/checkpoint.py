@@ -30,6 +30,7 @@ from abliterate import __version__, progress
 from abliterate.architectures import EditPlan, TensorEdit, TensorInfo, plan_edits
 from abliterate.config import Config, parse_size
 from abliterate.direction import Direction, load_direction, save_direction
+from abliterate.edit_params import ParameterizedEdit, read_edit
 from abliterate.errors import UserError
 from abliterate.hub import is_hub_id, remote_tensor_infos, resolve_model
 from abliterate.shards import FLOAT_DTYPES, OutputTensor, StoredTensor, read_header, read_tensor, write_shards
@@ -128,7 +129,7 @@ def inspect_checkpoint(source: str, direction_path: Path | None, config: Config)
         checkpoint = read_checkpoint(resolve_model(source, config.model.revision))
         model_config, infos = checkpoint.config, _infos(checkpoint)
     plan = build_plan(model_config, infos)
-    if direction_path is not None:
+    if direction_path is not None and read_edit(direction_path, plan) is None:  # an edit.json is checked by read_edit
         load_direction(direction_path, plan.d_model)
     return plan
 
@@ -144,7 +145,10 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     out_dir = _check_out_dir(model_dir, Path(out_dir), force)
     checkpoint = read_checkpoint(model_dir)
     plan = build_plan(checkpoint.config, _infos(checkpoint))
-    direction = load_direction(direction_path, plan.d_model)
+    # An optimized edit's recorded parameter set (edit.json) stands where a direction file would.
+    parameterized = read_edit(direction_path, plan)
+    direction = (Direction(parameterized.main_direction(), meta={"source_file": str(direction_path)})
+                 if parameterized else load_direction(direction_path, plan.d_model))
     for name in plan.edits:
         _check_editable(checkpoint.tensors[name])
     shards = layout_shards(checkpoint, plan, max_shard_bytes)
@@ -152,7 +156,8 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.abliterate-tmp-", dir=out_dir.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the output should be like any other folder
     try:
-        record = _write_output(tmp, checkpoint, plan, direction, shards, public_source(source, model_dir))
+        record = _write_output(tmp, checkpoint, plan, direction, shards, public_source(source, model_dir),
+                               parameterized)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,7 +207,8 @@ def layout_shards(checkpoint: Checkpoint, plan: EditPlan, max_shard_bytes: int) 
 
 
 def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: Direction,
-                  shards: dict[str, list[OutputTensor]], source: str) -> dict[str, Any]:
+                  shards: dict[str, list[OutputTensor]], source: str,
+                  parameterized: ParameterizedEdit | None = None) -> dict[str, Any]:
     """Write shards, index, config, small files, direction and record into the temporary directory."""
     needed = {name: read_tensor(checkpoint.tensors[name]) for edit in plan.edits.values() for name in edit.needs}
     provenance = {"format": "pt", "abliterate": json.dumps(
@@ -210,8 +216,10 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
 
     def edit_fn(tensor: OutputTensor) -> Tensor:
         edit = tensor.edit
-        return edit_in_chunks(edit, read_tensor(tensor.source), direction.vector,
-                              {name: needed[name] for name in edit.needs})
+        needs = {name: needed[name] for name in edit.needs}
+        if parameterized is not None:
+            return parameterized.edit(edit, read_tensor(tensor.source), needs)
+        return edit_in_chunks(edit, read_tensor(tensor.source), direction.vector, needs)
 
     n_tensors = sum(len(group) for group in shards.values())
     bar = functools.partial(progress.track, description=f"Writing {len(shards)} shard(s)", total=n_tensors)
@@ -223,6 +231,8 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_direction(tmp, direction.vector, {k: v for k, v in direction.meta.items() if k != "source_norm"})
     record = _edit_record(checkpoint, plan, direction, shards, copied, source)
+    if parameterized is not None:
+        record["parameterized_edit"] = parameterized.record()
     (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -29,9 +29,15 @@ app = typer.Typer(
 def _rich_reporter(items: Iterable, description: str, total: int | None) -> Iterator:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[rate]}")]
     with Progress(*columns, transient=True, console=_console(stderr=True)) as bar:
-        yield from bar.track(items, total=total, description=description)
+        task = bar.add_task(description, total=total, rate="")
+        for item in items:
+            yield item
+            bar.advance(task)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.1f}/s" if speed else "")
 
 
 def _console(stderr: bool = False):
@@ -116,6 +122,42 @@ def measure_command(
                       f"{best['position']}; the chosen candidate's cosine "
                       + ("-" if chosen_cosine is None else f"{chosen_cosine:.4f}"))
     console.print(f"Direction: {result.direction_path} (scores in {result.out_dir / 'scores.json'})", soft_wrap=True)
+
+
+@app.command("optimize")
+def optimize_command(
+    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
+    out: Annotated[str, typer.Option("--out", help="Directory for the measurement, optimize.json, pareto.png and edit.json (resumable).")],
+    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="Trials of the search (more continue a stopped or finished one).")] = None,
+    trial: Annotated[Optional[int], typer.Option("--trial", help="Ship this trial instead of the automatic choice.")] = None,
+    target_refusal: Annotated[Optional[float], typer.Option("--target-refusal", help="Held-out harmful refusal the shipped edit must reach.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the search's sampler.")] = None,
+) -> None:
+    """Search an edit with less damage than the paper's (Pareto front of refusal vs KL), confirm it by generation."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from abliterate.config import load_config
+    from abliterate.optimize import optimize
+
+    overrides = _nested({"optimize.n_trials": n_trials, "optimize.trial": trial,
+                         "optimize.target_refusal": target_refusal, "optimize.seed": seed})
+    result = optimize(model, Path(out), load_config(config_file, overrides))
+    table = Table(title=f"abliterate optimize: {model} ({result.n_trials} trials)")
+    for header in ("trial", "harmful refusal", "harmless identical", "reply KL", "shipped"):
+        table.add_column(header)
+    for row in result.confirmation:
+        name = f"{row['trial']}" + (" (paper)" if row["trial"] == result.paper_trial else "")
+        table.add_row(name, f"{row['harmful_refusal']:.2f}", f"{row['identical_share']:.0%}", f"{row['reply_kl']:.5f}",
+                      "yes" if row["trial"] == result.chosen_trial else "")
+    console = _console()
+    console.print(table)
+    speed = f" ({result.trials_per_s:.1f} trials/s)" if result.trials_per_s else ""
+    console.print(f"Search: {result.timings_s.get('search_s', 0.0):.1f} s{speed}")
+    console.print(f"Edit: {result.edit_path} (write it with: abliterate apply MODEL --direction {result.edit_path} "
+                  "--out DIR)", soft_wrap=True)
 
 
 @app.command("eval")
@@ -212,6 +254,8 @@ def run(
     judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: together, local:PATH or none.")] = None,
     skip_eval: Annotated[Optional[bool], typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
     push: Annotated[Optional[str], typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
+    optimize: Annotated[Optional[bool], typer.Option("--optimize", help="Ship an optimized edit (see abliterate optimize).")] = None,
+    trial: Annotated[Optional[int], typer.Option("--trial", help="With --optimize: ship this trial.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun every step; allow a non-empty --out.")] = False,
 ) -> None:
     """The whole job: measure the refusal direction, remove it from the weights, evaluate, write the model card."""
@@ -226,7 +270,7 @@ def run(
         "prompts.harmless_eval": harmless_eval, "prompts.n_train": n_train, "prompts.n_eval": n_eval,
         "prompts.seed": seed, "measure.direction_file": direction_file, "measure.use_reference": use_reference,
         "apply.max_shard_size": max_shard_size, "eval.max_new_tokens": max_new_tokens, "eval.judge": judge,
-        "run.skip_eval": skip_eval, "run.push": push,
+        "run.skip_eval": skip_eval, "run.push": push, "run.optimize": optimize, "optimize.trial": trial,
     })
     result = run_pipeline(model, Path(out), load_config(config_file, overrides), force=force)
     _print_run_summary(result, _console())

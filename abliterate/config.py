@@ -133,6 +133,22 @@ class EvalConfig:
 class RunConfig:
     skip_eval: bool = setting(False, "Skip the evaluation step.")
     push: str = setting("", "Hub repository (owner/name) to push the finished output to; empty for no push.")
+    optimize: bool = setting(False, "Ship an optimized edit (abliterate optimize) instead of the paper's single-direction edit.")
+
+
+@dataclass
+class OptimizeConfig:
+    n_trials: int = setting(60, "Trials of the multi-objective search (the paper's edit and two variants are the first).")
+    n_startup_trials: int = setting(16, "Random trials before the TPE sampler models the Pareto front.")
+    seed: int = setting(0, "Seed of the search's sampler.")
+    target_refusal: float = setting(0.05, "Harmful refusal rate (held out, by generation) the shipped edit must reach.")
+    n_confirm: int = setting(3, "Pareto points confirmed by generation on held-out prompts (plus the paper's edit).")
+    confirm_tokens: int = setting(48, "New tokens per reply when confirming (greedy).")
+    max_weight: float = setting(1.5, "Largest ablation weight the search may use (1 removes the direction exactly).")
+    search_per_layer: bool = setting(True, "Let the search use each layer's own direction instead of one interpolated direction.")
+    search_projected: bool = setting(True, "Let the search remove the harmless mean's component from the direction.")
+    search_preserve_norm: bool = setting(True, "Let the search keep every write vector's length (norm-preserving edit).")
+    trial: int = setting(-1, "Ship this trial number instead of the automatic choice; -1 chooses automatically.")
 
 
 @dataclass
@@ -143,6 +159,7 @@ class Config:
     apply: ApplyConfig = field(default_factory=ApplyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
 
 
 def _nearest(key: str, choices: list[str]) -> str:
@@ -223,6 +240,11 @@ def validate(config: Config) -> None:
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
     parse_size(config.apply.max_shard_size)  # a bad size fails now, not after an hour of measuring
     parse_max_memory(config.model.max_memory)
+    o = config.optimize
+    if o.n_trials < 1 or o.n_confirm < 1 or o.confirm_tokens < 1 or o.n_startup_trials < 0:
+        raise UserError("optimize.n_trials, n_confirm and confirm_tokens must be at least 1 (n_startup_trials >= 0).")
+    if not 0 <= o.target_refusal <= 1 or o.max_weight <= 0:
+        raise UserError("optimize.target_refusal must be in [0, 1] and optimize.max_weight above 0.")
 
 
 def to_dict(config: Config) -> dict:

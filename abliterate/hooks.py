@@ -1,10 +1,18 @@
 """In-memory residual-stream hooks on a loaded Hugging Face model, driven by the architecture table.
 
-`ablate_direction` is the paper's inference-time ablation: r is removed from the embedding output, from every
-sublayer output that is added to the residual (after the post-norm in sandwich-norm families) and from every decoder
-layer's input. `add_direction` adds a raw vector to one layer's input (activation addition). `capture_layer_inputs`
-records the residual stream at every layer input and at the final norm's input. Which modules to hook comes from
-`plan_edits` run on the model's own parameter names, so hooks and weight edits always agree on the writers.
+`ablate_direction` is the paper's inference-time ablation realised exactly as the weight edit that `apply` writes:
+every residual writer's own output y (the embedding, each attention and MLP output projection, fused experts) loses
+its component along u, y <- y - (y.u) u, where u = r for a writer added straight to the residual and
+u = normalize(g * r) for one behind a post-norm with gain g (sandwich norms, see `abliterate.weights`). That is the
+same linear map as W <- W - u u^T W, so the hooked model and the edited checkpoint are the same model to float
+tolerance in every family; removing r from the post-norm's output instead would leave the residual orthogonal to r
+too, but through a different model than the one the user gets. With every writer clean the residual stream at each
+layer input is orthogonal to r already, so no layer-input hook is needed (the paper's code adds one; here it would
+be a no-op). `project_writers` is the general form (per-writer direction and strength) that parameterized edits use.
+
+`add_direction` adds a raw vector to one layer's input (activation addition). `capture_layer_inputs` records the
+residual stream at every layer input and at the final norm's input. Which modules to hook comes from `plan_edits`
+run on the model's own parameter names, so hooks and weight edits always agree on the writers.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from abliterate.architectures import EditPlan, TensorInfo, architecture_for, plan_edits
+from abliterate.architectures import EditPlan, TensorEdit, TensorInfo, architecture_for, plan_edits
+from abliterate.weights import norm_gain, post_norm_direction
 
 # Selection hooks the same model once per candidate: plan it once (the table and the parameter names do not change).
 _PLANS: weakref.WeakKeyDictionary[nn.Module, EditPlan] = weakref.WeakKeyDictionary()
@@ -45,23 +55,71 @@ def final_norm(model: nn.Module) -> nn.Module:
     return model.get_submodule(plan.prefix + arch.final_norm)
 
 
-def _writer_modules(model: nn.Module, plan: EditPlan) -> list[nn.Module]:
-    """Modules whose output is added to the residual: each writer's module, or its outermost post-norm."""
-    names: list[str] = []
-    for edit in plan.edits.values():
-        source = edit.needs[-1] if edit.needs else edit.name
-        module_name = source.rsplit(".", 1)[0]
-        if module_name not in names:
-            names.append(module_name)
-    return [model.get_submodule(name) for name in names]
+@dataclass(frozen=True)
+class Writer:
+    """A module whose output is added to the residual (perhaps through post-norms), with its planned edit.
+
+    `edit` stands for every tensor of the module the plan edits (a weight and its bias share role, layer and norms).
+    """
+
+    module: str
+    edit: TensorEdit
 
 
-def _remove(hidden: Tensor, direction: Tensor) -> Tensor:
-    """x <- x - (x.r) r in float32 or better, cast back to x's dtype once."""
+def writers(model: nn.Module) -> list[Writer]:
+    """Every residual writer module of a loaded model, in plan order: the module that owns each edited tensor."""
+    found: dict[str, Writer] = {}
+    for edit in memory_plan(model).edits.values():
+        module = edit.name.rsplit(".", 1)[0]
+        if module in found and found[module].edit.needs != edit.needs:
+            raise RuntimeError(f"tensors of {module} sit behind different post-norms; this is a bug in the table")
+        found.setdefault(module, Writer(module, edit))
+    return list(found.values())
+
+
+def writer_direction(model: nn.Module, writer: Writer, direction: Tensor,
+                     params: dict[str, Tensor] | None = None) -> Tensor:
+    """The float64 direction the weight edit removes from this writer's output: r, or normalize(g * r) behind norms.
+
+    Zero when every post-norm gain on r's support is zero (the norm's output has no r component to remove).
+    `params` is the model's named parameters, when the caller already has them.
+    """
+    params = params if params is not None else dict(model.named_parameters())
+    # The gains are d_model vectors: computed on the CPU, whatever device (or devices) the model is on.
+    gains = [norm_gain(params[name].detach().cpu(), writer.edit.gain) for name in writer.edit.needs]
+    return post_norm_direction(direction.detach().cpu().to(torch.float64), gains)  # [d_model]
+
+
+@contextmanager
+def project_writers(model: nn.Module, projections: list[tuple[Writer, Tensor, float]]) -> Iterator[None]:
+    """While active, each writer's output y becomes y - weight (y.u) u for its (writer, u, weight); u is unit norm.
+
+    This is the linear map (I - weight u u^T) applied to everything the writer adds, i.e. the weight edit
+    W <- W - weight u u^T W (and the same on its bias), so hooked and edited models agree.
+    """
+    handles = []
+    for writer, u, weight in projections:
+        if weight == 0 or not bool(u.any()):
+            continue
+        unit_u = u.detach().to(torch.float32)
+
+        def hook(_m: nn.Module, _a: Any, out: Any, unit_u: Tensor = unit_u, weight: float = weight) -> Any:
+            return _map_first(out, lambda h: _remove(h, unit_u, weight))
+
+        handles.append(model.get_submodule(writer.module).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _remove(hidden: Tensor, direction: Tensor, weight: float = 1.0) -> Tensor:
+    """x <- x - weight (x.r) r in float32 or better, cast back to x's dtype once."""
     compute = torch.promote_types(hidden.dtype, torch.float32)
     r = direction.to(device=hidden.device, dtype=compute)  # [d_model]
     x = hidden.to(compute)  # [batch, pos, d_model]
-    return (x - (x @ r).unsqueeze(-1) * r).to(hidden.dtype)
+    return (x - weight * (x @ r).unsqueeze(-1) * r).to(hidden.dtype)
 
 
 def _map_first(output: Any, function: Any) -> Any:
@@ -89,19 +147,11 @@ def _replace_hidden(args: tuple, kwargs: dict, function: Any) -> tuple[tuple, di
 
 @contextmanager
 def ablate_direction(model: nn.Module, direction: Tensor) -> Iterator[None]:
-    """While active, r = direction/|direction| is removed from every residual writer's output and layer input."""
+    """While active, the model is the one `apply` writes for `direction`: each writer loses r (or g * r, normalized)."""
     r = _unit_float32(direction)
-    plan = memory_plan(model)
-    handles = [module.register_forward_hook(lambda _m, _a, out: _map_first(out, lambda h: _remove(h, r)))
-               for module in _writer_modules(model, plan)]
-    handles += [layer.register_forward_pre_hook(
-        lambda _m, args, kwargs: _replace_hidden(args, kwargs, lambda h: _remove(h, r)), with_kwargs=True)
-        for layer in decoder_layers(model)]
-    try:
+    params = dict(model.named_parameters())
+    with project_writers(model, [(w, writer_direction(model, w, r, params), 1.0) for w in writers(model)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager

@@ -107,7 +107,7 @@ def step_keys(config: Config, model_fingerprint: str) -> dict[str, str]:
     c = to_dict(config)
     prompts = {name: _source_digest(value) if isinstance(value, str) else value for name, value in c["prompts"].items()}
     measure = _hash(__version__, model_fingerprint, c["model"], prompts, c["measure"],
-                    _source_digest(config.measure.direction_file))
+                    _source_digest(config.measure.direction_file), *([c["optimize"]] if config.run.optimize else []))
     apply = _hash(measure, c["apply"], c["model"]["revision"])
     eval_inputs = [_source_digest(config.eval.ce_text), _source_digest(config.eval.ce_chat)]
     evaluation = "skipped" if config.run.skip_eval else _hash(apply, c["eval"], prompts, c["model"], eval_inputs)
@@ -301,6 +301,7 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
         n_prompts=measured.get("n_prompts", {}), edited_counts=applied["edits_by_kind"], untied=applied["untied"],
         eval_markdown=(prov / "eval" / evaluated["report"]).read_text() if evaluated else "",
         command=reproduce_command(model, out_dir), version=__version__, name=out_dir.name,
+        optimized_edit=measured.get("optimized", ""),
     )
     # Paths this run knows about get public names; any other absolute path is cut to its last part.
     replacements = {str(out_dir): ".", str(model_dir.resolve()): facts.base_model or "BASE_MODEL_DIR",
@@ -344,7 +345,13 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     _write_atomic(prov / RUN_FILE, json.dumps(record, indent=2))
     _write_atomic(prov / "config.toml", render_toml(config))
     reused: list[str] = []
-    steps = {"measure": run_step(prov, "measure", keys["measure"], force, _measure_work(model, config), reused)}
+    if config.run.optimize:
+        from abliterate.optimize import optimize_work
+
+        first = optimize_work(model, config)
+    else:
+        first = _measure_work(model, config)
+    steps = {"measure": run_step(prov, "measure", keys["measure"], force, first, reused)}
     direction_path = prov / "measure" / steps["measure"]["direction"]
     steps["apply"] = run_step(prov, "apply", keys["apply"], force, _apply_work(model, direction_path, config), reused)
     checkpoint = prov / "apply" / "checkpoint"

@@ -1,5 +1,5 @@
 """Figures written by `measure`: the three selection scores against layer (like the paper's figure) and the cosine
-heatmap of every candidate with a reference direction.
+heatmap of every candidate with a reference direction; and by `optimize`: the trials' Pareto plot.
 
 matplotlib runs on the Agg backend (no display needed); every figure is written to a temporary name and renamed.
 """
@@ -89,6 +89,30 @@ def plot_cosine_heatmap(cosines: torch.Tensor, path: Path, title: str = "") -> P
     axis.set_ylabel("position")
     axis.set_title(title or "Cosine similarity of each candidate with the reference direction", fontsize=10)
     fig.colorbar(image, ax=axis)
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_pareto(trials: Sequence[dict], chosen: int, paper: int, path: Path, title: str = "") -> Path:
+    """Every trial's validation refusal against KL, the Pareto front joined, the chosen and the paper's edit marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finite = [t for t in trials if all(map(math.isfinite, (t["refusal"], t["kl"])))]
+    ax.scatter([t["kl"] for t in finite], [t["refusal"] for t in finite], s=12, color="0.6", label="trial")
+    front = sorted((t for t in finite if t["pareto"]), key=lambda t: t["kl"])
+    ax.plot([t["kl"] for t in front], [t["refusal"] for t in front], "o-", color="tab:blue", ms=4, label="Pareto front")
+    for number, marker, colour, label in ((paper, "s", "tab:orange", "paper's edit"), (chosen, "*", "tab:red", "chosen")):
+        point = next((t for t in finite if t["trial"] == number), None)
+        if point is not None:
+            ax.scatter([point["kl"]], [point["refusal"]], marker=marker, s=120, color=colour, zorder=3,
+                       label=f"{label} (trial {number})")
+    ax.set_xscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("per-token KL(base || edited) over base replies, harmless validation prompts")
+    ax.set_ylabel("refusal probability, harmful validation prompts")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     try:
         return _save(fig, Path(path))
     finally:

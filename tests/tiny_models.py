@@ -1,7 +1,7 @@
 """Tiny random models of every supported family, built locally for the per-architecture correctness suite.
 
 `TINY_MODELS` is a registry: test id -> `TinyModel` (the model_type, a function returning a tiny config, the class
-to load it with, whether the family is pre-norm so hooked ablation must equal the weight edit). Builders use 2
+to load it with, whether the family is pre-norm or has post-norms after its sublayers). Builders use 2
 layers, d_model 32 and a 128-token vocabulary, with non-zero biases where the family has them and tied and untied
 variants where relevant. `build_tiny` randomizes every bias and norm gain (fresh models have zero biases and unit
 gains, which would hide mistakes in the bias and post-norm edits). Engineer C registers MoE, hybrid and multimodal

@@ -1,0 +1,281 @@
+"""`optimize`: search a parameterized edit that removes refusal with less damage than the paper's, and record it.
+
+The stages, in order:
+1. measure (the paper's selection, `abliterate.measure`): candidates, harmless means and the paper's direction;
+   an output folder that already holds them is reused, so a stopped search resumes where it was;
+2. the search (`abliterate.search`): multi-objective Optuna TPE over `abliterate.edit_params.EditParams`,
+   minimizing the harmful refusal probability and the harmless per-token reply KL on the validation prompts with
+   the edit as hooks (exactly the checkpoint that would be written); the paper's edit and two variants of it are
+   the first trials, so the front is never worse than the paper's point. Finished trials are logged in the output
+   folder, so a stopped search resumes;
+3. confirmation by generation on the held-out prompts (`abliterate.confirm`) of the Pareto points with the lowest
+   KL among those whose validation refusal is at most the target, and of the paper's edit;
+4. the choice: the confirmed point with the least reply KL whose held-out refusal is at most the target (else the
+   lowest refusal), or `optimize.trial`; it is written as edit.json, which `apply --direction edit.json` writes.
+
+Written beside measure's files: optimize.json (every trial, the Pareto front, the confirmation, the choice,
+timings and trials per second), pareto.png, edit.json + edit_directions.safetensors, trials.jsonl (the study).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abliterate import progress
+from abliterate.activations import encode, refusal_score
+from abliterate.config import Config, OptimizeConfig
+from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
+from abliterate.errors import UserError
+from abliterate.search import (
+    ReplySet,
+    SearchState,
+    load_study,
+    params_of,
+    search,
+    seeded_trials,
+    trial_rows,
+)
+from abliterate.selection import ValidationSet, last_log_probs
+
+log = logging.getLogger(__name__)
+
+OPTIMIZE_FILE = "optimize.json"
+PARETO_PLOT = "pareto.png"
+
+
+@dataclass
+class OptimizeResult:
+    """What `optimize` chose and where it wrote it."""
+
+    out_dir: Path
+    edit_path: Path
+    chosen_trial: int
+    paper_trial: int
+    params: dict[str, Any]
+    confirmation: list[dict[str, Any]]
+    n_trials: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+    trials_per_s: float | None = None  # of the trials this call ran (None when it only replayed earlier ones)
+    layer: int | None = None
+    position: int | None = None
+    token_text: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# ---- choosing ----
+
+def confirm_order(trials: list[Any], pareto: list[int], paper: int, config: OptimizeConfig) -> list[int]:
+    """The trials to confirm: the lowest-KL Pareto points meeting the target on validation, then the paper's."""
+    by_number = {t.number: t for t in trials}
+    front = sorted((by_number[n] for n in pareto), key=lambda t: t.values[1])
+    meeting = [t.number for t in front if t.user_attrs.get("refusing_share", 1.0) <= config.target_refusal]
+    if not meeting:  # none meets the target on validation: confirm the least refusing points instead
+        meeting = [t.number for t in sorted(front, key=lambda t: t.values[0])]
+    chosen = meeting[: config.n_confirm]
+    if config.trial >= 0 and config.trial not in chosen:
+        if config.trial not in by_number:
+            raise UserError(f"optimize.trial {config.trial} is not a finished trial (0..{len(trials) - 1}); see "
+                            f"{OPTIMIZE_FILE} for the trials.")
+        chosen.append(config.trial)
+    return chosen + ([paper] if paper not in chosen else [])
+
+
+def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str, Any]:
+    """`optimize.trial` if set, else the least reply KL among those at or under the target refusal, else the least
+    refusing (ties broken by KL)."""
+    if config.trial >= 0:
+        return next(c for c in confirmed if c["trial"] == config.trial)
+    meeting = [c for c in confirmed if c["harmful_refusal"] <= config.target_refusal]
+    if meeting:
+        return min(meeting, key=lambda c: (c["reply_kl"], -c["identical_share"]))
+    log.warning("No confirmed edit reaches harmful refusal <= %.2f held out; shipping the least refusing one.",
+                config.target_refusal)
+    return min(confirmed, key=lambda c: (c["harmful_refusal"], c["reply_kl"]))
+
+
+def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, directions: torch.Tensor) -> Path:
+    """optimize.json, pareto.png and the chosen edit (edit.json + its directions)."""
+    from abliterate.plots import plot_pareto
+
+    meta = {"trial": payload["chosen"]["trial"], "confirmation": payload["chosen"], "model": payload["model"]}
+    edit_path = write_edit(out_dir, params, directions, meta)
+    (out_dir / OPTIMIZE_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+    plot_pareto(payload["trials"], payload["chosen"]["trial"], payload["paper_trial"], out_dir / PARETO_PLOT,
+                title=f"{Path(str(payload['model'])).name}: refusal vs KL")
+    return edit_path
+
+
+# ---- the whole job ----
+
+def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
+    """Measure (or reuse the measurement in `out_dir`), search, confirm, choose and record the edit."""
+    from safetensors.torch import load_file
+
+    from abliterate.direction import DIRECTION_JSON, load_direction
+    from abliterate.measure import CANDIDATES_FILE, measure
+    from abliterate.model import load_model
+
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if not ((out_dir / CANDIDATES_FILE).is_file() and (out_dir / DIRECTION_JSON).is_file()):
+        measure(source, out_dir, config)
+    else:
+        log.info("Reusing the measurement in %s (resuming).", out_dir)
+    timings["measure_s"] = time.perf_counter() - start
+    paper = load_direction(out_dir / DIRECTION_JSON)
+    if paper.layer is None or paper.position is None:
+        raise UserError("optimize starts from a measured direction with a layer and position; a reference direction "
+                        "without them (measure.use_reference) cannot seed the search. Drop --use-reference.")
+    tables = load_file(str(out_dir / CANDIDATES_FILE))
+    start = time.perf_counter()
+    model, tokenizer = load_model(source, config.model)
+    state, held = _prepare(model, tokenizer, config, tables["candidates"], tables["harmless_mean"])
+    timings["prepare_s"] = time.perf_counter() - start
+    n_positions, n_layers, _ = state.candidates.shape
+    study = load_study(out_dir, config.optimize)
+    n_before = len(study.trials)  # trials replayed from an earlier run are not part of this run's speed
+    timings["search_s"] = search(study, state, (paper.layer, paper.position), n_layers, n_positions, out_dir)
+    n_new = len(study.trials) - n_before
+    trials = [t for t in study.trials if t.values is not None]
+    pareto = sorted(t.number for t in study.best_trials)
+    paper_trial = _paper_trial(trials, seeded_trials(paper.layer, paper.position, n_layers, config.optimize)[0])
+    start = time.perf_counter()
+    confirmed = []
+    for number in progress.track(confirm_order(trials, pareto, paper_trial, config.optimize), "confirming edits"):
+        confirmed.append({"trial": number, **_confirm_trial(state, tokenizer, held, study.trials[number])})
+    chosen = choose(confirmed, config.optimize)
+    timings["confirm_s"] = time.perf_counter() - start
+    params = params_of(study.trials[chosen["trial"]], n_layers, n_positions, config.optimize)
+    directions = layer_directions(params, state.candidates, state.harmless_mean)
+    n_run = len(trials)
+    payload = {"model": paper.meta.get("model", source), "objectives": ["harmful refusal probability (validation)",
+               "harmless per-token KL over the base replies (validation)"], "n_trials": n_run, "paper_trial": paper_trial,
+               "pareto": pareto, "trials": trial_rows(trials, pareto), "confirmation": confirmed, "chosen": chosen,
+               "chosen_params": params.to_dict(), "target_refusal": config.optimize.target_refusal,
+               "timings_s": timings,
+               "trials_this_run": n_new, "trials_per_s": n_new / timings["search_s"] if n_new else None}
+    edit_path = write_outputs(out_dir, payload, params, directions)
+    return OptimizeResult(out_dir=out_dir, edit_path=edit_path, chosen_trial=chosen["trial"], paper_trial=paper_trial,
+                          params=params.to_dict(), confirmation=confirmed, n_trials=n_run, timings_s=timings,
+                          trials_per_s=payload["trials_per_s"],
+                          layer=paper.layer, position=paper.position, token_text=paper.meta.get("token_text", ""))
+
+
+def _paper_trial(trials: list[Any], values: dict[str, Any]) -> int:
+    """The number of the trial that ran the paper's edit (the first seeded one)."""
+    for trial in trials:
+        if all(trial.params.get(key) == value for key, value in values.items()):
+            return trial.number
+    return trials[0].number
+
+
+def _confirm_trial(state: SearchState, tokenizer: Any, held: Any, trial: Any) -> dict[str, Any]:
+    from abliterate.confirm import confirm
+
+    n_positions, n_layers, _ = state.candidates.shape
+    params = params_of(trial, n_layers, n_positions, state.config)
+    directions = layer_directions(params, state.candidates, state.harmless_mean)
+    figures = confirm(state.model, tokenizer, lambda: hooked_edit(state.model, params, directions), held)
+    return {**figures, "validation_refusal": trial.values[0], "validation_kl": trial.values[1],
+            "validation_refusing_share": trial.user_attrs.get("refusing_share")}
+
+
+def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tensor,
+             harmless_mean: torch.Tensor) -> tuple[SearchState, Any]:
+    """The validation set (filtered like measure's) with the base replies, and the held-out prompts."""
+    from abliterate.chat import format_instructions, refusal_token_ids, stop_token_ids
+    from abliterate.confirm import held_out
+    from abliterate.generation import pad_token_id
+    from abliterate.metrics import REFUSAL_SETS, batches
+    from abliterate.prompts import prompt_sets
+
+    sets = prompt_sets(config.prompts)
+    refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings))
+    harmful = format_instructions(tokenizer, [p.text for p in sets.harmful_val], config.model)
+    harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
+    size = config.measure.batch_size
+    scores = refusal_score(last_log_probs(model, encode(tokenizer, harmful + harmless, size)), refusal_ids)  # [n]
+    harmful_scores = scores[:len(harmful)]  # [n_harmful] base refusal scores
+    if config.measure.filter_prompts:  # as measure: harmful prompts the base refuses, harmless ones it answers
+        harmless = [t for t, score in zip(harmless, scores[len(harmful):]) if score < 0]
+        harmful = [t for t, score in zip(harmful, harmful_scores) if score > 0]
+        harmful_scores = harmful_scores[harmful_scores > 0]
+        if not harmful or not harmless:
+            raise UserError("No validation prompt is left after the refusal filter; set measure.filter_prompts = "
+                            "false or check the chat template (--chat-template).")
+    harmful_batches, harmless_batches = encode(tokenizer, harmful, size), encode(tokenizer, harmless, size)
+    # `batches` holds the harmful rows only: the harmless side is scored on whole replies (`abliterate.search`).
+    val = ValidationSet(harmful_batches, harmless_batches, torch.ones(len(harmful), dtype=torch.bool),
+                        last_log_probs(model, harmless_batches), harmful_scores)
+    stop_ids = list(stop_token_ids(tokenizer, model.generation_config))
+    pad_id = pad_token_id(tokenizer, stop_ids)
+    phrases, tokens, gen_size = REFUSAL_SETS[config.eval.refusal_set], config.optimize.confirm_tokens, config.eval.batch_size
+    replies = held_out(model, tokenizer, [], harmless, stop_ids, pad_id, phrases, tokens, gen_size)
+    reply_batches = [ReplySet.build(model, list(batch), pad_id) for batch in batches(replies.scored, size)]
+    state = SearchState(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
+                    config.optimize, reply_batches)
+    held = held_out(model, tokenizer, format_instructions(tokenizer, [p.text for p in sets.harmful_eval], config.model),
+                    format_instructions(tokenizer, [p.text for p in sets.harmless_eval], config.model), stop_ids,
+                    pad_id, phrases, tokens, gen_size)
+    return state, held
+
+
+# ---- as a step of `run`, and for the model card ----
+
+def describe_edit(params: dict[str, Any], chosen: dict[str, Any], paper_trial: int, n_trials: int) -> str:
+    """A Markdown paragraph for the model card: which edit shipped, with what parameters and figures."""
+    p = EditParams.from_dict(params)
+    direction = ("each layer's own candidate direction" if p.per_layer
+                 else f"one direction at fractional layer index {p.direction_index:.3f}")
+    kernels = "; ".join(f"{name}: weight {k.peak_weight:.3f} at layer {k.peak_layer:.2f}, falling to {k.min_weight:.3f} "
+                        f"at distance {k.width:.2f}" for name, k in (("attention/mixer", p.mixer), ("MLP", p.mlp)))
+    shipped = "the paper's single-direction edit" if chosen["trial"] == paper_trial else f"trial {chosen['trial']}"
+    return (f"Shipped: an optimized edit ({shipped} of a {n_trials}-trial multi-objective search, `abliterate "
+            f"optimize`), not the paper's full-strength edit everywhere. Direction: {direction}, position "
+            f"{p.position}{', harmless-mean component removed (projected)' if p.projected else ''}. Ablation weights "
+            f"per writer kind ({kernels}; embedding {p.embed_weight:.3f}). Every residual writer was edited "
+            f"T <- T - w (T.u) u with u = r (normalize(g * r) behind a post-norm), a rank-one change per matrix"
+            f"{'; then every d_model write vector was rescaled to its original length (norm-preserving)' if p.preserve_norm else ''}. "
+            f"Held out, by generation ({chosen['max_new_tokens']} new tokens, greedy): harmful refusal "
+            f"{chosen['harmful_refusal']:.2f}, harmless replies identical to the base model's "
+            f"{chosen['identical_share']:.0%}, per-token KL over the base model's replies {chosen['reply_kl']:.4f}. "
+            "The parameters are in abliterate/measure/edit.json.")
+
+
+def optimize_work(model: str, config: Config) -> Any:
+    """`run --optimize`'s first step; returns what `run` and the card read.
+
+    `run` gives each step a fresh folder, so the search itself runs in a working folder beside it that is named by
+    everything the trials depend on (not the trial count or `optimize.trial`): an interrupted `run --optimize`
+    resumes its search, and a changed setting starts a new one.
+    """
+    def work(folder: Path) -> dict:
+        import hashlib
+        import shutil
+
+        from abliterate.config import to_dict
+
+        settings = to_dict(config)
+        searched = {key: value for key, value in settings["optimize"].items() if key not in ("n_trials", "trial")}
+        digest = hashlib.sha256(json.dumps([model, settings["model"], settings["prompts"], settings["measure"],
+                                            searched], sort_keys=True).encode()).hexdigest()[:16]
+        scratch = folder.parent / f".optimize-{digest}"
+        scratch.mkdir(exist_ok=True)
+        found = optimize(model, scratch, config)
+        shutil.copytree(scratch, folder, dirs_exist_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        chosen = next(c for c in found.confirmation if c["trial"] == found.chosen_trial)
+        scores = json.loads((folder / "scores.json").read_text())
+        return {"direction": EDIT_FILE, "layer": found.layer, "position": found.position,
+                "token_text": found.token_text, "used_reference": False,
+                "n_prompts": {k: v for k, v in scores.get("prompt_counts", {}).items() if k.startswith("harm")},
+                "optimized": describe_edit(found.params, chosen, found.paper_trial, found.n_trials)}
+    return work

@@ -1,0 +1,216 @@
+"""The search behind `optimize`: the parameter space, the two forward-pass objectives, and a resumable study.
+
+A trial is an `abliterate.edit_params.EditParams` drawn by Optuna's multi-objective TPE sampler (Optuna is the
+well-kept library the leading peer uses too). Its objectives are computed on the validation prompts with the edit as
+hooks, exactly the checkpoint `apply` would write: the mean refusal probability sigmoid(refusal score) on harmful
+prompts and the per-token KL(base || edited) over the base model's greedy replies to harmless prompts. The paper's
+edit and two variants of it are enqueued first. Finished trials are logged in the output folder and replayed on a
+rerun (`load_study`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abliterate import progress
+from abliterate.activations import kl_divergence, refusal_score
+from abliterate.config import OptimizeConfig
+from abliterate.edit_params import EditParams, Kernel, hooked_edit, layer_directions
+from abliterate.selection import ValidationSet, last_log_probs
+
+log = logging.getLogger(__name__)
+
+TRIALS_LOG = "trials.jsonl"
+STUDY_NAME = "abliterate"
+
+
+@dataclass
+class SearchState:
+    """Everything a trial needs: the model, the validation set and the measured tables."""
+
+    model: Any
+    val: ValidationSet
+    refusal_ids: list[int]
+    candidates: torch.Tensor  # [position, layer, d_model] float64
+    harmless_mean: torch.Tensor  # [position, layer, d_model] float64
+    config: OptimizeConfig
+    replies: list[ReplySet]  # harmless validation prompts + the base model's greedy replies, in batches
+
+
+@dataclass
+class ReplySet:
+    """One right-padded batch of prompt + base reply sequences, its scored positions and the base log-probs there.
+
+    Built once, so a trial costs one forward pass and one log-softmax per batch (no per-row work).
+    """
+
+    input_ids: torch.Tensor  # [batch, seq]
+    attention_mask: torch.Tensor  # [batch, seq]
+    rows: torch.Tensor  # [tokens] row of every scored position
+    columns: torch.Tensor  # [tokens] position predicting each reply token
+    base: torch.Tensor  # [tokens, vocab] float32 base log-probs
+
+    @classmethod
+    def build(cls, model: Any, batch: list[Any], pad_id: int) -> ReplySet:
+        width = max(len(item.ids) for item in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, seq]
+        rows, columns = [], []
+        for row, item in enumerate(batch):
+            ids[row, : len(item.ids)] = torch.tensor(item.ids)
+            mask[row, : len(item.ids)] = 1
+            rows += [row] * len(item.positions)
+            columns += list(item.positions)
+        replies = cls(ids, mask, torch.tensor(rows), torch.tensor(columns), torch.empty(0))
+        replies.base = replies.log_probs(model)
+        return replies
+
+    @torch.inference_mode()
+    def log_probs(self, model: Any) -> torch.Tensor:
+        device = model.get_input_embeddings().weight.device
+        logits = model(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       use_cache=False).logits  # [batch, seq, vocab]
+        return torch.log_softmax(logits[self.rows.to(device), self.columns.to(device)].float(), dim=-1).cpu()
+
+
+# ---- the search space ----
+
+def suggest(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfig) -> EditParams:
+    """One point of the search space, drawn by an Optuna trial (the ranges are the peer's, widened to all layers)."""
+    top = float(n_layers - 1)
+
+    def kernel(name: str) -> Kernel:
+        peak = trial.suggest_float(f"{name}.peak_weight", 0.5, config.max_weight)
+        return Kernel(peak_weight=peak, peak_layer=trial.suggest_float(f"{name}.peak_layer", 0.0, top),
+                      min_weight=peak * trial.suggest_float(f"{name}.min_fraction", 0.0, 1.0),
+                      width=trial.suggest_float(f"{name}.width", 1.0, max(1.0, float(n_layers))))
+
+    choices = {"per_layer": config.search_per_layer, "projected": config.search_projected,
+               "preserve_norm": config.search_preserve_norm}
+    flags = {name: trial.suggest_categorical(name, [False, True]) if allowed else False
+             for name, allowed in choices.items()}
+    return EditParams(position=trial.suggest_int("position", -n_positions, -1),
+                      direction_index=trial.suggest_float("direction_index", 0.0, top),
+                      mixer=kernel("mixer"), mlp=kernel("mlp"),
+                      embed_weight=trial.suggest_float("embed_weight", 0.0, config.max_weight), **flags)
+
+
+def seeded_trials(layer: int, position: int, n_layers: int, config: OptimizeConfig) -> list[dict[str, Any]]:
+    """The paper's edit (every writer at weight 1, one direction) as trial values, and its two variants."""
+    full = {"peak_weight": 1.0, "peak_layer": 0.0, "min_fraction": 1.0, "width": float(n_layers)}
+    paper = {"position": position, "direction_index": float(layer), "embed_weight": 1.0,
+             **{f"{kind}.{key}": value for kind in ("mixer", "mlp") for key, value in full.items()}}
+    flags = [name for name, allowed in (("per_layer", config.search_per_layer), ("projected", config.search_projected),
+                                        ("preserve_norm", config.search_preserve_norm)) if allowed]
+    paper.update({name: False for name in flags})
+    variants = [{**paper, name: True} for name in ("projected", "preserve_norm") if name in flags]
+    return [paper, *variants]
+
+
+# ---- objectives ----
+
+@torch.inference_mode()
+def objectives(search: SearchState, params: EditParams) -> tuple[float, float, float]:
+    """(mean harmful refusal probability, mean per-token harmless reply KL, share of harmful prompts refusing).
+
+    The refusal probability is sigmoid(refusal score) at the last prompt position of the harmful validation prompts;
+    the KL is KL(base || edited) at every position of the base model's own greedy replies to the harmless validation
+    prompts (teacher-forced, so still forward passes only): the first reply token's distribution, which is the
+    paper's KL, and every later one, which is what decides whether harmless replies stay the same.
+    """
+    directions = layer_directions(params, search.candidates, search.harmless_mean)
+    with hooked_edit(search.model, params, directions):
+        log_probs = last_log_probs(search.model, search.val.batches)  # [n_harmful, vocab]
+        edited = [replies.log_probs(search.model) for replies in search.replies]  # each [tokens, vocab]
+    scores = refusal_score(log_probs, search.refusal_ids)  # [n_harmful]
+    per_token = torch.cat([kl_divergence(r.base, new) for r, new in zip(search.replies, edited)])  # [tokens]
+    kl = float(per_token.mean())
+    if not bool(torch.isfinite(scores).all()) or not math.isfinite(kl):
+        return math.inf, math.inf, 1.0
+    return float(torch.sigmoid(scores).mean()), kl, float((scores > 0).double().mean())
+
+
+def load_study(out_dir: Path, config: OptimizeConfig) -> Any:
+    """An in-memory study holding every trial already logged in `out_dir` (so a stopped search resumes).
+
+    Optuna's journal file fsyncs on every suggested value (about 1000 fsyncs for 60 trials of this search, 3.4 s on
+    the development VM: as long as the search itself), so finished trials are logged one JSON line each instead
+    (`TRIALS_LOG`, flushed, not fsynced) and replayed with Optuna's own `create_trial` on resume: a crash loses at
+    most the trial in flight.
+    """
+    import optuna
+    from optuna.distributions import json_to_distribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.n_startup_trials,
+                                         multivariate=True)
+    study = optuna.create_study(study_name=STUDY_NAME, sampler=sampler, directions=["minimize", "minimize"])
+    log_path = out_dir / TRIALS_LOG
+    lines = log_path.read_text().splitlines() if log_path.is_file() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash: that trial is simply run again
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=row["params"], values=row["values"], user_attrs=row["user_attrs"],
+            distributions={name: json_to_distribution(text) for name, text in row["distributions"].items()}))
+    return study
+
+
+def log_trial(out_dir: Path, trial: Any) -> None:
+    """Append one finished trial to the study's log (see `_study`)."""
+    from optuna.distributions import distribution_to_json
+
+    row = {"number": trial.number, "params": trial.params, "values": trial.values, "user_attrs": trial.user_attrs,
+           "distributions": {name: distribution_to_json(d) for name, d in trial.distributions.items()}}
+    with (out_dir / TRIALS_LOG).open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def search(study: Any, state: SearchState, paper: tuple[int, int], n_layers: int, n_positions: int,
+           out_dir: Path) -> float:
+    """Run the trials the study still lacks; returns the seconds they took."""
+    from optuna.trial import TrialState
+
+    config = state.config
+    if not study.trials:
+        for values in seeded_trials(paper[0], paper[1], n_layers, config):
+            study.enqueue_trial(values)
+    done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
+    remaining = max(0, config.n_trials - done)
+    start = time.perf_counter()
+    for _ in progress.track(range(remaining), "optimizing the edit (trials)"):
+        trial = study.ask()
+        params = suggest(trial, n_layers, n_positions, config)
+        refusal, kl, refusing = objectives(state, params)
+        trial.set_user_attr("refusing_share", refusing)
+        log_trial(out_dir, study.tell(trial, [refusal, kl]))
+    elapsed = time.perf_counter() - start
+    if remaining:
+        log.info("%d trials in %.1f s (%.1f trials/s).", remaining, elapsed, remaining / max(elapsed, 1e-9))
+    return elapsed
+
+
+def params_of(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfig) -> EditParams:
+    """The EditParams a finished trial stands for (its recorded values replayed through the search space)."""
+    import optuna
+
+    fixed = optuna.trial.FixedTrial(trial.params)
+    return suggest(fixed, n_layers, n_positions, config)
+
+
+def trial_rows(trials: list[Any], pareto: list[int]) -> list[dict[str, Any]]:
+    """Every finished trial as JSON rows: its values, whether it is on the front, its raw parameters."""
+    front = set(pareto)
+    return [{"trial": t.number, "refusal": t.values[0], "kl": t.values[1],
+             "refusing_share": t.user_attrs.get("refusing_share"), "pareto": t.number in front, "params": t.params}
+            for t in trials if t.values is not None]

@@ -1,0 +1,188 @@
+"""`optimize` on the toy refuser: the search, its confirmation, the shipped edit, resuming, and the CLI.
+
+One short search is shared by the module. The checks: the paper's edit is a trial and is confirmed; the shipped
+edit meets the refusal target held out; the checkpoint `apply` writes from edit.json gives, by generation, exactly
+the refusal rate and identical-reply share the confirmation measured on the hooked model; a second call with more
+trials continues the same study (earlier trials unchanged, measurement reused); `--trial N` ships trial N; and
+`run --optimize` writes a card that says which edit shipped and resumes an interrupted search.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from abliterate.cli import app
+from abliterate.config import Config
+
+N_TRIALS = 8
+
+
+def small_config(**optimize: object) -> Config:
+    from abliterate.pipeline import demo_config
+
+    config = demo_config()
+    config.prompts.n_eval = 40
+    config.optimize.n_trials = N_TRIALS
+    config.optimize.n_startup_trials = 4
+    config.optimize.n_confirm = 2
+    for key, value in optimize.items():
+        setattr(config.optimize, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def searched(toy_refuser_dir: Path, tmp_path_factory: pytest.TempPathFactory, one_thread: None):
+    from abliterate.optimize import optimize
+
+    out = tmp_path_factory.mktemp("optimize") / "out"
+    return optimize(str(toy_refuser_dir), out, small_config()), out
+
+
+def _replies(model_dir: Path, prompts: list[str], config: Config) -> list[list[int]]:
+    from abliterate.chat import format_instructions, stop_token_ids
+    from abliterate.generation import generate_transformers
+    from abliterate.model import load_model
+
+    model, tokenizer = load_model(str(model_dir), config.model)
+    texts = format_instructions(tokenizer, prompts, config.model)
+    stop = stop_token_ids(tokenizer, model.generation_config)
+    return generate_transformers(model, tokenizer, texts, stop, config.optimize.confirm_tokens, 100)
+
+
+def test_the_papers_edit_is_a_confirmed_trial_and_the_shipped_edit_meets_the_target(searched) -> None:
+    result, out = searched
+    record = json.loads((out / "optimize.json").read_text())
+    assert record["n_trials"] == N_TRIALS and len(record["trials"]) == N_TRIALS
+    assert record["paper_trial"] == 0 and record["trials"][0]["params"]["direction_index"] == float(result.layer)
+    assert set(record["pareto"]) <= {row["trial"] for row in record["trials"]}
+    confirmed = {row["trial"]: row for row in record["confirmation"]}
+    assert 0 in confirmed and result.chosen_trial in confirmed
+    chosen = confirmed[result.chosen_trial]
+    assert chosen["harmful_refusal"] <= 0.05
+    assert chosen["reply_kl"] <= confirmed[0]["reply_kl"] or confirmed[0]["harmful_refusal"] > 0.05
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "edit.json").is_file()
+
+
+@torch.no_grad()
+def test_the_written_checkpoint_replies_exactly_as_the_confirmed_hooked_model(searched, toy_refuser_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    from abliterate.checkpoint import apply_direction
+    from abliterate.prompts import prompt_sets
+
+    result, out = searched
+    config = small_config()
+    record = apply_direction(str(toy_refuser_dir), out / "edit.json", tmp_path / "edited", config)
+    assert record["parameterized_edit"]["params"] == result.params
+    sets = prompt_sets(config.prompts)
+    harmful = [p.text for p in sets.harmful_eval]
+    harmless = [p.text for p in sets.harmless_eval]
+    from abliterate.metrics import PAPER_REFUSALS, is_refusal
+
+    edited = _replies(tmp_path / "edited", harmful, config)
+    refusal = sum(is_refusal(reply.text, PAPER_REFUSALS) for reply in edited) / len(edited)
+    same = [a.token_ids == b.token_ids for a, b in zip(_replies(tmp_path / "edited", harmless, config),
+                                                        _replies(toy_refuser_dir, harmless, config))]
+    chosen = next(row for row in result.confirmation if row["trial"] == result.chosen_trial)
+    assert refusal == chosen["harmful_refusal"]
+    assert sum(same) / len(same) == chosen["identical_share"]
+
+
+def test_more_trials_continue_the_same_study_and_trial_n_ships_trial_n(searched, tmp_path: Path,
+                                                                        toy_refuser_dir: Path) -> None:
+    from abliterate.optimize import optimize
+
+    _, out = searched
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "optimize.json").read_text())["trials"]
+    candidates_mtime = (copy / "candidates.safetensors").stat().st_mtime_ns
+    result = optimize(str(toy_refuser_dir), copy, small_config(n_trials=N_TRIALS + 2, trial=3))
+    after = json.loads((copy / "optimize.json").read_text())
+    assert len(after["trials"]) == N_TRIALS + 2
+    def values(rows: list[dict]) -> list[tuple]:  # the front may change with more trials; the trials do not
+        return [(row["trial"], row["refusal"], row["kl"], row["params"]) for row in rows]
+
+    assert values(after["trials"][:N_TRIALS]) == values(before)
+    assert (copy / "candidates.safetensors").stat().st_mtime_ns == candidates_mtime  # the measurement was reused
+    assert result.chosen_trial == 3
+    edit = json.loads((copy / "edit.json").read_text())
+    assert edit["trial"] == 3 and edit["params"] == result.params
+
+
+def test_run_optimize_ships_the_optimized_edit_and_says_so_on_the_card(toy_refuser_dir: Path, tmp_path: Path,
+                                                                       one_thread: None) -> None:
+    config = tmp_path / "small.toml"
+    root = Path(__file__).resolve().parents[1]
+    config.write_text((root / "configs" / "toy.toml").read_text()
+                      + f"\n[optimize]\nn_trials = {N_TRIALS}\nn_startup_trials = 4\nn_confirm = 1\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(toy_refuser_dir), "--out", str(out), "--config", str(config),
+                                      "--optimize", "--skip-eval"])
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "Shipped: an optimized edit" in card
+    record = json.loads((out / "abliteration.json").read_text()) if (out / "abliteration.json").is_file() else \
+        json.loads((out / "abliterate" / "apply" / "checkpoint" / "abliteration.json").read_text())
+    assert record["parameterized_edit"]["format"].startswith("abliterate-parameterized-edit")
+
+
+def test_optimize_help_names_its_options() -> None:
+    result = CliRunner().invoke(app, ["optimize", "--help"])
+    assert result.exit_code == 0
+    assert "--n-trials" in result.output and "--trial" in result.output
+
+
+def test_optimize_command_on_a_finished_search_reruns_nothing_and_prints_the_confirmation(
+        searched, toy_refuser_dir: Path, tmp_path: Path) -> None:
+    _, out = searched
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = tmp_path / "small.toml"
+    root = Path(__file__).resolve().parents[1]
+    config.write_text((root / "configs" / "toy.toml").read_text().replace("n_eval = 100", "n_eval = 40")
+                      + "\n[optimize]\nn_startup_trials = 4\nn_confirm = 2\n")
+    result = CliRunner().invoke(app, ["optimize", str(toy_refuser_dir), "--out", str(copy), "--config", str(config),
+                                      "--n-trials", str(N_TRIALS)])
+    assert result.exit_code == 0, result.output
+    assert "(paper)" in result.output and "yes" in result.output
+    assert len((copy / "trials.jsonl").read_text().splitlines()) == N_TRIALS  # nothing new was run
+    assert json.loads((copy / "optimize.json").read_text())["trials_per_s"] is None
+    inspected = CliRunner().invoke(app, ["inspect", str(toy_refuser_dir), "--direction", str(copy / "edit.json")])
+    assert inspected.exit_code == 0, inspected.output
+
+
+def test_an_interrupted_run_optimize_resumes_its_search(toy_refuser_dir: Path, tmp_path: Path, one_thread: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from abliterate import search
+
+    config = tmp_path / "small.toml"
+    root = Path(__file__).resolve().parents[1]
+    config.write_text((root / "configs" / "toy.toml").read_text().replace("n_eval = 100", "n_eval = 40")
+                      + f"\n[optimize]\nn_trials = {N_TRIALS}\nn_startup_trials = 4\nn_confirm = 1\n")
+    out = tmp_path / "run"
+    args = ["run", str(toy_refuser_dir), "--out", str(out), "--config", str(config), "--optimize", "--skip-eval"]
+    real, calls = search.objectives, []
+
+    def interrupted(*a: object, **k: object) -> tuple[float, float, float]:
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("the machine went away")
+        return real(*a, **k)
+
+    monkeypatch.setattr(search, "objectives", interrupted)
+    assert CliRunner().invoke(app, args).exit_code != 0
+    (scratch,) = (out / "abliterate").glob(".optimize-*")
+    logged = (scratch / "trials.jsonl").read_text().splitlines()
+    assert len(logged) == 5
+    monkeypatch.setattr(search, "objectives", real)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    final = (out / "abliterate" / "measure" / "trials.jsonl").read_text().splitlines()
+    assert len(final) == N_TRIALS and final[:5] == logged
+    assert not list((out / "abliterate").glob(".optimize-*"))
