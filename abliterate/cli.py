@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Optional
 
 import typer
 
-from abliterate.errors import UserError
+from abliterate.entry import on_interrupt, run_app
 
 app = typer.Typer(
     name="abliterate",
@@ -40,10 +40,32 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from abliterate import __version__
+
+        typer.echo(f"abliterate {__version__}")
+        raise typer.Exit()
+
+
+def _silence_library_bars() -> None:
+    """No progress bars from huggingface_hub and transformers ("Loading weights", downloads): for -q and pipes."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by both libraries when they are imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 @app.callback()
 def _setup(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings, errors and results.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging (also after the command).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings, errors and results (also after the command).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
     """Configure logging and progress bars for every command."""
     from rich.logging import RichHandler
@@ -55,7 +77,47 @@ def _setup(
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    progress.set_reporter(None if quiet or not sys.stderr.isatty() else _rich_reporter)
+    bars = not quiet and sys.stderr.isatty()  # a pipe or a log file gets no carriage-return noise
+    if not bars:
+        _silence_library_bars()
+    progress.set_reporter(_rich_reporter if bars else None)
+
+
+# Options shared by the commands that load a model or talk to the Hub.
+TrustRemoteCode = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only for code you trust).")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="accelerate device_map: auto, cpu, cuda:0, ...")]
+MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
+OffloadFolder = Annotated[Optional[str], typer.Option("--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
+Token = Annotated[Optional[str], typer.Option("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
+
+
+def _model_flags(trust_remote_code: bool | None, device_map: str | None, max_memory: str | None,
+                 offload_folder: str | None) -> dict[str, object]:
+    return {"model.trust_remote_code": trust_remote_code, "model.device_map": device_map,
+            "model.max_memory": max_memory, "model.offload_folder": offload_folder}
+
+
+def _use_token(token: str | None) -> None:
+    """Hand --token to huggingface_hub the way it reads one (HF_TOKEN), so it is never part of a config."""
+    if token:
+        os.environ["HF_TOKEN"] = token
+
+
+def _nothing_written(out: object) -> Callable[[], str]:
+    return lambda: f"nothing was written to {out} (outputs are moved into place only when complete); run the same command to start again"
+
+
+def _run_progress(out: object) -> Callable[[], str]:
+    def note() -> str:
+        from pathlib import Path
+
+        from abliterate.pipeline import finished_steps
+
+        done = finished_steps(Path(str(out)).expanduser())
+        if not done:
+            return f"no step had finished; run the same command to start again (into {out})"
+        return f"finished {', '.join(done)} (kept in {out}/abliterate); run the same command to resume"
+    return note
 
 
 # Commands are registered below, one block per stage; each block only parses options and calls the library.
@@ -84,6 +146,11 @@ def measure_command(
     score_all: Annotated[Optional[bool], typer.Option("--score-all", help="Compute every candidate's induce score (full figure).")] = None,
     direction_file: Annotated[Optional[str], typer.Option("--direction-file", help="Reference direction to compare every candidate with.")] = None,
     use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
+    trust_remote_code: TrustRemoteCode = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    token: Token = None,
 ) -> None:
     """Find the refusal direction: candidates at every layer and end-of-instruction position, scored and chosen."""
     from pathlib import Path
@@ -100,8 +167,12 @@ def measure_command(
         "measure.batch_size": batch_size, "measure.kl_max": kl_max, "measure.max_layer_fraction": max_layer_fraction,
         "measure.filter_prompts": filter_prompts, "measure.score_all": score_all,
         "measure.direction_file": direction_file, "measure.use_reference": use_reference,
+        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
-    result = measure(model, Path(out), load_config(config_file, overrides))
+    config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(_nothing_written(out))
+    result = measure(model, Path(out), config)
     table = Table(title=f"abliterate measure: {model}")
     for header in ("layer", "position", "token", "bypass", "KL", "induce"):
         table.add_column(header)
@@ -135,6 +206,11 @@ def eval_command(
     ce_text: Annotated[Optional[str], typer.Option("--ce-text", help="General text for CE loss: .txt, .jsonl or hf:owner/name.")] = None,
     ce_chat: Annotated[Optional[str], typer.Option("--ce-chat", help="Instruction/output pairs for reply-only CE loss.")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    trust_remote_code: TrustRemoteCode = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    token: Token = None,
 ) -> None:
     """Evaluate a model (and its base side by side): refusal, over-refusal, safety judge, CE loss and KL."""
     from pathlib import Path
@@ -149,9 +225,13 @@ def eval_command(
         "eval.judge": judge, "eval.judge_model": judge_model, "eval.max_new_tokens": max_new_tokens,
         "eval.batch_size": batch_size, "eval.backend": backend, "eval.refusal_set": refusal_set,
         "eval.ce_text": ce_text, "eval.ce_chat": ce_chat,
+        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
     out_dir = Path(out) if out else Path(f"eval-{Path(model.rstrip('/')).name}")
-    report = evaluate(model, load_config(config_file, overrides), out_dir, base=base)
+    config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(lambda: f"no report was written to {out_dir}; run the same command to start again")
+    report = evaluate(model, config, out_dir, base=base)
     table = Table(title=f"abliterate eval: {model}" + (f" vs {base}" if base else ""))
     for header in ["metric"] + [report.data["labels"][column] for column in report.columns]:
         table.add_column(header)
@@ -213,6 +293,11 @@ def run(
     skip_eval: Annotated[Optional[bool], typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
     push: Annotated[Optional[str], typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun every step; allow a non-empty --out.")] = False,
+    trust_remote_code: TrustRemoteCode = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    token: Token = None,
 ) -> None:
     """The whole job: measure the refusal direction, remove it from the weights, evaluate, write the model card."""
     from pathlib import Path
@@ -227,8 +312,12 @@ def run(
         "prompts.seed": seed, "measure.direction_file": direction_file, "measure.use_reference": use_reference,
         "apply.max_shard_size": max_shard_size, "eval.max_new_tokens": max_new_tokens, "eval.judge": judge,
         "run.skip_eval": skip_eval, "run.push": push,
+        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
-    result = run_pipeline(model, Path(out), load_config(config_file, overrides), force=force)
+    config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(_run_progress(out))
+    result = run_pipeline(model, Path(out), config, force=force)
     _print_run_summary(result, _console())
 
 
@@ -241,8 +330,10 @@ def demo(
 
     from rich.table import Table
 
-    from abliterate.pipeline import demo as run_demo
+    from abliterate.demo import demo as run_demo
 
+    if out:
+        on_interrupt(_run_progress(out))
     result = run_demo(Path(out) if out else None)
     console = _console()
     table = Table(title="Held-out prompts, toy refuser before and after abliteration")
@@ -263,6 +354,7 @@ def apply(
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
     config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+    token: Token = None,
 ) -> None:
     """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
     from pathlib import Path
@@ -276,6 +368,8 @@ def apply(
     if max_shard_size is not None:
         overrides["apply"] = {"max_shard_size": max_shard_size}
     config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(_nothing_written(out))
     record = apply_direction(model, Path(direction), Path(out), config, force=force)
     _console().print(f"Wrote {out}: {record['n_edited']} tensors edited ({record['architecture']}), "
                      f"{record['n_copied']} copied unchanged, {len(record['shards'])} shard(s); record in "
@@ -288,6 +382,7 @@ def inspect(
     direction: Annotated[Optional[str], typer.Option("--direction", help="Direction file to check against the model.")] = None,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+    token: Token = None,
 ) -> None:
     """Show which tensors `apply` would edit and how, without writing anything."""
     from collections import Counter
@@ -299,6 +394,7 @@ def inspect(
     from abliterate.config import load_config
 
     config = load_config(config_file, {"model": {"revision": revision}} if revision is not None else None)
+    _use_token(token)
     plan = inspect_checkpoint(model, Path(direction) if direction else None, config)
     console = _console()
     for line in plan.describe():
@@ -320,43 +416,23 @@ def push(
     repo: Annotated[str, typer.Option("--repo", help="Hub model repository, owner/name (created if missing).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
     revision: Annotated[str, typer.Option("--revision", help="Branch to push to (created if missing).")] = "",
+    commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Message of the Hub commit.")] = None,
+    token: Token = None,
 ) -> None:
     """Upload a finished output folder to the Hugging Face Hub, after checking that it is complete."""
     from pathlib import Path
 
     from abliterate.hub import push as push_folder
 
-    url = push_folder(Path(folder), repo, private=private, revision=revision)
+    on_interrupt(lambda: "the Hub keeps what was uploaded so far; run the same command to send the rest")
+    url = push_folder(Path(folder), repo, private=private, revision=revision, token=token,
+                      commit_message=commit_message)
     _console().print(f"Pushed {folder} to {repo}: {url}")
 
 
 def main() -> None:
-    """Console entry point: run the app with the one top-level handler for user errors."""
-    try:
-        app(standalone_mode=False)
-    except UserError as error:
-        if os.environ.get("ABLITERATE_DEBUG") == "1":
-            raise
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to continue", err=True)
-        sys.exit(130)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except Exception as error:  # noqa: BLE001 - the one place that decides how failures look
-        import click
-
-        if isinstance(error, click.exceptions.Exit):
-            sys.exit(error.exit_code)
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if os.environ.get("ABLITERATE_DEBUG") == "1":
-            raise
-        typer.echo(f"error: {type(error).__name__}: {error} (set ABLITERATE_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+    """Console entry point (see abliterate.entry for exit codes, Ctrl-C and flags after the command)."""
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ class ModelConfig:
     revision: str = setting("", "Hub revision (branch, tag or commit) of the model; empty for the default branch.")
     dtype: str = setting("auto", "Dtype to load the model in for measuring and evaluating: auto, float32, bfloat16, float16.")
     device_map: str = setting("auto", "accelerate device_map for loading (auto spreads a big model over GPUs and CPU).")
+    max_memory: str = setting("", 'Memory per device when loading with a device_map, e.g. "0=20GiB,cpu=60GiB"; empty for accelerate\'s choice.')
+    offload_folder: str = setting("", "Folder for weights that fit in neither GPU nor CPU memory (disk offload); empty for none.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model repository. Off unless you trust it.")
     chat_template: str = setting("", "A Jinja chat template file to use instead of the tokenizer's own.")
     system_prompt: str = setting("", "System prompt put before every instruction; empty for none.")
@@ -92,6 +94,19 @@ def parse_size(text: str) -> int:
         raise UserError(f"Invalid shard size '{text}'; pass --max-shard-size (apply.max_shard_size) like 5GB, "
                         "500MB or a byte count.")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """{device: size} from "0=20GiB,cpu=60GiB" (accelerate's max_memory; GPU indices become ints)."""
+    found: dict[int | str, str] = {}
+    for part in filter(None, (item.strip() for item in str(text).split(","))):
+        device, _, size = part.partition("=")
+        device, size = device.strip(), size.strip()
+        if not device or not re.fullmatch(r"\d+(?:\.\d+)?\s*[KMGT]i?B", size, flags=re.IGNORECASE):
+            raise UserError(f"Invalid --max-memory entry '{part}'; pass DEVICE=SIZE pairs such as "
+                            "\"0=20GiB,cpu=60GiB\" (model.max_memory).")
+        found[int(device) if device.isdigit() else device] = size
+    return found
 
 
 @dataclass
@@ -205,6 +220,7 @@ def validate(config: Config) -> None:
         raise UserError(f"eval.judge must be together, local:PATH or none, got '{e.judge}'.")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
+    parse_max_memory(config.model.max_memory)
     parse_size(config.apply.max_shard_size)  # a bad size fails now, not after an hour of measuring
 
 

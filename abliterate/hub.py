@@ -28,6 +28,8 @@ ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinj
 IGNORE_PATTERNS = ["consolidated*", "original/*", "*/*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf",
                    "*.msgpack", "*.h5", "*.onnx*"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# The folder of an output that holds how it was made (direction, scores, config, reports), beside the checkpoint.
+PROVENANCE_DIR = "abliterate"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -62,6 +64,15 @@ def check_model_dir(path: Path) -> Path:
                         "only, because pickles can run code. Convert the checkpoint to safetensors first "
                         "(load it and save_pretrained) or use a repository that has .safetensors files.")
     raise UserError(f"{path} has no .safetensors weights; pass a directory or Hub id with a safetensors checkpoint.")
+
+
+def public_model_name(source: str) -> str:
+    """The model as the user named it, safe to publish: a Hub id as given, a local folder by its name only.
+
+    Outputs get pushed; a full local path would leak the user's file layout (and often their user name).
+    """
+    path = Path(source).expanduser()
+    return path.resolve().name if path.exists() else source
 
 
 def is_hub_id(source: str) -> bool:
@@ -165,44 +176,52 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 
 
 def _safetensors_names(path: Path) -> set[str]:
-    """Tensor names in a safetensors file, read from its header alone (8-byte length, then JSON)."""
+    """Tensor names in a safetensors file, after checking from its header that every tensor lies inside the file.
+
+    Sizes only, no tensor data: a shard truncated by an interrupted copy is refused before it reaches the network.
+    """
+    from abliterate.shards import read_header
+
     try:
-        with path.open("rb") as handle:
-            header_bytes = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_bytes))
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path.name} in {path.parent} is not a readable safetensors file ({error}); rerun the job "
-                        "that wrote the folder.")
-    return {name for name in header if name != "__metadata__"}
+        tensors, _ = read_header(path)
+    except UserError as error:
+        reason = str(error).split(" is ", 1)[-1].split(";")[0]  # "truncated or corrupt (...)", without its advice
+        raise UserError(f"{path.name} in {path.parent} is {reason}; rerun the job that wrote the folder.") from None
+    return {tensor.name for tensor in tensors}
 
 
 def _check_weights(folder: Path) -> None:
-    """The safetensors index, if any, must name exactly the shards present and the tensors they hold."""
+    """The weights are whole: the index (if any) names exactly the shards present, and the tensors they hold.
+
+    Every `*.safetensors` at the top must be a weight shard: vLLM loads all of them when there is no index.
+    """
     index_path = folder / "model.safetensors.index.json"
     shards_present = {p.name for p in folder.glob("*.safetensors")}
-    if not index_path.is_file():
-        if "model.safetensors" not in shards_present:
-            raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; "
-                            "push the --out folder of a finished `abliterate run` or `apply`.")
-        _safetensors_names(folder / "model.safetensors")
-        return
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{index_path} is not a valid safetensors index ({error}); rerun the job that wrote it.")
     indexed: dict[str, set[str]] = {}
-    for tensor_name, shard in weight_map.items():
-        indexed.setdefault(shard, set()).add(tensor_name)
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{index_path} is not a valid safetensors index ({error}); rerun the job that wrote it.")
+        for tensor_name, shard in weight_map.items():
+            indexed.setdefault(shard, set()).add(tensor_name)
+    elif "model.safetensors" not in shards_present:
+        raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; "
+                        "push the --out folder of a finished `abliterate run` or `apply`.")
     missing = sorted(set(indexed) - shards_present)
     if missing:
         raise UserError(f"{folder} is incomplete: the index names shards that are missing ({', '.join(missing)}); "
                         "rerun the job that wrote it.")
-    stray = sorted(shards_present - set(indexed))
+    stray = sorted(shards_present - (set(indexed) or {"model.safetensors"}))
+    if "direction.safetensors" in stray:  # where older abliterate versions wrote it
+        raise UserError(f"{folder} has direction.safetensors beside the weights, where runtimes would load it as "
+                        f"weights; move it and direction.json into {folder / PROVENANCE_DIR}, then push.")
     if stray:
         raise UserError(f"{folder} holds shards the index does not name ({', '.join(stray)}); remove them or "
                         "rerun the job that wrote the folder.")
-    for shard, names in indexed.items():
-        if _safetensors_names(folder / shard) != names:
+    for shard in sorted(set(indexed) or {"model.safetensors"}):
+        names = _safetensors_names(folder / shard)
+        if indexed and names != indexed[shard]:
             raise UserError(f"{folder / shard} does not hold the tensors its index lists; rerun the job that wrote it.")
 
 

@@ -89,6 +89,12 @@ def load_model(source: str, model_config: Any, dtype: str | None = None) -> tupl
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype or model_config.dtype), "use_safetensors": True,
                               "trust_remote_code": model_config.trust_remote_code}
     device_map = _device_map(model_config.device_map)
+    max_memory, offload = getattr(model_config, "max_memory", ""), getattr(model_config, "offload_folder", "")
+    if max_memory or offload:  # a memory budget or disk offload needs accelerate's placement, even on a CPU
+        from abliterate.config import parse_max_memory
+
+        device_map = device_map or model_config.device_map or "auto"
+        kwargs.update({"max_memory": parse_max_memory(max_memory) or None, "offload_folder": offload or None})
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:

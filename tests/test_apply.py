@@ -70,8 +70,12 @@ ATTENTION = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left paddi
 def test_output_files(applied, llama_dir):
     out, _ = applied
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["model.safetensors", "config.json", "generation_config.json", "direction.json",
-                            "direction.safetensors", "abliteration.json", *SMALL_FILES])
+    assert names == sorted(["model.safetensors", "config.json", "generation_config.json", "abliteration.json",
+                            "abliterate", *SMALL_FILES])
+    # The direction lives with the provenance: runtimes that load every *.safetensors at the top (vLLM without an
+    # index) meet only the weights.
+    assert sorted(p.name for p in (out / "abliterate").iterdir()) == ["direction.json", "direction.safetensors"]
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
     for name in [*SMALL_FILES, "generation_config.json"]:
         assert (out / name).read_bytes() == (llama_dir / name).read_bytes()
     config = json.loads((out / "config.json").read_text())
@@ -152,7 +156,8 @@ def test_record_and_shard_provenance(applied, direction_file, llama_dir):
         metadata = handle.metadata()
     assert metadata["format"] == "pt"
     assert json.loads(metadata["abliterate"])["direction_sha256"] == sha
-    assert torch.equal(load_file(str(out / "direction.safetensors"))["direction"], _unit(direction_file))
+    assert torch.equal(load_file(str(out / "abliterate" / "direction.safetensors"))["direction"], _unit(direction_file))
+    assert record["direction"]["saved_as"] == ["abliterate/direction.json", "abliterate/direction.safetensors"]
 
 
 def load_direction_sha(path) -> str:

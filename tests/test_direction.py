@@ -136,7 +136,23 @@ class _Payload:
 def test_pickle_with_code_refused(tmp_path):
     with open(tmp_path / "d.pt", "wb") as handle:
         pickle.dump(_Payload(), handle, protocol=2)
-    assert "not a tensor saved with torch.save" in _error(tmp_path / "d.pt")
+    assert "holds pickled Python objects besides tensors" in _error(tmp_path / "d.pt")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_pickle_refusal_gives_no_advice_to_run_code_and_no_torch_warning(tmp_path, protocol):
+    import subprocess
+    import sys
+
+    with open(tmp_path / "d.pt", "wb") as handle:
+        pickle.dump(np.ones(D_MODEL), handle, protocol=protocol)  # protocol 4 makes torch warn
+    message = _error(tmp_path / "d.pt")
+    assert "weights_only" not in message and "trust" not in message and "Re-running" not in message
+    # In a fresh process with every warning shown: nothing from torch reaches stderr.
+    code = ("import warnings, sys; warnings.simplefilter('default'); from abliterate.direction import load_direction\n"
+            f"try:\n    load_direction({str(tmp_path / 'd.pt')!r})\nexcept Exception as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "pickled Python objects" in done.stdout and done.stderr == ""
 
 
 def test_pt_holding_a_dict_refused(tmp_path, raw):
