@@ -344,7 +344,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         shutil.rmtree(prov / "eval", ignore_errors=True)
     local_inputs = [value for section in to_dict(config).values() for value in section.values() if isinstance(value, str)]
     scrub_tree(out_dir, private_paths(model, model_dir, out_dir, public_model_name(model), local_inputs))
-    files = publish(out_dir, checkpoint, _card_text(model, model_dir, out_dir, config, steps))
+    files = sorted(set(publish(out_dir, checkpoint, _card_text(model, model_dir, out_dir, config, steps))) | set(published))
     result = RunResult(
         out_dir=out_dir, layer=steps["measure"]["layer"], position=steps["measure"]["position"],
         n_layers=steps["apply"]["n_layers"], n_edited=steps["apply"]["n_edited"],

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from abliterate.config import load_config
-from abliterate.pipeline import _publish, _unpublish, render_toml, reproduce_command, run_step, step_keys
+from abliterate import publish as publish_module
+from abliterate.pipeline import render_toml, reproduce_command, run_step, step_keys
+from abliterate.publish import publish, unpublish
 
 
 def _keys(**overrides) -> dict[str, str]:
@@ -76,25 +78,32 @@ def test_an_interrupted_step_leaves_the_last_finished_one_and_reruns(tmp_path: P
     assert json.loads((tmp_path / "apply" / "step.json").read_text())["key"] == "new-key"
 
 
-def test_publish_links_every_file_and_writes_config_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_publish_moves_every_file_config_last_and_unpublish_moves_them_back(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch):
     checkpoint, out = tmp_path / "checkpoint", tmp_path / "out"
-    checkpoint.mkdir()
+    (checkpoint / "abliterate").mkdir(parents=True)
     out.mkdir()
-    for name, text in (("config.json", "{}"), ("model.safetensors", "weights"), ("tokenizer.json", "tok"),
-                       ("README.md", "base card")):
+    for name, text in (("config.json", "{}"), ("model.safetensors", "weights"), ("tokenizer.json", "tok")):
         (checkpoint / name).write_text(text)
+    (checkpoint / "abliterate" / "direction.json").write_text("{}")
+    inode = (checkpoint / "model.safetensors").stat().st_ino
     order: list[str] = []
-    from abliterate import pipeline
-
-    real_link = pipeline._link
-    monkeypatch.setattr(pipeline, "_link", lambda source, target: (order.append(target.name), real_link(source, target)))
-    published = _publish(out, checkpoint, "our card")
-    assert order[-1] == "config.json" and "README.md" not in order
+    real_replace = publish_module.os.replace
+    monkeypatch.setattr(publish_module.os, "replace",
+                        lambda source, target: (order.append(Path(target).name), real_replace(source, target)))
+    published = publish(out, checkpoint, "our card")
+    monkeypatch.undo()
+    assert order[-1] == "config.json"
     assert published == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
-    assert (out / "README.md").read_text() == "our card" and (checkpoint / "README.md").read_text() == "base card"
-    assert (out / "model.safetensors").stat().st_ino == (checkpoint / "model.safetensors").stat().st_ino
-    _unpublish(out, published)
+    assert (out / "README.md").read_text() == "our card"
+    # Moved, not copied or linked: one copy of the weights, and the checkpoint folder keeps only its provenance.
+    assert (out / "model.safetensors").stat().st_ino == inode and (out / "model.safetensors").stat().st_nlink == 1
+    assert [p.name for p in checkpoint.iterdir()] == ["abliterate"]
+    assert publish(out, checkpoint, "new card") == ["README.md"]  # already published: only the card is rewritten
+    unpublish(out, checkpoint, published)
     assert list(out.iterdir()) == []
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["abliterate", "config.json", "model.safetensors",
+                                                          "tokenizer.json"]
 
 
 def test_resolved_config_round_trips_and_the_command_has_no_local_path(tmp_path: Path):
