@@ -205,8 +205,8 @@ def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) ->
          "research and apply your own safeguards."),
         "",
         *_what_was_done(facts),
-        *([f"![Refusal score with the direction ablated and added, and KL, for every candidate layer and position "
-             f"(the chosen one starred)]({facts.figure})", ""] if facts.figure else []),
+        *([(f"![Refusal score with the direction ablated and added, and KL, for every candidate layer and position "
+              f"(the chosen one starred)]({facts.figure})"), ""] if facts.figure else []),
         *([] if evaluation.startswith("## Evaluation") else ["## Evaluation", ""]),
         evaluation,
         "",

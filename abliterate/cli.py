@@ -84,11 +84,11 @@ def _setup(
 
 
 # Options shared by the commands that load a model or talk to the Hub.
-TrustRemoteCode = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only for code you trust).")]
-DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="accelerate device_map: auto, cpu, cuda:0, ...")]
-MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
-OffloadFolder = Annotated[Optional[str], typer.Option("--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
-Token = Annotated[Optional[str], typer.Option("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
+TrustRemoteCode = Annotated[bool | None, typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only for code you trust).")]
+DeviceMap = Annotated[str | None, typer.Option("--device-map", help="accelerate device_map: auto, cpu, cuda:0, ...")]
+MaxMemory = Annotated[str | None, typer.Option("--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
+OffloadFolder = Annotated[str | None, typer.Option("--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
+Token = Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
 
 
 def _model_flags(trust_remote_code: bool | None, device_map: str | None, max_memory: str | None,
@@ -416,7 +416,7 @@ def push(
     repo: Annotated[str, typer.Option("--repo", help="Hub model repository, owner/name (created if missing).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
     revision: Annotated[str, typer.Option("--revision", help="Branch to push to (created if missing).")] = "",
-    commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Message of the Hub commit.")] = None,
+    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Message of the Hub commit.")] = None,
     token: Token = None,
 ) -> None:
     """Upload a finished output folder to the Hugging Face Hub, after checking that it is complete."""

@@ -175,3 +175,37 @@ def test_save_refuses_zero_vector(tmp_path):
     with pytest.raises(UserError, match="zero vector"):
         save_direction(tmp_path, torch.zeros(D_MODEL))
     assert not (tmp_path / "direction.json").exists()
+
+
+def test_safetensors_files_are_byte_identical_whatever_the_metadata_order(tmp_path, raw):
+    import subprocess
+    import sys
+
+    from abliterate.direction import safetensors_bytes
+
+    meta = {f"key{i}": str(i) for i in range(12)}
+    first = safetensors_bytes({"b": raw.float(), "a": raw.double()}, meta)
+    again = safetensors_bytes({"a": raw.double(), "b": raw.float()}, dict(reversed(meta.items())))
+    assert first == again
+    loaded = load_file_with_metadata(first)
+    assert loaded[1] == meta and torch.equal(loaded[0]["b"], raw.float())
+    # Two processes (each with its own hash seeds) write the same direction file, byte for byte.
+    code = ("import sys, torch; from abliterate.direction import save_direction\n"
+            "save_direction(sys.argv[1], torch.arange(1.0, 9.0), {'layer': 3, 'position': -1, 'model': 'm', "
+            "'scores': {'kl': 0.1, 'bypass': -2.0}, 'seed': 42, 'n_layers': 8})")
+    for name in ("one", "two"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, timeout=120)
+    for file in ("direction.json", "direction.safetensors"):
+        assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes()
+
+
+def load_file_with_metadata(data: bytes):
+    import tempfile
+
+    from safetensors import safe_open
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(data)
+        handle.flush()
+        with safe_open(handle.name, framework="pt") as reader:
+            return {name: reader.get_tensor(name) for name in reader.keys()}, reader.metadata()  # noqa: SIM118

@@ -78,7 +78,8 @@ def test_ctrl_c_while_evaluating_names_the_finished_steps_and_the_rerun_resumes(
     assert "Traceback" not in stderr and "\r" not in stderr
     assert not (out / "config.json").exists()  # nothing at the top looks like a finished model
     again = subprocess.run([sys.executable, "-m", "abliterate.cli", "-q", "run", str(toy_refuser_dir), "--out",
-                            str(out), "--config", str(TOY_CONFIG)], capture_output=True, text=True, timeout=600)
+                            str(out), "--config", str(TOY_CONFIG)], capture_output=True, text=True, timeout=600,
+                           check=False)
     assert again.returncode == 0, again.stderr
     assert "Reused finished steps: measure, apply" in again.stdout and (out / "config.json").is_file()
 

@@ -186,10 +186,10 @@ def _direction_beside_the_weights(out: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (_truncated_shard, "model-00002-of-00002.safetensors in .* is truncated or corrupt \\(tensor .* lies outside "
-                       "the file\\); rerun the job that wrote the folder"),
-    (_direction_beside_the_weights, "has direction.safetensors beside the weights.*move it and direction.json "
-                                    "into .*abliterate, then push"),
+    (_truncated_shard, ("model-00002-of-00002.safetensors in .* is truncated or corrupt \\(tensor .* lies outside "
+                        "the file\\); rerun the job that wrote the folder")),
+    (_direction_beside_the_weights, ("has direction.safetensors beside the weights.*move it and direction.json "
+                                     "into .*abliterate, then push")),
 ])
 def test_damaged_weights_are_refused_from_their_headers_before_any_request(hub: FakeHub, tmp_path: Path, damage,
                                                                            message):

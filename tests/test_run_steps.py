@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from abliterate.config import load_config
 from abliterate import publish as publish_module
+from abliterate.config import load_config
 from abliterate.pipeline import render_toml, reproduce_command, run_step, step_keys
 from abliterate.publish import publish, unpublish
 
