@@ -1,8 +1,7 @@
 """The `abliterate` command line: thin commands that parse options, build one config and call one library function.
 
 Heavy imports (torch, transformers) happen inside the commands so that `abliterate --help` is instant.
-User mistakes arrive as `UserError` and leave as one line on stderr with exit code 2; set ABLITERATE_DEBUG=1
-for the traceback.
+abliterate.entry runs the app: exit codes (a `UserError` is one line on stderr and exit 2), Ctrl-C, the console.
 """
 
 from __future__ import annotations
@@ -10,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Optional
 
 import typer
 
-from abliterate.entry import on_interrupt, run_app
+from abliterate.entry import console as _console
+from abliterate.entry import nothing_written as _nothing_written
+from abliterate.entry import on_interrupt, run_app, silence_library_bars
+from abliterate.entry import rich_reporter as _rich_reporter
+from abliterate.entry import run_progress as _run_progress
 
 app = typer.Typer(
     name="abliterate",
@@ -26,39 +28,12 @@ app = typer.Typer(
 )
 
 
-def _rich_reporter(items: Iterable, description: str, total: int | None) -> Iterator:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, transient=True, console=_console(stderr=True)) as bar:
-        yield from bar.track(items, total=total, description=description)
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr)
-
-
 def _show_version(value: bool) -> None:
     if value:
         from abliterate import __version__
 
         typer.echo(f"abliterate {__version__}")
         raise typer.Exit()
-
-
-def _silence_library_bars() -> None:
-    """No progress bars from huggingface_hub and transformers ("Loading weights", downloads): for -q and pipes."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by both libraries when they are imported
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
 
 
 @app.callback()
@@ -79,7 +54,7 @@ def _setup(
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     bars = not quiet and sys.stderr.isatty()  # a pipe or a log file gets no carriage-return noise
     if not bars:
-        _silence_library_bars()
+        silence_library_bars()
     progress.set_reporter(_rich_reporter if bars else None)
 
 
@@ -101,23 +76,6 @@ def _use_token(token: str | None) -> None:
     """Hand --token to huggingface_hub the way it reads one (HF_TOKEN), so it is never part of a config."""
     if token:
         os.environ["HF_TOKEN"] = token
-
-
-def _nothing_written(out: object) -> Callable[[], str]:
-    return lambda: f"nothing was written to {out} (outputs are moved into place only when complete); run the same command to start again"
-
-
-def _run_progress(out: object) -> Callable[[], str]:
-    def note() -> str:
-        from pathlib import Path
-
-        from abliterate.pipeline import finished_steps
-
-        done = finished_steps(Path(str(out)).expanduser())
-        if not done:
-            return f"no step had finished; run the same command to start again (into {out})"
-        return f"finished {', '.join(done)} (kept in {out}/abliterate); run the same command to resume"
-    return note
 
 
 # Commands are registered below, one block per stage; each block only parses options and calls the library.

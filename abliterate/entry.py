@@ -1,4 +1,4 @@
-"""The console entry point around the Typer app: global flags anywhere, one line per failure, honest exit codes.
+"""The console around the Typer app (progress bars, library noise, the notes after Ctrl-C) and its entry point: global flags anywhere, one line per failure, honest exit codes.
 
 - `-q/--quiet` and `-v/--verbose` are accepted after the subcommand too (`abliterate run M --out o -q`): they are
   moved in front of it before parsing, as click only knows them there.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import typer
@@ -103,3 +103,54 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
         typer.echo(f"error: {type(error).__name__}: {error} (set ABLITERATE_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+# ---- the console: progress bars, library noise, what to say after Ctrl-C ----
+
+def rich_reporter(items: Iterable, description: str, total: int | None) -> Iterator:
+    """Progress bars for `abliterate.progress` (installed only when stderr is a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=True, console=console(stderr=True)) as bar:
+        yield from bar.track(items, total=total, description=description)
+
+
+def console(stderr: bool = False) -> Any:
+    """A rich console on stdout (results) or stderr (logging, progress)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def silence_library_bars() -> None:
+    """No progress bars from huggingface_hub and transformers ("Loading weights", downloads): for -q and pipes."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by both libraries when they are imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def nothing_written(out: object) -> Callable[[], str]:
+    """The note after Ctrl-C for a command that writes its output in one move at the end."""
+    return lambda: (f"nothing was written to {out} (outputs are moved into place only when complete); run the same "
+                    "command to start again")
+
+
+def run_progress(out: object) -> Callable[[], str]:
+    """The note after Ctrl-C for `run` and `demo`: the steps finished in `out` (they are kept and reused)."""
+    def note() -> str:
+        from pathlib import Path
+
+        from abliterate.pipeline import finished_steps
+
+        done = finished_steps(Path(str(out)).expanduser())
+        if not done:
+            return f"no step had finished; run the same command to start again (into {out})"
+        return f"finished {', '.join(done)} (kept in {out}/abliterate); run the same command to resume"
+    return note

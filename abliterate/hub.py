@@ -166,7 +166,7 @@ def remote_tensor_infos(repo_id: str, revision: str = "") -> tuple[dict, dict[st
 _LEFTOVER_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".lock")
 _LEFTOVER_PREFIXES = (".tmp", "tmp.", ".partial", ".incomplete")
 _LEFTOVER_MARKERS = (".abliterate-tmp-", ".abliterate-old-")  # `apply`'s staging folders
-# The pipeline's copy of the checkpoint (abliterate/apply/, hard links to the top-level files) stays local; the
+# The apply step's local state (its marker, and the checkpoint while a run has not published it) stays local; the
 # rest of the provenance folder (config, direction, scores, plots, evaluation report) is uploaded with the model.
 PUSH_IGNORE_PATTERNS = ("abliterate/apply/**", ".*", "**/.*")
 # Above this size huggingface_hub 1.x needs `upload_large_folder` (resumable, many commits); 2.x does the

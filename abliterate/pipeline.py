@@ -3,19 +3,21 @@
 Layout of `out_dir` (what `abliterate run MODEL --out DIR` leaves behind):
 
     config.json, model*.safetensors, tokenizer files, README.md   the edited checkpoint users load and push
+    abliteration.json                  what apply edited, tensor by tensor
     abliterate/run.json                provenance: resolved config, versions, seed, base model id and revision,
                                        the key of every step, the summary
     abliterate/config.toml             the resolved settings (the card's reproduce command passes this file)
     abliterate/measure/                direction.json/.safetensors, candidates, scores, plots (`measure`)
-    abliterate/apply/checkpoint/       the edited checkpoint as `apply` wrote it (the top-level files are hard
-                                       links to these, so it costs no extra disk; `push` leaves it out)
+    abliterate/apply/step.json         the apply step's marker; apply writes the checkpoint into apply/checkpoint/
+                                       and publishing moves it to the top (see abliterate.publish): one copy
     abliterate/eval/                   completions, evaluation JSON and Markdown report (`evaluate`)
 
 Each step runs in a hidden `.NAME.partial` folder that is renamed into place with a `step.json` holding a key:
 a hash of the settings and inputs that step depends on. A rerun reuses a step whose key matches, so Ctrl-C at
 any point followed by the same command finishes the job, and a changed setting reruns only what depends on it.
 The checkpoint at the top is published last, `config.json` after everything else, so a folder that loads as a
-model is always complete; before republishing a changed run, `config.json` is removed first.
+model is always complete; before republishing a changed run, the checkpoint moves back (`config.json` first).
+Every text file is scrubbed of local paths before publishing (see `publish.scrub_tree`).
 """
 
 from __future__ import annotations
@@ -343,7 +345,8 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     else:  # an earlier run's report must not sit beside a card that claims no numbers
         shutil.rmtree(prov / "eval", ignore_errors=True)
     local_inputs = [value for section in to_dict(config).values() for value in section.values() if isinstance(value, str)]
-    scrub_tree(out_dir, private_paths(model, model_dir, out_dir, public_model_name(model), local_inputs))
+    replacements = private_paths(model, model_dir, out_dir, public_model_name(model), local_inputs)
+    scrub_tree(out_dir, {**replacements, str(checkpoint): "."})  # the edited model is evaluated here, published at "."
     files = sorted(set(publish(out_dir, checkpoint, _card_text(model, model_dir, out_dir, config, steps))) | set(published))
     result = RunResult(
         out_dir=out_dir, layer=steps["measure"]["layer"], position=steps["measure"]["position"],
