@@ -280,3 +280,20 @@ def test_only_writers_are_decoded(llama_dir, direction_file, tmp_path, monkeypat
     monkeypatch.setattr(checkpoint, "read_tensor", recording_read)
     record = apply_direction(str(llama_dir), direction_file, tmp_path / "out", load_config())
     assert sorted(read) == sorted(entry["name"] for entry in record["edited_tensors"])
+
+
+def test_a_sharded_output_of_the_cli_is_accepted_by_push(llama_bf16_sharded_dir, direction_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from abliterate.cli import app
+    from abliterate.hub import check_output_complete
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["apply", str(llama_bf16_sharded_dir), "--direction", str(direction_file),
+                                      "--out", str(out), "--max-shard-size", "20KB"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(set(index["weight_map"].values()))
+    pushed = {p.relative_to(out).as_posix() for p in check_output_complete(out)}  # push's own check, no refusal
+    assert {"abliterate/direction.json", "abliterate/direction.safetensors", *shards} <= pushed
