@@ -2,10 +2,11 @@
 
 It carries Hub metadata front matter (base_model with base_model_relation, license carried from the base model's
 card, the Hub datasets of the prompt sets, tags, library_name, and a model-index with the evaluation results, which
-the Hub renders as a results table), embeds the candidate scores figure, says what was done (method, the chosen layer and position, how many tensors of each kind were
-edited, whether the output layer was untied), embeds the evaluation report (base vs edited, with prompt counts)
-and gives the exact command that reproduces the checkpoint. A card is published, so it never contains a local
-path, a user name or a token: every absolute path is scrubbed before the card is written.
+the Hub renders as a results table), embeds the candidate scores figure, says what was done (method, the chosen
+layer and position, how many tensors of each kind were edited, whether the output layer was untied), embeds the
+evaluation report (base vs edited, with prompt counts) and gives the command that reproduces the checkpoint, with
+the install command of the source abliterate came from when there is a public one. A card is published, so it
+never contains a local path, a user name or a token: every absolute path is scrubbed before the card is written.
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
     copied = _copy_small_files(checkpoint.path, tmp)
     config = plan.config_updates(dict(checkpoint.config))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_direction(tmp / PROVENANCE_DIR, direction.vector, {k: v for k, v in direction.meta.items() if k != "source_norm"})
+    meta = {key: value for key, value in direction.meta.items() if key != "source_norm"}
+    save_direction(tmp / PROVENANCE_DIR, direction.vector, meta)  # with the provenance, not beside the weights
     record = _edit_record(checkpoint, plan, direction, shards, copied, source)
     (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -38,9 +38,10 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _setup(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging (also after the command).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings, errors and results (also after the command).")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging (here or after the command).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings, errors and results, no progress bars.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
 ) -> None:
     """Configure logging and progress bars for every command."""
     from rich.logging import RichHandler
@@ -59,11 +60,15 @@ def _setup(
 
 
 # Options shared by the commands that load a model or talk to the Hub.
-TrustRemoteCode = Annotated[bool | None, typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only for code you trust).")]
+TrustRemoteCode = Annotated[bool | None, typer.Option(
+    "--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only code you trust).")]
 DeviceMap = Annotated[str | None, typer.Option("--device-map", help="accelerate device_map: auto, cpu, cuda:0, ...")]
-MaxMemory = Annotated[str | None, typer.Option("--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
-OffloadFolder = Annotated[str | None, typer.Option("--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
-Token = Annotated[str | None, typer.Option("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
+OffloadFolder = Annotated[str | None, typer.Option(
+    "--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
+Token = Annotated[str | None, typer.Option(
+    "--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
 
 
 def _model_flags(trust_remote_code: bool | None, device_map: str | None, max_memory: str | None,

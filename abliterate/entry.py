@@ -1,4 +1,4 @@
-"""The console around the Typer app (progress bars, library noise, the notes after Ctrl-C) and its entry point: global flags anywhere, one line per failure, honest exit codes.
+"""The console around the Typer app (progress bars, library noise, notes after Ctrl-C) and its entry point.
 
 - `-q/--quiet` and `-v/--verbose` are accepted after the subcommand too (`abliterate run M --out o -q`): they are
   moved in front of it before parsing, as click only knows them there.

@@ -160,7 +160,8 @@ def _apply_work(model: str, direction_path: Path, config: Config) -> Callable[[P
         from abliterate.checkpoint import apply_direction
 
         record = apply_direction(model, direction_path, folder / CHECKPOINT_DIR, config)
-        return {"files": checkpoint_files(folder / CHECKPOINT_DIR), "n_layers": record["n_layers"], "model_type": record["model_type"], "n_edited": record["n_edited"],
+        return {"files": checkpoint_files(folder / CHECKPOINT_DIR), "n_layers": record["n_layers"],
+                "model_type": record["model_type"], "n_edited": record["n_edited"],
                 "edits_by_kind": dict(Counter(f"{edit['role']} ({edit['kind']})"
                                               for edit in record["edited_tensors"])),
                 "untied": record["untied"] is not None}
@@ -344,10 +345,11 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         steps["eval"] = run_step(prov, "eval", keys["eval"], force, _eval_work(model, edited, config), reused)
     else:  # an earlier run's report must not sit beside a card that claims no numbers
         shutil.rmtree(prov / "eval", ignore_errors=True)
-    local_inputs = [value for section in to_dict(config).values() for value in section.values() if isinstance(value, str)]
-    replacements = private_paths(model, model_dir, out_dir, public_model_name(model), local_inputs)
+    inputs = [value for section in to_dict(config).values() for value in section.values() if isinstance(value, str)]
+    replacements = private_paths(model, model_dir, out_dir, public_model_name(model), inputs)
     scrub_tree(out_dir, {**replacements, str(checkpoint): "."})  # the edited model is evaluated here, published at "."
-    files = sorted(set(publish(out_dir, checkpoint, _card_text(model, model_dir, out_dir, config, steps))) | set(published))
+    card = _card_text(model, model_dir, out_dir, config, steps)
+    files = sorted(set(publish(out_dir, checkpoint, card)) | set(published))
     result = RunResult(
         out_dir=out_dir, layer=steps["measure"]["layer"], position=steps["measure"]["position"],
         n_layers=steps["apply"]["n_layers"], n_edited=steps["apply"]["n_edited"],

@@ -90,6 +90,8 @@ def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_di
     assert "- abliterated" in card and "library_name: transformers" in card
     assert str(out) not in card and str(toy_refuser_dir) not in card and "/tmp/" not in card
     assert f"input of layer {run['summary']['layer']} of {run['summary']['n_layers']}" in card
+    assert "](abliterate/measure/scores.png)" in card and (out / "abliterate/measure/scores.png").is_file()
+    assert "model-index:" in card and "type: refusal_rate" in card and "pip install abliterate==" not in card
 
 
 def test_the_root_holds_only_what_runtimes_load_and_the_weights_once(toy_run):
