@@ -38,7 +38,16 @@ from abliterate import __version__
 from abliterate.config import Config, to_dict
 from abliterate.errors import UserError
 from abliterate.hub import PROVENANCE_DIR, public_model_name
-from abliterate.publish import checkpoint_files, private_paths, publish, scrub_tree, unpublish, write_atomic
+from abliterate.publish import (
+    RECORD_SUFFIXES,
+    checkpoint_files,
+    machine_paths,
+    private_paths,
+    publish,
+    scrub_tree,
+    unpublish,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +322,15 @@ def _start(model: str, model_dir: Path, out_dir: Path, config: Config, keys: dic
     return record, published
 
 
+def _scrub(model: str, model_dir: Path, out_dir: Path, config: Config) -> None:
+    """Local paths out of the provenance folder before anything is published."""
+    prov = out_dir / PROVENANCE_DIR
+    inputs = [value for section in to_dict(config).values() for value in section.values() if isinstance(value, str)]
+    known = private_paths(model, model_dir, out_dir, public_model_name(model), inputs)
+    scrub_tree(prov, {**known, str(prov / "apply" / CHECKPOINT_DIR): "."})  # evaluated there, published at "."
+    scrub_tree(prov, machine_paths(), RECORD_SUFFIXES)
+
+
 def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunResult:
     """measure -> apply -> eval (unless skipped) -> model card -> push (if asked), reusing finished steps.
 
@@ -345,9 +363,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         steps["eval"] = run_step(prov, "eval", keys["eval"], force, _eval_work(model, edited, config), reused)
     else:  # an earlier run's report must not sit beside a card that claims no numbers
         shutil.rmtree(prov / "eval", ignore_errors=True)
-    inputs = [value for section in to_dict(config).values() for value in section.values() if isinstance(value, str)]
-    replacements = private_paths(model, model_dir, out_dir, public_model_name(model), inputs)
-    scrub_tree(out_dir, {**replacements, str(checkpoint): "."})  # the edited model is evaluated here, published at "."
+    _scrub(model, model_dir, out_dir, config)
     card = _card_text(model, model_dir, out_dir, config, steps)
     files = sorted(set(publish(out_dir, checkpoint, card)) | set(published))
     result = RunResult(

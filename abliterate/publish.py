@@ -6,7 +6,9 @@ them back (`config.json` first). The weights therefore exist once: a plain `hf u
 once, and the disk holds one copy. The step's marker stays in `abliterate/apply/`.
 
 Everything the run writes is later pushed, so `scrub_tree` replaces the local paths a run knows about (the output,
-the model folder, the working, home and temporary directories, local input files) in every text file.
+the model folder, local input files) in every text file of the provenance folder, and the working, home and
+temporary directories in its records (not in completions, which are model text, nor in the checkpoint's own files:
+a tokenizer's vocabulary may well hold "/tmp").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 # Files the run writes as text (JSON, JSON lines, Markdown, TOML, CSV): the ones a local path can hide in.
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".toml", ".csv", ".txt")
+RECORD_SUFFIXES = (".json", ".md", ".toml", ".csv")  # the files abliterate writes about a run, not model text
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,14 +78,14 @@ def replace_paths(text: str, replacements: dict[str, str]) -> str:
 
 def private_paths(model: str, model_dir: Path, out_dir: Path, public_model: str,
                   local_inputs: list[str]) -> dict[str, str]:
-    """Every local path a run knows about, mapped to what a published file may say instead.
+    """The local paths a run knows about, mapped to what a published file may say instead.
 
     Paths inside the output become relative to it; the model becomes its public name; a local input file its name.
     """
-    paths = {os.getcwd(): ".", os.path.expanduser("~"): "~", tempfile.gettempdir(): "$TMPDIR"}
+    paths: dict[str, str] = {}
     for local in local_inputs:
         path = Path(local).expanduser()
-        if path.exists():
+        if local and path.exists():
             paths.update({local: path.name, str(path.resolve()): path.name})
     paths.update({str(model_dir): public_model, str(model_dir.resolve()): public_model,
                   str(Path(model).expanduser()): public_model, str(out_dir): "."})
@@ -91,11 +94,16 @@ def private_paths(model: str, model_dir: Path, out_dir: Path, public_model: str,
     return paths
 
 
-def scrub_tree(folder: Path, replacements: dict[str, str]) -> list[Path]:
-    """Replace local paths in every text file under `folder`; return the files that changed."""
+def machine_paths() -> dict[str, str]:
+    """The working, home and temporary directories: the last net for a path no step named (records only)."""
+    return {os.getcwd(): ".", os.path.expanduser("~"): "~", tempfile.gettempdir(): "$TMPDIR"}
+
+
+def scrub_tree(folder: Path, replacements: dict[str, str], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
+    """Replace local paths in every text file under `folder` whose suffix is in `suffixes`; return those changed."""
     changed = []
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.suffix not in TEXT_SUFFIXES or path.name.startswith("."):
+        if not path.is_file() or path.suffix not in suffixes or path.name.startswith("."):
             continue
         try:
             text = path.read_text(encoding="utf-8")

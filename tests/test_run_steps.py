@@ -134,3 +134,27 @@ def test_an_output_inside_the_input_model_is_refused_before_any_work(tmp_path: P
     with pytest.raises(UserError, match="overlaps the input model"):
         run(str(model), model / "out", load_config())
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_scrub_replaces_known_paths_everywhere_and_machine_paths_only_in_records(tmp_path: Path):
+    import os
+    import tempfile
+
+    from abliterate.publish import RECORD_SUFFIXES, machine_paths, private_paths, scrub_tree
+
+    out, model = tmp_path / "out", tmp_path / "models" / "my-base"
+    (out / "abliterate" / "eval").mkdir(parents=True)
+    model.mkdir(parents=True)
+    home, temp = os.path.expanduser("~"), tempfile.gettempdir()
+    record = out / "abliterate" / "eval" / "eval.json"
+    record.write_text(json.dumps({"sources": {"base": str(model), "edited": str(out / "abliterate" / "x")},
+                                  "ce_text": f"{home}/corpora/pile.txt", "cache": f"{temp}/cache"}))
+    replies = out / "abliterate" / "eval" / "completions_edited_harmful.jsonl"
+    replies.write_text(json.dumps({"reply": f"Save it to {temp}/notes.txt", "from": str(model)}) + "\n")
+    known = private_paths(str(model), model, out, "my-base", [])
+    scrub_tree(out / "abliterate", known)
+    scrub_tree(out / "abliterate", machine_paths(), RECORD_SUFFIXES)
+    assert json.loads(record.read_text()) == {"sources": {"base": "my-base", "edited": "./abliterate/x"},
+                                              "ce_text": "~/corpora/pile.txt", "cache": "$TMPDIR/cache"}
+    # Model text keeps what the model wrote; the paths the run knows are still replaced there.
+    assert json.loads(replies.read_text()) == {"reply": f"Save it to {temp}/notes.txt", "from": "my-base"}
