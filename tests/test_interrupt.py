@@ -52,7 +52,7 @@ def _run(toy: Path, out: Path) -> Command:
     return Command("run", str(toy), "--out", str(out), "--config", str(TOY_CONFIG))
 
 
-def test_ctrl_c_while_measuring_exits_130_and_the_rerun_finishes(toy_refuser_dir: Path, tmp_path: Path):
+def test_ctrl_c_while_measuring_exits_130_and_claims_no_finished_step(toy_refuser_dir: Path, tmp_path: Path):
     out = tmp_path / "out"
     command = _run(toy_refuser_dir, out)
     command.wait_for("Step measure: running")
