@@ -1,10 +1,12 @@
 """The model card (README.md) written beside an abliterated checkpoint, ready for the Hub.
 
-It carries Hub metadata front matter (base_model, license carried from the base model's card, tags,
-library_name), says what was done (method, the chosen layer and position, how many tensors of each kind were
-edited, whether the output layer was untied), embeds the evaluation report (base vs edited, with prompt counts)
-and gives the exact command that reproduces the checkpoint. A card is published, so it never contains a local
-path, a user name or a token: every absolute path is scrubbed before the card is written.
+It carries Hub metadata front matter (base_model with base_model_relation, license carried from the base model's
+card, the Hub datasets of the prompt sets, tags, library_name, and a model-index with the evaluation results, which
+the Hub renders as a results table), embeds the candidate scores figure, says what was done (method, the chosen
+layer and position, how many tensors of each kind were edited, whether the output layer was untied), embeds the
+evaluation report (base vs edited, with prompt counts) and gives the command that reproduces the checkpoint, with
+the install command of the source abliterate came from when there is a public one. A card is published, so it
+never contains a local path, a user name or a token: every absolute path is scrubbed before the card is written.
 """
 
 from __future__ import annotations
@@ -46,6 +48,55 @@ class CardFacts:
     name: str = ""  # title of the card; defaults to the base model's name plus "-abliterated"
     used_reference: bool = False  # the direction came from a file (--use-reference), not from selection
     optimized_edit: str = ""  # with `run --optimize`: which edit shipped and its parameters (Markdown)
+    datasets: list[str] = field(default_factory=list)  # Hub ids of the prompt sets (hf: sources only)
+    eval_results: list[dict] = field(default_factory=list)  # see `eval_results`: one per headline metric
+    figure: str = ""  # path of the candidate scores figure relative to the card, when there is one
+    install: str = ""  # the command that installs this abliterate (empty: no public source to point at)
+
+
+def hub_dataset(source: str) -> str:
+    """The Hub dataset id of a prompt source (`hf:owner/name[/config][@rev][:split][#column]`), else empty."""
+    if not source.startswith("hf:"):
+        return ""
+    name = re.split(r"[@:#]", source[3:], maxsplit=1)[0]
+    return "/".join(name.split("/")[:2])
+
+
+def eval_results(data: dict, harmful_source: str, harmless_source: str) -> list[dict]:
+    """The edited model's headline rates from eval.json, as model-index entries: refusal, over-refusal, unsafe."""
+    column = "edited" if "edited" in data.get("models", {}) else (data.get("columns") or [""])[-1]
+    section = data.get("models", {}).get(column) or {}
+    wanted = [("refusal_rate", "Refusal rate, harmful prompts", ("refusal",), harmful_source),
+              ("over_refusal_rate", "Refusal rate, harmless prompts", ("over_refusal",), harmless_source),
+              ("unsafe_rate", "Unsafe replies (safety judge), harmful prompts", ("safety", "unsafe"), harmful_source)]
+    results = []
+    for metric, name, keys, source in wanted:
+        value = section
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, dict) and isinstance(value.get("rate"), (int, float)):
+            results.append({"metric": metric, "name": name, "value": round(float(value["rate"]), 4),
+                            "dataset": hub_dataset(source) or source, "n": value.get("n")})
+    return results
+
+
+def install_command() -> str:
+    """How to install the abliterate that is running: its VCS URL and commit, or its release from an index.
+
+    A local checkout or archive has no public source, so it gets no command (the card then shows the run only).
+    """
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution("abliterate")
+    except metadata.PackageNotFoundError:
+        return ""
+    direct = distribution.read_text("direct_url.json")
+    if not direct:
+        return f"pip install abliterate=={distribution.version}"  # installed from a package index
+    info = json.loads(direct)
+    url, commit = str(info.get("url", "")), (info.get("vcs_info") or {}).get("commit_id")
+    return f"pip install git+{url}@{commit}" if commit and url.startswith(("https://", "ssh://")) else ""
 
 
 def base_license(model_dir: Path, config: dict) -> dict[str, str]:
@@ -76,14 +127,23 @@ def scrub(text: str, replacements: dict[str, str] | None = None) -> str:
     return _ABSOLUTE_PATH.sub(lambda match: Path(match.group(0).rstrip("/")).name or "<local path>", text)
 
 
-def _front_matter(facts: CardFacts) -> str:
-    from huggingface_hub import ModelCardData
+def _front_matter(facts: CardFacts, name: str) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
 
+    results = [EvalResult(task_type="text-generation", task_name="Refusal", dataset_type=result["dataset"],
+                          dataset_name=result["dataset"], metric_type=result["metric"], metric_name=result["name"],
+                          metric_value=result["value"]) for result in facts.eval_results]
+    # The weights are the base model's, edited: the Hub's model tree lists the output as a fine-tune of its base.
+    relation = {"base_model_relation": "finetune"} if facts.base_model else {}
     data = ModelCardData(
         base_model=facts.base_model or None,
+        **relation,
+        datasets=sorted(set(filter(None, facts.datasets))) or None,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=list(TAGS),
+        model_name=name if results else None,
+        eval_results=results or None,
         **facts.license,
     )
     return f"---\n{data.to_yaml()}\n---\n"
@@ -141,13 +201,15 @@ def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) ->
         f"# {name}",
         "",
         (f"{link}{at} with its refusal direction removed from the weights (\"abliteration\"), made with "
-         f"[abliterate](https://pypi.org/project/abliterate/) {facts.version}. It loads like the base model "
+         f"abliterate {facts.version}. It loads like the base model "
          "with `AutoModelForCausalLM.from_pretrained` and needs no custom code."),
         "",
         ("**Warning**: this model is much less likely to refuse harmful requests than its base. Use it for "
          "research and apply your own safeguards."),
         "",
         *_what_was_done(facts),
+        *([(f"![Refusal score with the direction ablated and added, and KL, for every candidate layer and position "
+              f"(the chosen one starred)]({facts.figure})"), ""] if facts.figure else []),
         *([] if evaluation.startswith("## Evaluation") else ["## Evaluation", ""]),
         evaluation,
         "",
@@ -157,12 +219,12 @@ def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) ->
          "the direction, candidate scores, plots and replies are beside it."),
         "",
         "```bash",
-        f"pip install abliterate=={facts.version}",
+        *([facts.install] if facts.install else [f"# abliterate {facts.version}"]),
         facts.command,
         "```",
         "",
     ]
-    return scrub(_front_matter(facts) + "\n" + "\n".join(body), replacements)
+    return scrub(_front_matter(facts, name) + "\n" + "\n".join(body), replacements)
 
 
 def write_card(out_dir: Path, facts: CardFacts, replacements: dict[str, str] | None = None) -> Path:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +30,9 @@ from abliterate.config import Config, parse_size
 from abliterate.direction import Direction, load_direction, save_direction
 from abliterate.edit_params import ParameterizedEdit, read_edit
 from abliterate.errors import UserError
-from abliterate.hub import is_hub_id, remote_tensor_infos, resolve_model
+from abliterate.hub import PROVENANCE_DIR, is_hub_id, remote_tensor_infos, resolve_model
 from abliterate.shards import FLOAT_DTYPES, OutputTensor, StoredTensor, read_header, read_tensor, write_shards
+from abliterate.staging import make_staging, remove_stale
 from abliterate.weights import edit_tensor
 
 logger = logging.getLogger(__name__)
@@ -45,6 +44,8 @@ SINGLE_NAME = "model.safetensors"
 # (it describes the unedited model), and git plumbing.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 _SKIP_NAMES = ("README.md", ".gitattributes", "config.json", RECORD_NAME)
+# Records of how the input itself was made: kept with the provenance, not beside the weights runtimes load.
+_PROVENANCE_NAMES = ("toy_refuser.json",)
 # Largest slice edited at once: 4M elements keep the edited copy of a slice at 8-16 MB (the float64 maths itself
 # runs in cache-sized blocks, see weights.BLOCK_ELEMENTS).
 EDIT_CHUNK_ELEMENTS = 2**22
@@ -152,25 +153,19 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     for name in plan.edits:
         _check_editable(checkpoint.tensors[name])
     shards = layout_shards(checkpoint, plan, max_shard_bytes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.abliterate-tmp-", dir=out_dir.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the output should be like any other folder
+    remove_stale(out_dir)
+    staging = make_staging(out_dir)
     try:
-        record = _write_output(tmp, checkpoint, plan, direction, shards, public_source(source, model_dir),
+        record = _write_output(staging.path, checkpoint, plan, direction, shards, public_source(source, model_dir),
                                parameterized)
-        _move_into_place(tmp, out_dir)
+        staging.release()
+        _move_into_place(staging.path, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging.path, ignore_errors=True)
         raise
     logger.debug("Wrote %s: %d tensors edited, %d copied", out_dir, len(plan.edits),
                  sum(len(s) for s in shards.values()) - len(plan.edits))
     return record
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def public_source(source: str, model_dir: Path) -> str:
@@ -229,7 +224,8 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
     copied = _copy_small_files(checkpoint.path, tmp)
     config = plan.config_updates(dict(checkpoint.config))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_direction(tmp, direction.vector, {k: v for k, v in direction.meta.items() if k != "source_norm"})
+    meta = {key: value for key, value in direction.meta.items() if key != "source_norm"}
+    save_direction(tmp / PROVENANCE_DIR, direction.vector, meta)  # with the provenance, not beside the weights
     record = _edit_record(checkpoint, plan, direction, shards, copied, source)
     if parameterized is not None:
         record["parameterized_edit"] = parameterized.record()
@@ -273,8 +269,10 @@ def _copy_small_files(model_dir: Path, tmp: Path) -> list[str]:
         if not path.is_file() or name in _SKIP_NAMES or name.endswith(_SKIP_SUFFIXES) or \
                 name.endswith(".index.json") or name.startswith("."):
             continue
-        shutil.copyfile(path, tmp / name)  # follows the Hub cache's symlinks to the real file
-        copied.append(name)
+        target = tmp / PROVENANCE_DIR / name if name in _PROVENANCE_NAMES else tmp / name
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, target)  # follows the Hub cache's symlinks to the real file
+        copied.append(target.relative_to(tmp).as_posix())
     return copied
 
 
@@ -290,7 +288,7 @@ def _edit_record(checkpoint: Checkpoint, plan: EditPlan, direction: Direction,
         "direction": {"sha256": direction.sha256(), "norm_before_normalization": direction.meta.get("source_norm"),
                       "layer": direction.layer, "position": direction.position,
                       "file": Path(direction.meta.get("source_file", "")).name,
-                      "saved_as": ["direction.json", "direction.safetensors"]},
+                      "saved_as": [f"{PROVENANCE_DIR}/direction.json", f"{PROVENANCE_DIR}/direction.safetensors"]},
         "untied": {"embedding": plan.untie[0], "lm_head": plan.untie[1]} if plan.untie else None,
         "edited_tensors": edited,
         "edits_per_layer": {str(layer): len(names) for layer, names in sorted(plan.per_layer.items())},
@@ -321,7 +319,8 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Swap the finished temporary directory in; an old output is moved aside first and removed last."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.abliterate-old-", dir=out_dir.parent))
+        aside = make_staging(out_dir, "abliterate-old")  # stays locked until removed: never swept as stale
+        old = aside.path
         out_dir.rename(old / out_dir.name)
     try:
         tmp.rename(out_dir)

@@ -1,8 +1,7 @@
 """The `abliterate` command line: thin commands that parse options, build one config and call one library function.
 
 Heavy imports (torch, transformers) happen inside the commands so that `abliterate --help` is instant.
-User mistakes arrive as `UserError` and leave as one line on stderr with exit code 2; set ABLITERATE_DEBUG=1
-for the traceback.
+abliterate.entry runs the app: exit codes (a `UserError` is one line on stderr and exit 2), Ctrl-C, the console.
 """
 
 from __future__ import annotations
@@ -10,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
 from typing import Annotated, Optional
 
 import typer
 
-from abliterate.errors import UserError
+from abliterate.entry import console as _console
+from abliterate.entry import nothing_written as _nothing_written
+from abliterate.entry import on_interrupt, run_app, silence_library_bars
+from abliterate.entry import rich_reporter as _rich_reporter
+from abliterate.entry import run_progress as _run_progress
 
 app = typer.Typer(
     name="abliterate",
@@ -26,30 +28,20 @@ app = typer.Typer(
 )
 
 
-def _rich_reporter(items: Iterable, description: str, total: int | None) -> Iterator:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _show_version(value: bool) -> None:
+    if value:
+        from abliterate import __version__
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[rate]}")]
-    with Progress(*columns, transient=True, console=_console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total, rate="")
-        for item in items:
-            yield item
-            bar.advance(task)
-            speed = bar.tasks[0].speed
-            bar.update(task, rate=f"{speed:.1f}/s" if speed else "")
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr)
+        typer.echo(f"abliterate {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _setup(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only warnings, errors and results.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logging (here or after the command).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings, errors and results, no progress bars.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
 ) -> None:
     """Configure logging and progress bars for every command."""
     from rich.logging import RichHandler
@@ -61,7 +53,34 @@ def _setup(
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    progress.set_reporter(None if quiet or not sys.stderr.isatty() else _rich_reporter)
+    bars = not quiet and sys.stderr.isatty()  # a pipe or a log file gets no carriage-return noise
+    if not bars:
+        silence_library_bars()
+    progress.set_reporter(_rich_reporter if bars else None)
+
+
+# Options shared by the commands that load a model or talk to the Hub.
+TrustRemoteCode = Annotated[bool | None, typer.Option(
+    "--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only code you trust).")]
+DeviceMap = Annotated[str | None, typer.Option("--device-map", help="accelerate device_map: auto, cpu, cuda:0, ...")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
+OffloadFolder = Annotated[str | None, typer.Option(
+    "--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
+Token = Annotated[str | None, typer.Option(
+    "--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
+
+
+def _model_flags(trust_remote_code: bool | None, device_map: str | None, max_memory: str | None,
+                 offload_folder: str | None) -> dict[str, object]:
+    return {"model.trust_remote_code": trust_remote_code, "model.device_map": device_map,
+            "model.max_memory": max_memory, "model.offload_folder": offload_folder}
+
+
+def _use_token(token: str | None) -> None:
+    """Hand --token to huggingface_hub the way it reads one (HF_TOKEN), so it is never part of a config."""
+    if token:
+        os.environ["HF_TOKEN"] = token
 
 
 # Commands are registered below, one block per stage; each block only parses options and calls the library.
@@ -90,6 +109,11 @@ def measure_command(
     score_all: Annotated[Optional[bool], typer.Option("--score-all", help="Compute every candidate's induce score (full figure).")] = None,
     direction_file: Annotated[Optional[str], typer.Option("--direction-file", help="Reference direction to compare every candidate with.")] = None,
     use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
+    trust_remote_code: TrustRemoteCode = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    token: Token = None,
 ) -> None:
     """Find the refusal direction: candidates at every layer and end-of-instruction position, scored and chosen."""
     from pathlib import Path
@@ -106,8 +130,12 @@ def measure_command(
         "measure.batch_size": batch_size, "measure.kl_max": kl_max, "measure.max_layer_fraction": max_layer_fraction,
         "measure.filter_prompts": filter_prompts, "measure.score_all": score_all,
         "measure.direction_file": direction_file, "measure.use_reference": use_reference,
+        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
-    result = measure(model, Path(out), load_config(config_file, overrides))
+    config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(_nothing_written(out))
+    result = measure(model, Path(out), config)
     table = Table(title=f"abliterate measure: {model}")
     for header in ("layer", "position", "token", "bypass", "KL", "induce"):
         table.add_column(header)
@@ -177,6 +205,11 @@ def eval_command(
     ce_text: Annotated[Optional[str], typer.Option("--ce-text", help="General text for CE loss: .txt, .jsonl or hf:owner/name.")] = None,
     ce_chat: Annotated[Optional[str], typer.Option("--ce-chat", help="Instruction/output pairs for reply-only CE loss.")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    trust_remote_code: TrustRemoteCode = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    token: Token = None,
 ) -> None:
     """Evaluate a model (and its base side by side): refusal, over-refusal, safety judge, CE loss and KL."""
     from pathlib import Path
@@ -191,9 +224,13 @@ def eval_command(
         "eval.judge": judge, "eval.judge_model": judge_model, "eval.max_new_tokens": max_new_tokens,
         "eval.batch_size": batch_size, "eval.backend": backend, "eval.refusal_set": refusal_set,
         "eval.ce_text": ce_text, "eval.ce_chat": ce_chat,
+        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
     out_dir = Path(out) if out else Path(f"eval-{Path(model.rstrip('/')).name}")
-    report = evaluate(model, load_config(config_file, overrides), out_dir, base=base)
+    config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(lambda: f"no report was written to {out_dir}; run the same command to start again")
+    report = evaluate(model, config, out_dir, base=base)
     table = Table(title=f"abliterate eval: {model}" + (f" vs {base}" if base else ""))
     for header in ["metric"] + [report.data["labels"][column] for column in report.columns]:
         table.add_column(header)
@@ -257,6 +294,11 @@ def run(
     optimize: Annotated[Optional[bool], typer.Option("--optimize", help="Ship an optimized edit (see abliterate optimize).")] = None,
     trial: Annotated[Optional[int], typer.Option("--trial", help="With --optimize: ship this trial.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun every step; allow a non-empty --out.")] = False,
+    trust_remote_code: TrustRemoteCode = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    token: Token = None,
 ) -> None:
     """The whole job: measure the refusal direction, remove it from the weights, evaluate, write the model card."""
     from pathlib import Path
@@ -271,8 +313,12 @@ def run(
         "prompts.seed": seed, "measure.direction_file": direction_file, "measure.use_reference": use_reference,
         "apply.max_shard_size": max_shard_size, "eval.max_new_tokens": max_new_tokens, "eval.judge": judge,
         "run.skip_eval": skip_eval, "run.push": push, "run.optimize": optimize, "optimize.trial": trial,
+        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
-    result = run_pipeline(model, Path(out), load_config(config_file, overrides), force=force)
+    config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(_run_progress(out))
+    result = run_pipeline(model, Path(out), config, force=force)
     _print_run_summary(result, _console())
 
 
@@ -285,8 +331,10 @@ def demo(
 
     from rich.table import Table
 
-    from abliterate.pipeline import demo as run_demo
+    from abliterate.demo import demo as run_demo
 
+    if out:
+        on_interrupt(_run_progress(out))
     result = run_demo(Path(out) if out else None)
     console = _console()
     table = Table(title="Held-out prompts, toy refuser before and after abliteration")
@@ -307,6 +355,7 @@ def apply(
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
     config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+    token: Token = None,
 ) -> None:
     """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
     from pathlib import Path
@@ -320,6 +369,8 @@ def apply(
     if max_shard_size is not None:
         overrides["apply"] = {"max_shard_size": max_shard_size}
     config = load_config(config_file, overrides)
+    _use_token(token)
+    on_interrupt(_nothing_written(out))
     record = apply_direction(model, Path(direction), Path(out), config, force=force)
     _console().print(f"Wrote {out}: {record['n_edited']} tensors edited ({record['architecture']}), "
                      f"{record['n_copied']} copied unchanged, {len(record['shards'])} shard(s); record in "
@@ -332,6 +383,7 @@ def inspect(
     direction: Annotated[Optional[str], typer.Option("--direction", help="Direction file to check against the model.")] = None,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+    token: Token = None,
 ) -> None:
     """Show which tensors `apply` would edit and how, without writing anything."""
     from collections import Counter
@@ -343,6 +395,7 @@ def inspect(
     from abliterate.config import load_config
 
     config = load_config(config_file, {"model": {"revision": revision}} if revision is not None else None)
+    _use_token(token)
     plan = inspect_checkpoint(model, Path(direction) if direction else None, config)
     console = _console()
     for line in plan.describe():
@@ -364,43 +417,23 @@ def push(
     repo: Annotated[str, typer.Option("--repo", help="Hub model repository, owner/name (created if missing).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
     revision: Annotated[str, typer.Option("--revision", help="Branch to push to (created if missing).")] = "",
+    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Message of the Hub commit.")] = None,
+    token: Token = None,
 ) -> None:
     """Upload a finished output folder to the Hugging Face Hub, after checking that it is complete."""
     from pathlib import Path
 
     from abliterate.hub import push as push_folder
 
-    url = push_folder(Path(folder), repo, private=private, revision=revision)
+    on_interrupt(lambda: "the Hub keeps what was uploaded so far; run the same command to send the rest")
+    url = push_folder(Path(folder), repo, private=private, revision=revision, token=token,
+                      commit_message=commit_message)
     _console().print(f"Pushed {folder} to {repo}: {url}")
 
 
 def main() -> None:
-    """Console entry point: run the app with the one top-level handler for user errors."""
-    try:
-        app(standalone_mode=False)
-    except UserError as error:
-        if os.environ.get("ABLITERATE_DEBUG") == "1":
-            raise
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to continue", err=True)
-        sys.exit(130)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except Exception as error:  # noqa: BLE001 - the one place that decides how failures look
-        import click
-
-        if isinstance(error, click.exceptions.Exit):
-            sys.exit(error.exit_code)
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if os.environ.get("ABLITERATE_DEBUG") == "1":
-            raise
-        typer.echo(f"error: {type(error).__name__}: {error} (set ABLITERATE_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+    """Console entry point (see abliterate.entry for exit codes, Ctrl-C and flags after the command)."""
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ def validate(config: Config) -> None:
         raise UserError(f"eval.judge must be together, local:PATH or none, got '{e.judge}'.")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
+    parse_max_memory(config.model.max_memory)
     parse_size(config.apply.max_shard_size)  # a bad size fails now, not after an hour of measuring
     parse_max_memory(config.model.max_memory)
     o = config.optimize

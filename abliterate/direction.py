@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,14 +86,35 @@ def save_direction(out_dir: str | Path, vector: torch.Tensor, meta: dict[str, An
     meta = {key: value for key, value in (meta or {}).items() if key not in ("direction", "source_file")}
     meta["d_model"] = int(unit.shape[0])
     json_path = out_dir / DIRECTION_JSON
-    payload = {"direction": [float(x) for x in unit.tolist()], **meta}
+    payload = {"direction": [float(x) for x in unit.tolist()], **dict(sorted(meta.items()))}
     _write_atomic(json_path, (json.dumps(payload, indent=1) + "\n").encode())
 
+    metadata = {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
+    save_safetensors(out_dir / DIRECTION_SAFETENSORS, {"direction": unit}, metadata)
+    return json_path
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend only on its content: the same tensors and metadata, the same bytes.
+
+    safetensors keeps `__metadata__` in a hash map, so its key order (and the file's bytes) changes from run to
+    run; the header is written again here with every key sorted. Tensor data and offsets are left as they are.
+    """
     from safetensors.torch import save
 
-    metadata = {key: json.dumps(value) for key, value in meta.items()}
-    _write_atomic(out_dir / DIRECTION_SAFETENSORS, save({"direction": unit}, metadata=metadata))
-    return json_path
+    blob = save(tensors, metadata=metadata)
+    (header_bytes,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + header_bytes])
+    stored = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(stored.items()))} if stored else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + blob[8 + header_bytes:]
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `safetensors_bytes` to `path` atomically."""
+    _write_atomic(Path(path), safetensors_bytes(tensors, metadata))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -180,16 +202,30 @@ def _read_safetensors(path: Path) -> tuple[Any, dict[str, Any]]:
 
 def _read_torch(path: Path) -> tuple[Any, dict[str, Any]]:
     import pickle
+    import warnings
 
     try:
-        # weights_only: a direction file must never be able to run code when loaded.
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise _malformed(path, f"not a tensor saved with torch.save: {first_line}") from None
+        # weights_only: a direction file must never be able to run code when loaded. torch's own warnings about
+        # pickle protocols are about its unpickler, not the user's file, so they stay off the user's terminal.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():  # torch's advice here is to allow code execution: not passed on
+            raise _malformed(path, "it holds pickled Python objects besides tensors, which abliterate never "
+                             "unpickles because unpickling can run code; save the vector alone with "
+                             "torch.save(tensor), or as .safetensors, .npy or .json") from None
+        raise _malformed(path, f"not a tensor saved with torch.save: {_first_line(error)}") from None
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise _malformed(path, f"not a tensor saved with torch.save: {_first_line(error)}") from None
     if not isinstance(value, torch.Tensor):
         raise _malformed(path, f"it holds a {type(value).__name__}, not a 1-D tensor")
     return value, {}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _read_numpy(path: Path) -> tuple[Any, dict[str, Any]]:

@@ -28,6 +28,8 @@ ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinj
 IGNORE_PATTERNS = ["consolidated*", "original/*", "*/*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf",
                    "*.msgpack", "*.h5", "*.onnx*"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# The folder of an output that holds how it was made (direction, scores, config, reports), beside the checkpoint.
+PROVENANCE_DIR = "abliterate"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -62,6 +64,15 @@ def check_model_dir(path: Path) -> Path:
                         "only, because pickles can run code. Convert the checkpoint to safetensors first "
                         "(load it and save_pretrained) or use a repository that has .safetensors files.")
     raise UserError(f"{path} has no .safetensors weights; pass a directory or Hub id with a safetensors checkpoint.")
+
+
+def public_model_name(source: str) -> str:
+    """The model as the user named it, safe to publish: a Hub id as given, a local folder by its name only.
+
+    Outputs get pushed; a full local path would leak the user's file layout (and often their user name).
+    """
+    path = Path(source).expanduser()
+    return path.resolve().name if path.exists() else source
 
 
 def is_hub_id(source: str) -> bool:
@@ -155,7 +166,7 @@ def remote_tensor_infos(repo_id: str, revision: str = "") -> tuple[dict, dict[st
 _LEFTOVER_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".lock")
 _LEFTOVER_PREFIXES = (".tmp", "tmp.", ".partial", ".incomplete")
 _LEFTOVER_MARKERS = (".abliterate-tmp-", ".abliterate-old-")  # `apply`'s staging folders
-# The pipeline's copy of the checkpoint (abliterate/apply/, hard links to the top-level files) stays local; the
+# The apply step's local state (its marker, and the checkpoint while a run has not published it) stays local; the
 # rest of the provenance folder (config, direction, scores, plots, evaluation report) is uploaded with the model.
 PUSH_IGNORE_PATTERNS = ("abliterate/apply/**", ".*", "**/.*")
 # Above this size huggingface_hub 1.x needs `upload_large_folder` (resumable, many commits); 2.x does the
@@ -172,32 +183,37 @@ def _safetensors_names(path: Path) -> set[str]:
 
 
 def _check_weights(folder: Path) -> None:
-    """The safetensors index, if any, must name exactly the shards present and the tensors they hold."""
+    """The weights are whole: the index (if any) names exactly the shards present, and the tensors they hold.
+
+    Every `*.safetensors` at the top must be a weight shard: vLLM loads all of them when there is no index.
+    """
     index_path = folder / "model.safetensors.index.json"
     shards_present = {p.name for p in folder.glob("*.safetensors")}
-    if not index_path.is_file():
-        if "model.safetensors" not in shards_present:
-            raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; "
-                            "push the --out folder of a finished `abliterate run` or `apply`.")
-        _safetensors_names(folder / "model.safetensors")
-        return
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{index_path} is not a valid safetensors index ({error}); rerun the job that wrote it.")
     indexed: dict[str, set[str]] = {}
-    for tensor_name, shard in weight_map.items():
-        indexed.setdefault(shard, set()).add(tensor_name)
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{index_path} is not a valid safetensors index ({error}); rerun the job that wrote it.")
+        for tensor_name, shard in weight_map.items():
+            indexed.setdefault(shard, set()).add(tensor_name)
+    elif "model.safetensors" not in shards_present:
+        raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json; "
+                        "push the --out folder of a finished `abliterate run` or `apply`.")
     missing = sorted(set(indexed) - shards_present)
     if missing:
         raise UserError(f"{folder} is incomplete: the index names shards that are missing ({', '.join(missing)}); "
                         "rerun the job that wrote it.")
-    stray = sorted(shards_present - set(indexed))
+    stray = sorted(shards_present - (set(indexed) or {"model.safetensors"}))
+    if "direction.safetensors" in stray:  # where older abliterate versions wrote it
+        raise UserError(f"{folder} has direction.safetensors beside the weights, where runtimes would load it as "
+                        f"weights; move it and direction.json into {folder / PROVENANCE_DIR}, then push.")
     if stray:
         raise UserError(f"{folder} holds shards the index does not name ({', '.join(stray)}); remove them or "
                         "rerun the job that wrote the folder.")
-    for shard, names in indexed.items():
-        if _safetensors_names(folder / shard) != names:
+    for shard in sorted(set(indexed) or {"model.safetensors"}):
+        names = _safetensors_names(folder / shard)
+        if indexed and names != indexed[shard]:
             raise UserError(f"{folder / shard} does not hold the tensors its index lists; rerun the job that wrote it.")
 
 

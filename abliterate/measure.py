@@ -32,8 +32,16 @@ import torch
 
 from abliterate.activations import SideActivations, cosine_with, difference_of_means, encode, mean_activations
 from abliterate.config import Config, to_dict
-from abliterate.direction import DIRECTION_JSON, DIRECTION_SAFETENSORS, Direction, load_direction, save_direction
+from abliterate.direction import (
+    DIRECTION_JSON,
+    DIRECTION_SAFETENSORS,
+    Direction,
+    load_direction,
+    save_direction,
+    save_safetensors,
+)
 from abliterate.errors import UserError
+from abliterate.hub import public_model_name
 from abliterate.selection import (
     CandidateScore,
     NoDirectionError,
@@ -86,6 +94,7 @@ class _Fit:
     harmless: SideActivations
     candidates: torch.Tensor  # [position, layer, d_model] float64
     counts: dict[str, int]
+    baseline: dict[str, float] = field(default_factory=dict)  # mean refusal score without any edit, per side
 
 
 def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
@@ -108,16 +117,18 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
 
     start = time.perf_counter()
     val = _validation_set(model, tokenizer, sets, config, fit)
+    fit.baseline = {"bypass": float(val.base_scores[val.is_harmful].mean()),  # what ablating is compared with
+                    "induce": float(val.base_scores[~val.is_harmful].mean())}  # what adding is compared with
     try:
         scores, chosen = _select(model, fit, val, config, reference)
     except NoDirectionError as error:
-        _write_failure(Path(out_dir), source, config, fit, error.scores, reference)
+        _write_failure(Path(out_dir), public_model_name(source), config, fit, error.scores, reference)
         raise NoDirectionError(f"{error}\nEvery candidate's scores: {Path(out_dir) / SCORES_FILE} and "
                                f"{Path(out_dir) / SCORES_PLOT}.", error.scores) from None
     timings["scoring_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = _write(Path(out_dir), source, config, fit, scores, chosen, reference)
+    result = _write(Path(out_dir), public_model_name(source), config, fit, scores, chosen, reference)
     timings["artifacts_s"] = time.perf_counter() - start
     result.timings_s = timings
     return result
@@ -292,25 +303,23 @@ def _scores_payload(source: str, config: Config, fit: _Fit, scores: list[Candida
 def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
                        chosen: dict[str, Any] | None, reference: Direction | None) -> dict[str, Any] | None:
     """candidates.safetensors, scores.json, scores.png and the reference tables: everything but the direction."""
-    from safetensors.torch import save_file
-
     from abliterate.plots import plot_cosine_heatmap, plot_scores
 
-    save_file({"candidates": fit.candidates.contiguous(), "harmful_mean": fit.harmful.mean.contiguous(),
-               "harmless_mean": fit.harmless.mean.contiguous()}, str(folder / CANDIDATES_FILE),
-              metadata={"positions": json.dumps(sorted(fit.token_texts)), "model": source})
+    save_safetensors(folder / CANDIDATES_FILE, {"candidates": fit.candidates.contiguous(),
+                     "harmful_mean": fit.harmful.mean.contiguous(), "harmless_mean": fit.harmless.mean.contiguous()},
+                     metadata={"positions": json.dumps(sorted(fit.token_texts)), "model": source})
     summary = None
     if reference is not None:
         tables = _reference_tables(fit, reference)
         summary = _reference_summary(tables, fit, chosen or {})
         _write_reference_csv(folder / REFERENCE_CSV, tables, len(fit.eoi_ids))
-        plot_cosine_heatmap(tables["candidate_cosine"], folder / REFERENCE_PLOT)
+        plot_cosine_heatmap(tables["candidate_cosine"], folder / REFERENCE_PLOT, token_texts=fit.token_texts)
     payload = _scores_payload(source, config, fit, scores, chosen, summary)
     (folder / SCORES_FILE).write_text(json.dumps(payload, indent=1) + "\n")
     if scores:
         plot_scores(scores, folder / SCORES_PLOT, title=f"{source}: refusal direction candidates",
                     cutoff_layer=layer_cutoff(fit.n_layers, config.measure.max_layer_fraction),
-                    token_texts=fit.token_texts, kl_max=config.measure.kl_max)
+                    token_texts=fit.token_texts, kl_max=config.measure.kl_max, baseline=fit.baseline)
     return summary
 
 

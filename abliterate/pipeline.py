@@ -3,19 +3,21 @@
 Layout of `out_dir` (what `abliterate run MODEL --out DIR` leaves behind):
 
     config.json, model*.safetensors, tokenizer files, README.md   the edited checkpoint users load and push
+    abliteration.json                  what apply edited, tensor by tensor
     abliterate/run.json                provenance: resolved config, versions, seed, base model id and revision,
                                        the key of every step, the summary
     abliterate/config.toml             the resolved settings (the card's reproduce command passes this file)
     abliterate/measure/                direction.json/.safetensors, candidates, scores, plots (`measure`)
-    abliterate/apply/checkpoint/       the edited checkpoint as `apply` wrote it (the top-level files are hard
-                                       links to these, so it costs no extra disk; `push` leaves it out)
+    abliterate/apply/step.json         the apply step's marker; apply writes the checkpoint into apply/checkpoint/
+                                       and publishing moves it to the top (see abliterate.publish): one copy
     abliterate/eval/                   completions, evaluation JSON and Markdown report (`evaluate`)
 
 Each step runs in a hidden `.NAME.partial` folder that is renamed into place with a `step.json` holding a key:
 a hash of the settings and inputs that step depends on. A rerun reuses a step whose key matches, so Ctrl-C at
 any point followed by the same command finishes the job, and a changed setting reruns only what depends on it.
 The checkpoint at the top is published last, `config.json` after everything else, so a folder that loads as a
-model is always complete; before republishing a changed run, `config.json` is removed first.
+model is always complete; before republishing a changed run, the checkpoint moves back (`config.json` first).
+Every text file is scrubbed of local paths before publishing (see `publish.scrub_tree`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,24 +35,26 @@ from pathlib import Path
 from typing import Any
 
 from abliterate import __version__
-from abliterate.config import Config, apply_values, to_dict, validate
+from abliterate.config import Config, to_dict
 from abliterate.errors import UserError
+from abliterate.hub import PROVENANCE_DIR, public_model_name
+from abliterate.publish import (
+    RECORD_SUFFIXES,
+    checkpoint_files,
+    machine_paths,
+    private_paths,
+    publish,
+    scrub_tree,
+    unpublish,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
-PROVENANCE_DIR = "abliterate"
+CHECKPOINT_DIR = "checkpoint"  # inside abliterate/apply/: the edited checkpoint until it is published
 STEP_FILE = "step.json"
 RUN_FILE = "run.json"
 _VERSIONED_PACKAGES = ("torch", "transformers", "safetensors", "huggingface_hub", "accelerate", "tokenizers")
-# The demo's settings; configs/toy.toml is the same thing as a file (tests/test_demo.py keeps them equal).
-TOY_SETTINGS: dict[str, dict[str, Any]] = {
-    "model": {"dtype": "float32", "device_map": "cpu"},
-    "prompts": {"harmful_train": "builtin:toy_harmful_train", "harmless_train": "builtin:toy_harmless_train",
-                "harmful_eval": "builtin:toy_harmful_eval", "harmless_eval": "builtin:toy_harmless_eval",
-                "n_train": 128, "n_val": 32, "n_eval": 100},
-    "measure": {"batch_size": 64},
-    "eval": {"max_new_tokens": 24, "batch_size": 100, "judge": "none"},
-}
 
 
 @dataclass
@@ -125,10 +127,14 @@ def _finished(final: Path, key: str) -> dict | None:
 
 
 def run_step(prov: Path, name: str, key: str, force: bool, work: Callable[[Path], dict],
-             reused: list[str]) -> dict:
-    """Reuse `prov/name` if its key matches, else run `work(partial_dir) -> result` and move the folder in."""
+             reused: list[str], intact: Callable[[dict], bool] = lambda result: True) -> dict:
+    """Reuse `prov/name` if its key matches (and `intact(result)`), else run `work(partial_dir) -> result` and move
+    the folder in."""
     final = prov / name
     record = None if force else _finished(final, key)
+    if record is not None and not intact(record["result"]):
+        logger.warning("Step %s: its finished result is incomplete (files removed?); running it again", name)
+        record = None
     if record is not None:
         logger.info("Step %s: reusing the finished result in %s", name, final)
         reused.append(name)
@@ -162,8 +168,9 @@ def _apply_work(model: str, direction_path: Path, config: Config) -> Callable[[P
     def work(folder: Path) -> dict:
         from abliterate.checkpoint import apply_direction
 
-        record = apply_direction(model, direction_path, folder / "checkpoint", config)
-        return {"n_layers": record["n_layers"], "model_type": record["model_type"], "n_edited": record["n_edited"],
+        record = apply_direction(model, direction_path, folder / CHECKPOINT_DIR, config)
+        return {"files": checkpoint_files(folder / CHECKPOINT_DIR), "n_layers": record["n_layers"],
+                "model_type": record["model_type"], "n_edited": record["n_edited"],
                 "edits_by_kind": dict(Counter(f"{edit['role']} ({edit['kind']})"
                                               for edit in record["edited_tensors"])),
                 "untied": record["untied"] is not None}
@@ -186,42 +193,6 @@ def summary_rows(report: Any) -> list[list[str]]:
     """(metric with its prompt count, base, edited) rows for the final summary table, from F's EvalReport."""
     rows = report.summary_rows() if hasattr(report, "summary_rows") else []
     return [[str(cell) for cell in row] for row in rows]
-
-
-# ---- publishing the checkpoint at the top of out_dir ----
-
-def _write_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-
-
-def _link(source: Path, target: Path) -> None:
-    """Put `source` at `target` as a hard link (a copy where links are not possible), replacing it atomically."""
-    temp = target.with_name(f".{target.name}.tmp")
-    temp.unlink(missing_ok=True)
-    try:
-        os.link(source, temp)
-    except OSError:
-        shutil.copy2(source, temp)
-    os.replace(temp, target)
-
-
-def _unpublish(out_dir: Path, names: list[str]) -> None:
-    """Take down a published checkpoint, config.json first so the folder stops loading as a model at once."""
-    for name in sorted(names, key=lambda n: n != "config.json"):
-        (out_dir / name).unlink(missing_ok=True)
-
-
-def _publish(out_dir: Path, checkpoint: Path, card_text: str) -> list[str]:
-    """Link the finished checkpoint's files to the top of out_dir and write the card; config.json goes last."""
-    names = sorted(p.name for p in checkpoint.iterdir() if p.is_file() and not p.name.startswith("."))
-    for name in names:
-        if name not in ("config.json", "README.md"):
-            _link(checkpoint / name, out_dir / name)
-    _write_atomic(out_dir / "README.md", card_text)
-    _link(checkpoint / "config.json", out_dir / "config.json")
-    return sorted(set(names) | {"README.md"})
 
 
 # ---- provenance ----
@@ -287,10 +258,14 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps: dict[str, dict]) -> str:
-    from abliterate.card import CardFacts, base_license, render_card
+    from abliterate.card import CardFacts, base_license, eval_results, hub_dataset, install_command, render_card
 
     prov = out_dir / PROVENANCE_DIR
     measured, applied, evaluated = steps["measure"], steps["apply"], steps.get("eval")
+    p = config.prompts
+    figure = prov / "measure" / "scores.png"
+    results = eval_results(json.loads((prov / "eval" / "eval.json").read_text()), p.harmful_eval, p.harmless_eval) \
+        if evaluated and (prov / "eval" / "eval.json").is_file() else []
     facts = CardFacts(
         base_model="" if _is_local(model) else model,
         base_revision=config.model.revision or _resolved_revision(model_dir),
@@ -302,6 +277,10 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
         eval_markdown=(prov / "eval" / evaluated["report"]).read_text() if evaluated else "",
         command=reproduce_command(model, out_dir), version=__version__, name=out_dir.name,
         optimized_edit=measured.get("optimized", ""),
+        datasets=[hub_dataset(source) for source in (p.harmful_train, p.harmless_train, p.harmful_eval,
+                                                      p.harmless_eval) if hub_dataset(source)],
+        eval_results=results, install=install_command(),
+        figure=figure.relative_to(out_dir).as_posix() if figure.is_file() else "",
     )
     # Paths this run knows about get public names; any other absolute path is cut to its last part.
     replacements = {str(out_dir): ".", str(model_dir.resolve()): facts.base_model or "BASE_MODEL_DIR",
@@ -312,10 +291,45 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
 
 
 def _provenance(model: str, model_dir: Path, config: Config, keys: dict[str, str]) -> dict:
-    return {"tool": "abliterate", "version": __version__, "base_model": model,
+    return {"tool": "abliterate", "version": __version__, "base_model": public_model_name(model),
             "base_revision": config.model.revision, "resolved_revision": _resolved_revision(model_dir),
             "seed": config.prompts.seed, "versions": _versions(), "config": to_dict(config), "steps": keys,
             "complete": False}
+
+
+def _published(out_dir: Path, previous: dict, key: str, force: bool) -> list[str]:
+    """The files an earlier run published, if it published this very result; else take them down first."""
+    record = previous.get("published") or {}
+    checkpoint = out_dir / PROVENANCE_DIR / "apply" / CHECKPOINT_DIR
+    if not force and record.get("key") == key:
+        return list(record.get("files", []))
+    marker = _finished(out_dir / PROVENANCE_DIR / "apply", previous.get("steps", {}).get("apply", ""))
+    names = set(record.get("files", []) or previous.get("published_files", []))
+    names |= set(marker["result"].get("files", [])) if marker else set()  # a publish stopped half way
+    unpublish(out_dir, checkpoint, sorted(names))
+    return []
+
+
+def _start(model: str, model_dir: Path, out_dir: Path, config: Config, keys: dict[str, str],
+           force: bool) -> tuple[dict, list[str]]:
+    """Create the provenance folder, take down a stale checkpoint, write the settings; return (record, published)."""
+    prov = out_dir / PROVENANCE_DIR
+    previous = _read_run(prov)
+    published = _published(out_dir, previous, keys["publish"], force)
+    prov.mkdir(parents=True, exist_ok=True)
+    record = {**_provenance(model, model_dir, config, keys), "published": previous["published"] if published else None}
+    write_atomic(prov / RUN_FILE, json.dumps(record, indent=2))
+    write_atomic(prov / "config.toml", render_toml(config))
+    return record, published
+
+
+def _scrub(model: str, model_dir: Path, out_dir: Path, config: Config) -> None:
+    """Local paths out of the provenance folder before anything is published."""
+    prov = out_dir / PROVENANCE_DIR
+    inputs = [value for section in to_dict(config).values() for value in section.values() if isinstance(value, str)]
+    known = private_paths(model, model_dir, out_dir, public_model_name(model), inputs)
+    scrub_tree(prov, {**known, str(prov / "apply" / CHECKPOINT_DIR): "."})  # evaluated there, published at "."
+    scrub_tree(prov, machine_paths(), RECORD_SUFFIXES)
 
 
 def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunResult:
@@ -337,13 +351,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
                         "input. Choose another --out.")
     keys = step_keys(config, fingerprint_dir(model_dir))
     prov = out_dir / PROVENANCE_DIR
-    previous = _read_run(prov)
-    if force or previous.get("steps", {}).get("publish") != keys["publish"]:
-        _unpublish(out_dir, previous.get("published_files", []))
-    prov.mkdir(parents=True, exist_ok=True)
-    record = {**_provenance(model, model_dir, config, keys), "published_files": previous.get("published_files", [])}
-    _write_atomic(prov / RUN_FILE, json.dumps(record, indent=2))
-    _write_atomic(prov / "config.toml", render_toml(config))
+    record, published = _start(model, model_dir, out_dir, config, keys, force)
     reused: list[str] = []
     if config.run.optimize:
         from abliterate.optimize import optimize_work
@@ -353,20 +361,26 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         first = _measure_work(model, config)
     steps = {"measure": run_step(prov, "measure", keys["measure"], force, first, reused)}
     direction_path = prov / "measure" / steps["measure"]["direction"]
-    steps["apply"] = run_step(prov, "apply", keys["apply"], force, _apply_work(model, direction_path, config), reused)
-    checkpoint = prov / "apply" / "checkpoint"
+    checkpoint = prov / "apply" / CHECKPOINT_DIR
+    where = out_dir if published else checkpoint
+    steps["apply"] = run_step(prov, "apply", keys["apply"], force, _apply_work(model, direction_path, config), reused,
+                              intact=lambda result: all((where / name).is_file() for name in result.get("files", [""])))
+    edited = checkpoint if (checkpoint / "config.json").is_file() else out_dir
     if not config.run.skip_eval:
-        steps["eval"] = run_step(prov, "eval", keys["eval"], force, _eval_work(model, checkpoint, config), reused)
+        steps["eval"] = run_step(prov, "eval", keys["eval"], force, _eval_work(model, edited, config), reused)
     else:  # an earlier run's report must not sit beside a card that claims no numbers
         shutil.rmtree(prov / "eval", ignore_errors=True)
-    record["published_files"] = _publish(out_dir, checkpoint, _card_text(model, model_dir, out_dir, config, steps))
+    _scrub(model, model_dir, out_dir, config)
+    card = _card_text(model, model_dir, out_dir, config, steps)
+    files = sorted(set(publish(out_dir, checkpoint, card)) | set(published))
     result = RunResult(
         out_dir=out_dir, layer=steps["measure"]["layer"], position=steps["measure"]["position"],
         n_layers=steps["apply"]["n_layers"], n_edited=steps["apply"]["n_edited"],
         metrics=[tuple(row) for row in steps.get("eval", {}).get("metrics", [])],
         report_path=prov / "eval" / steps["eval"]["report"] if "eval" in steps else None, reused=reused,
     )
-    _write_atomic(prov / RUN_FILE, json.dumps({**record, "complete": True, "summary": {
+    write_atomic(prov / RUN_FILE, json.dumps({**record, "published": {"key": keys["publish"], "files": files},
+                                              "complete": True, "summary": {
         "layer": result.layer, "position": result.position, "n_layers": result.n_layers,
         "n_edited": result.n_edited, "metrics": result.metrics}}, indent=2))
     if config.run.push:
@@ -376,54 +390,8 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     return result
 
 
-# ---- the demo ----
-
-@dataclass
-class DemoResult:
-    """The demo's run and a few held-out prompts answered by the toy refuser before and after the edit."""
-
-    run: RunResult
-    replies: list[tuple[str, str, str]]  # (prompt, base reply, edited reply)
-
-
-def demo_config() -> Config:
-    """The settings `abliterate demo` runs with (TOY_SETTINGS over the defaults)."""
-    config = apply_values(Config(), json.loads(json.dumps(TOY_SETTINGS)), "the demo settings")
-    validate(config)
-    return config
-
-
-def _replies(source: str, prompts: list[str], config: Config) -> list[str]:
-    from abliterate.chat import format_instructions, stop_token_ids
-    from abliterate.generation import generate_transformers
-    from abliterate.model import load_model
-
-    model, tokenizer = load_model(source, config.model)
-    texts = format_instructions(tokenizer, prompts, config.model)
-    stop_ids = stop_token_ids(tokenizer, model.generation_config)
-    replies = generate_transformers(model, tokenizer, texts, stop_ids, config.eval.max_new_tokens,
-                                    config.eval.batch_size)
-    return [reply.text for reply in replies]
-
-
-def demo(out_dir: Path | None = None) -> DemoResult:
-    """Build (or reuse) the toy refuser, run the whole job on it offline, and answer the held-out demo prompts."""
-    import torch
-
-    from abliterate.prompts import load_prompts
-    from abliterate.toy import toy_refuser
-
-    model_dir = toy_refuser()
-    out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="abliterate-demo-"))
-    config = demo_config()
-    # The toy's matrices are tiny: more threads only add synchronisation (8x slower on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run(str(model_dir), out_dir, config)
-        prompts = [prompt.text for prompt in load_prompts("builtin:toy_demo")]
-        before = _replies(str(model_dir), prompts, config)
-        after = _replies(str(result.out_dir), prompts, config)
-    finally:
-        torch.set_num_threads(threads)
-    return DemoResult(run=result, replies=list(zip(prompts, before, after)))
+def finished_steps(out_dir: Path) -> list[str]:
+    """The steps of the run in `out_dir` that are finished for its current settings, in order (for Ctrl-C)."""
+    prov = Path(out_dir) / PROVENANCE_DIR
+    keys = _read_run(prov).get("steps", {})
+    return [name for name in ("measure", "apply", "eval") if keys.get(name) and _finished(prov / name, keys[name])]

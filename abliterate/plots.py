@@ -14,9 +14,10 @@ import torch
 
 from abliterate.selection import CandidateScore
 
-_PANELS = (("bypass", "Refusal score, direction ablated (harmful)"),
-           ("induce", "Refusal score, direction added (harmless)"),
-           ("kl", "KL(base || ablated), harmless"))
+# (score, panel title, y-axis label)
+_PANELS = (("bypass", "Refusal score, direction ablated (harmful)", "mean refusal score (log-odds)"),
+           ("induce", "Refusal score, direction added (harmless)", "mean refusal score (log-odds)"),
+           ("kl", "KL(base || ablated), harmless", "mean KL divergence at the last position (nats)"))
 
 
 def _pyplot():
@@ -36,11 +37,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", cutoff_layer: int | None = None,
-                token_texts: dict[int, str] | None = None, kl_max: float | None = None) -> Path:
+                token_texts: dict[int, str] | None = None, kl_max: float | None = None,
+                baseline: dict[str, float] | None = None) -> Path:
     """Bypass, induce and KL against layer, one line per position; the chosen candidate is starred.
 
-    The dotted vertical line marks the first discarded layer; dashed horizontal lines mark the filters' thresholds
-    (refusal score 0, the KL limit).
+    The dotted vertical line marks the first discarded layer; dashed grey lines mark the filters' thresholds
+    (refusal score 0, the KL limit); solid red lines the base model's own score without any edit (`baseline`,
+    per panel: KL's baseline is 0 by definition). `title` should name the model publicly, never by a local path.
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -48,7 +51,8 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
     n_layers = max(s.layer for s in scores) + 1
     positions = sorted({s.position for s in scores})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for axis, (key, label) in zip(axes, _PANELS):
+    baselines = {"kl": 0.0, **(baseline or {})}
+    for axis, (key, label, y_label) in zip(axes, _PANELS):
         for position in positions:
             rows = sorted((s for s in scores if s.position == position), key=lambda s: s.layer)
             name = f"pos {position}" + (f" {token_texts[position]!r}" if token_texts and position in token_texts else "")
@@ -62,9 +66,12 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
         threshold = kl_max if key == "kl" else 0.0
         if threshold is not None:
             axis.axhline(threshold, color="grey", linestyle="--", linewidth=0.8)
+        if key in baselines:
+            axis.axhline(baselines[key], color="tab:red", linewidth=1, label="no edit (base model)")
         axis.set_xlim(-0.5, n_layers - 0.5)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("layer")
+        axis.set_ylabel(y_label)
         axis.set_title(label, fontsize=10)
     if any(math.isnan(s.induce) and not math.isnan(s.bypass) and not s.failed for s in scores):
         axes[1].text(0.02, 0.97, "scored only where it could change the choice;\n--score-all scores every candidate",
@@ -78,17 +85,24 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
         plt.close(fig)
 
 
-def plot_cosine_heatmap(cosines: torch.Tensor, path: Path, title: str = "") -> Path:
-    """Cosine of every candidate with the reference, `cosines` `[position, layer]`, positions counted from the end."""
+def plot_cosine_heatmap(cosines: torch.Tensor, path: Path, title: str = "",
+                        token_texts: dict[int, str] | None = None) -> Path:
+    """Cosine of every candidate with the reference, `cosines` `[position, layer]`, positions counted from the end.
+
+    Each row is labelled with its position and, when `token_texts` ({position: text}) has it, that token's text.
+    """
     plt = _pyplot()
     n_positions, n_layers = cosines.shape
     fig, axis = plt.subplots(figsize=(max(6.0, 0.3 * n_layers + 2), 0.5 * n_positions + 1.5))
     image = axis.imshow(cosines.float().numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
-    axis.set_yticks(range(n_positions), [str(p - n_positions) for p in range(n_positions)])
+    texts = token_texts or {}
+    labels = [f"{p - n_positions}" + (f" {texts[p - n_positions]!r}" if p - n_positions in texts else "")
+              for p in range(n_positions)]
+    axis.set_yticks(range(n_positions), labels)
     axis.set_xlabel("layer")
-    axis.set_ylabel("position")
+    axis.set_ylabel("position from the end (token)")
     axis.set_title(title or "Cosine similarity of each candidate with the reference direction", fontsize=10)
-    fig.colorbar(image, ax=axis)
+    fig.colorbar(image, ax=axis).set_label("cosine similarity with the reference")
     try:
         return _save(fig, Path(path))
     finally:

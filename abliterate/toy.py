@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from abliterate import progress
+
 logger = logging.getLogger(__name__)
 
 HARMFUL_VERBS = (
@@ -191,14 +193,14 @@ def _new_model(tokenizer, settings: ToySettings):
 
 
 def _train(model, examples: list[tuple[list[int], int]], pad_id: int, steps: int, learning_rate: float,
-           settings: ToySettings) -> float:
+           settings: ToySettings, phase: str) -> float:
     """Plain AdamW on the replies with a one-cycle schedule; returns the last batch's loss."""
     rng = random.Random(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     model.train()
     loss = torch.tensor(float("nan"))
-    for step in range(steps):
+    for step in progress.track(range(steps), f"Training the toy refuser ({phase})"):
         input_ids, mask, labels = _batch(rng.sample(examples, settings.batch_size), pad_id)
         with torch.enable_grad():  # callers may have switched gradients off globally
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -222,9 +224,11 @@ def _train_phases(model, tokenizer, splits: dict[str, list[str]], settings: ToyS
     """
     harmful, harmless = splits["harmful_model"], splits["harmless_model"]
     helpful = _examples(tokenizer, harmful + harmless, refuse=False)
-    _train(model, helpful, tokenizer.pad_token_id, settings.pretrain_steps, settings.pretrain_learning_rate, settings)
+    _train(model, helpful, tokenizer.pad_token_id, settings.pretrain_steps, settings.pretrain_learning_rate, settings,
+           "1/2: helpful")
     safety = _examples(tokenizer, harmful, refuse=True) + _examples(tokenizer, harmless, refuse=False)
-    return _train(model, safety, tokenizer.pad_token_id, settings.safety_steps, settings.safety_learning_rate, settings)
+    return _train(model, safety, tokenizer.pad_token_id, settings.safety_steps, settings.safety_learning_rate, settings,
+                  "2/2: safety")
 
 
 def build_toy_refuser(out_dir: Path, settings: ToySettings = ToySettings()) -> Path:
@@ -255,7 +259,7 @@ def build_toy_refuser(out_dir: Path, settings: ToySettings = ToySettings()) -> P
     tokenizer.save_pretrained(out_dir)
     record = {"settings": dataclasses.asdict(settings), "final_loss": loss, "fingerprint": fingerprint}
     (out_dir / "toy_refuser.json").write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("Built the toy refuser in %s (final loss %.4f).", out_dir, loss)
+    logger.debug("Trained the toy refuser (final loss %.4f).", loss)
     return out_dir
 
 
@@ -285,6 +289,7 @@ def toy_refuser(cache_dir: Path | None = None, settings: ToySettings = ToySettin
     if (target / "toy_refuser.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    logger.info("Building the toy refuser (once per machine: a minute or two on a CPU).")
     staging = Path(tempfile.mkdtemp(prefix=".toy-building-", dir=root))
     try:
         build_toy_refuser(staging, settings)
@@ -295,6 +300,7 @@ def toy_refuser(cache_dir: Path | None = None, settings: ToySettings = ToySettin
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Built the toy refuser in %s.", target)
     return target
 
 

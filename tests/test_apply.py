@@ -70,8 +70,12 @@ ATTENTION = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left paddi
 def test_output_files(applied, llama_dir):
     out, _ = applied
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["model.safetensors", "config.json", "generation_config.json", "direction.json",
-                            "direction.safetensors", "abliteration.json", *SMALL_FILES])
+    assert names == sorted(["model.safetensors", "config.json", "generation_config.json", "abliteration.json",
+                            "abliterate", *SMALL_FILES])
+    # The direction lives with the provenance: runtimes that load every *.safetensors at the top (vLLM without an
+    # index) meet only the weights.
+    assert sorted(p.name for p in (out / "abliterate").iterdir()) == ["direction.json", "direction.safetensors"]
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
     for name in [*SMALL_FILES, "generation_config.json"]:
         assert (out / name).read_bytes() == (llama_dir / name).read_bytes()
     config = json.loads((out / "config.json").read_text())
@@ -152,7 +156,8 @@ def test_record_and_shard_provenance(applied, direction_file, llama_dir):
         metadata = handle.metadata()
     assert metadata["format"] == "pt"
     assert json.loads(metadata["abliterate"])["direction_sha256"] == sha
-    assert torch.equal(load_file(str(out / "direction.safetensors"))["direction"], _unit(direction_file))
+    assert torch.equal(load_file(str(out / "abliterate" / "direction.safetensors"))["direction"], _unit(direction_file))
+    assert record["direction"]["saved_as"] == ["abliterate/direction.json", "abliterate/direction.safetensors"]
 
 
 def load_direction_sha(path) -> str:
@@ -275,3 +280,20 @@ def test_only_writers_are_decoded(llama_dir, direction_file, tmp_path, monkeypat
     monkeypatch.setattr(checkpoint, "read_tensor", recording_read)
     record = apply_direction(str(llama_dir), direction_file, tmp_path / "out", load_config())
     assert sorted(read) == sorted(entry["name"] for entry in record["edited_tensors"])
+
+
+def test_a_sharded_output_of_the_cli_is_accepted_by_push(llama_bf16_sharded_dir, direction_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from abliterate.cli import app
+    from abliterate.hub import check_output_complete
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["apply", str(llama_bf16_sharded_dir), "--direction", str(direction_file),
+                                      "--out", str(out), "--max-shard-size", "20KB"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(set(index["weight_map"].values()))
+    pushed = {p.relative_to(out).as_posix() for p in check_output_complete(out)}  # push's own check, no refusal
+    assert {"abliterate/direction.json", "abliterate/direction.safetensors", *shards} <= pushed

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from huggingface_hub.repocard import metadata_load
 
-from abliterate.card import CardFacts, base_license, render_card, scrub, write_card
+from abliterate.card import (
+    CardFacts,
+    base_license,
+    eval_results,
+    hub_dataset,
+    install_command,
+    render_card,
+    scrub,
+    write_card,
+)
 
 EVAL_MD = """| metric | base | edited |
 |---|---|---|
@@ -52,7 +61,7 @@ def test_body_states_the_edit_the_evaluation_and_the_command(tmp_path: Path):
     assert "tie_word_embeddings: false" in card
     assert "| refusal rate, harmful (n=100) | 0.95 | 0.02 |" in card
     assert "abliterate run Qwen/Qwen2.5-0.5B-Instruct --out Qwen2.5-0.5B-Instruct-abliterated" in card
-    assert "pip install abliterate==0.1.0" in card
+    assert "pip install abliterate==" not in card  # no such release to point at: see the install tests
     assert "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct" in card
     assert "(the token `<|im_start|>`)" in card
 
@@ -103,3 +112,46 @@ def test_a_supplied_reference_direction_is_not_called_selected(tmp_path: Path):
     card = render_card(_facts(tmp_path, used_reference=True))
     assert "supplied as a reference direction file (`--use-reference`)" in card
     assert "its best-aligned candidate is layer 14, position -2" in card and "chosen among all" not in card
+
+
+def test_hub_metadata_relation_datasets_and_model_index(tmp_path: Path):
+    results = eval_results({"columns": ["base", "edited"], "models": {
+        "base": {"refusal": {"rate": 0.95, "n": 100}},
+        "edited": {"refusal": {"rate": 0.02, "n": 100}, "over_refusal": {"rate": 0.0, "n": 100}, "safety": None}}},
+        "hf:JailbreakBench/JBB-Behaviors/behaviors@c19227d:harmful#Goal", "builtin:toy_harmless_eval")
+    facts = _facts(tmp_path, datasets=[hub_dataset("hf:walledai/AdvBench@0fdedd5:train#prompt"),
+                                       hub_dataset("hf:tatsu-lab/alpaca:train#instruction"), hub_dataset("builtin:x")],
+                   eval_results=results, figure="abliterate/measure/scores.png")
+    path = write_card(tmp_path, facts)
+    metadata = metadata_load(path)
+    assert metadata["base_model_relation"] == "finetune"
+    assert metadata["datasets"] == ["tatsu-lab/alpaca", "walledai/AdvBench"]
+    (entry,) = metadata["model-index"]
+    metrics = {m["type"]: m["value"] for result in entry["results"] for m in result["metrics"]}
+    assert metrics == {"refusal_rate": 0.02, "over_refusal_rate": 0.0}  # the edited model's, no judge: no unsafe
+    datasets = {result["dataset"]["type"] for result in entry["results"]}
+    assert datasets == {"JailbreakBench/JBB-Behaviors", "builtin:toy_harmless_eval"}
+    assert "](abliterate/measure/scores.png)" in path.read_text()
+
+
+def test_reproduce_block_points_at_the_installed_source(monkeypatch):
+    from importlib import metadata
+
+    class Installed:
+        def __init__(self, direct_url):
+            self.version, self.direct_url = "0.1.0", direct_url
+
+        def read_text(self, name):
+            return self.direct_url
+
+    for direct_url, expected in [
+        (None, "pip install abliterate==0.1.0"),  # from a package index
+        ('{"url": "https://github.com/o/abliterate", "vcs_info": {"vcs": "git", "commit_id": "abc123"}}',
+         "pip install git+https://github.com/o/abliterate@abc123"),
+        ('{"url": "file:///home/me/abliterate", "dir_info": {"editable": true}}', ""),  # a local checkout
+    ]:
+        monkeypatch.setattr(metadata, "distribution", lambda name, d=direct_url: Installed(d))
+        assert install_command() == expected
+    card = render_card(CardFacts(base_model="", model_type="llama", n_layers=2, layer=1, position=-1,
+                                 edited_counts={}, command="abliterate run M --out o", version="0.1.0"))
+    assert "```bash\n# abliterate 0.1.0\nabliterate run M --out o\n```" in card

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from abliterate.cli import app
 from abliterate.config import load_config
-from abliterate.pipeline import demo, demo_config
+from abliterate.demo import demo, demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSAL = "I cannot"

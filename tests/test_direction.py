@@ -136,7 +136,23 @@ class _Payload:
 def test_pickle_with_code_refused(tmp_path):
     with open(tmp_path / "d.pt", "wb") as handle:
         pickle.dump(_Payload(), handle, protocol=2)
-    assert "not a tensor saved with torch.save" in _error(tmp_path / "d.pt")
+    assert "holds pickled Python objects besides tensors" in _error(tmp_path / "d.pt")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_pickle_refusal_gives_no_advice_to_run_code_and_no_torch_warning(tmp_path, protocol):
+    import subprocess
+    import sys
+
+    with open(tmp_path / "d.pt", "wb") as handle:
+        pickle.dump(np.ones(D_MODEL), handle, protocol=protocol)  # protocol 4 makes torch warn
+    message = _error(tmp_path / "d.pt")
+    assert "weights_only" not in message and "trust" not in message and "Re-running" not in message
+    # In a fresh process with every warning shown: nothing from torch reaches stderr.
+    code = ("import warnings, sys; warnings.simplefilter('default'); from abliterate.direction import load_direction\n"
+            f"try:\n    load_direction({str(tmp_path / 'd.pt')!r})\nexcept Exception as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "pickled Python objects" in done.stdout and done.stderr == ""
 
 
 def test_pt_holding_a_dict_refused(tmp_path, raw):
@@ -159,3 +175,37 @@ def test_save_refuses_zero_vector(tmp_path):
     with pytest.raises(UserError, match="zero vector"):
         save_direction(tmp_path, torch.zeros(D_MODEL))
     assert not (tmp_path / "direction.json").exists()
+
+
+def test_safetensors_files_are_byte_identical_whatever_the_metadata_order(tmp_path, raw):
+    import subprocess
+    import sys
+
+    from abliterate.direction import safetensors_bytes
+
+    meta = {f"key{i}": str(i) for i in range(12)}
+    first = safetensors_bytes({"b": raw.float(), "a": raw.double()}, meta)
+    again = safetensors_bytes({"a": raw.double(), "b": raw.float()}, dict(reversed(meta.items())))
+    assert first == again
+    loaded = load_file_with_metadata(first)
+    assert loaded[1] == meta and torch.equal(loaded[0]["b"], raw.float())
+    # Two processes (each with its own hash seeds) write the same direction file, byte for byte.
+    code = ("import sys, torch; from abliterate.direction import save_direction\n"
+            "save_direction(sys.argv[1], torch.arange(1.0, 9.0), {'layer': 3, 'position': -1, 'model': 'm', "
+            "'scores': {'kl': 0.1, 'bypass': -2.0}, 'seed': 42, 'n_layers': 8})")
+    for name in ("one", "two"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, timeout=120)
+    for file in ("direction.json", "direction.safetensors"):
+        assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes()
+
+
+def load_file_with_metadata(data: bytes):
+    import tempfile
+
+    from safetensors import safe_open
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(data)
+        handle.flush()
+        with safe_open(handle.name, framework="pt") as reader:
+            return {name: reader.get_tensor(name) for name in reader.keys()}, reader.metadata()  # noqa: SIM118

@@ -174,3 +174,27 @@ def test_cli_push(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert hub.files("bob/model", "v1") == _local_files(out)
     result = CliRunner().invoke(app, ["push", str(out), "--repo", "not-a-repo"])
     assert result.exit_code != 0 and "--repo must be owner/name" in str(result.exception)
+
+
+def _truncated_shard(out: Path) -> None:
+    path = out / "model-00002-of-00002.safetensors"
+    path.write_bytes(path.read_bytes()[:-24])  # the header is whole; the last tensor's bytes are not
+
+
+def _direction_beside_the_weights(out: Path) -> None:
+    save_file({"direction": torch.ones(4)}, str(out / "direction.safetensors"))  # where old versions put it
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncated_shard, ("model-00002-of-00002.safetensors in .* is truncated or corrupt \\(tensor .* lies outside "
+                        "the file\\); rerun the job that wrote the folder")),
+    (_direction_beside_the_weights, ("has direction.safetensors beside the weights.*move it and direction.json "
+                                     "into .*abliterate, then push")),
+])
+def test_damaged_weights_are_refused_from_their_headers_before_any_request(hub: FakeHub, tmp_path: Path, damage,
+                                                                           message):
+    out = _finished_output(tmp_path)
+    damage(out)
+    with pytest.raises(UserError, match=message):
+        push(out, "alice/tiny", token=TOKEN)
+    assert hub.requests == []

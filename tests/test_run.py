@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from abliterate.cli import app
@@ -82,18 +80,33 @@ def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_di
     prov = out / "abliterate"
     check_output_complete(out)  # what `push` would accept
     run = json.loads((prov / "run.json").read_text())
-    assert run["complete"] and run["seed"] == 42 and run["base_model"] == str(toy_refuser_dir)
+    assert run["complete"] and run["seed"] == 42 and run["base_model"] == toy_refuser_dir.name  # as published
     assert {"torch", "transformers", "abliterate"} <= set(run["versions"])
     assert load_config(prov / "config.toml") == load_config(TOY_CONFIG)
     for artifact in ("measure/direction.json", "measure/direction.safetensors", "eval/report.md",
-                     "eval/eval.json"):
+                     "eval/eval.json", "apply/step.json", "apply/checkpoint/abliterate/toy_refuser.json"):
         assert (prov / artifact).is_file(), artifact
-    top, kept = out / "model.safetensors", prov / "apply" / "checkpoint" / "model.safetensors"
-    assert top.stat().st_ino == kept.stat().st_ino  # published as a hard link: no second copy on disk
     card = (out / "README.md").read_text()
     assert "- abliterated" in card and "library_name: transformers" in card
     assert str(out) not in card and str(toy_refuser_dir) not in card and "/tmp/" not in card
     assert f"input of layer {run['summary']['layer']} of {run['summary']['n_layers']}" in card
+    assert "](abliterate/measure/scores.png)" in card and (out / "abliterate/measure/scores.png").is_file()
+    assert "model-index:" in card and "type: refusal_rate" in card and "pip install abliterate==" not in card
+
+
+def test_the_root_holds_only_what_runtimes_load_and_the_weights_once(toy_run):
+    out, _ = toy_run
+    # Every *.safetensors at the top is a weight shard (vLLM loads them all when there is no index) ...
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(
+        ["README.md", "abliteration.json", "chat_template.jinja", "config.json", "generation_config.json",
+         "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+    # ... and the weights exist once: no second checkpoint (or hard link to one) under abliterate/.
+    weights = (out / "model.safetensors").stat()
+    assert weights.st_nlink == 1
+    below = [p for p in (out / "abliterate").rglob("*") if p.is_file()]
+    assert not any(p.name.startswith("model") and p.suffix == ".safetensors" for p in below)
+    assert sum(p.stat().st_size for p in (out / "abliterate" / "apply").rglob("*") if p.is_file()) < 100_000
 
 
 def test_rerun_with_the_same_settings_reuses_every_step(toy_run, toy_refuser_dir):
@@ -112,7 +125,7 @@ def test_interrupted_run_resumes_and_finishes_identically(toy_run, toy_refuser_d
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C during the evaluation, after measure and apply finished
 
-    out, config = tmp_path / "out", load_config(TOY_CONFIG)
+    out, config = tmp_path / "toy-abliterated", load_config(TOY_CONFIG)  # the card names the folder: same name
     monkeypatch.setattr(abliterate.evaluation, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(str(toy_refuser_dir), out, config)
@@ -122,10 +135,14 @@ def test_interrupted_run_resumes_and_finishes_identically(toy_run, toy_refuser_d
     result = run(str(toy_refuser_dir), out, config)
     assert result.reused == ["measure", "apply"]
     first, _ = toy_run
-    assert (out / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
-    direction = "abliterate/measure/direction.safetensors"  # its metadata names the folder it was written in
-    assert torch.equal(load_file(out / direction)["direction"], load_file(first / direction)["direction"])
+    # Everything written is byte-identical to the uninterrupted run into another folder: no timestamps, no
+    # metadata in hash order, no path of the output or the model (both are named relative or by name).
+    assert _all_bytes(out) == _all_bytes(first)
     check_output_complete(out)
+
+
+def _all_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_changed_setting_reruns_only_what_depends_on_it(toy_run, toy_refuser_dir, tmp_path):
@@ -176,29 +193,53 @@ def test_user_error_is_one_line_from_the_real_command(tmp_path):
     assert done.stderr.startswith("error: Model directory") and done.stderr.count("\n") == 1
 
 
-def test_run_with_push_uploads_the_finished_output(toy_run, toy_refuser_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def loopback_hub(monkeypatch):
     from hub_server import FakeHub
     from huggingface_hub import constants
 
-    first, _ = toy_run
-    out = tmp_path / "copy"
-    shutil.copytree(first, out)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the loopback Hub speaks plain LFS
     hub = FakeHub("hf_run_push_token_0123456789").start()
-    try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_TOKEN", hub.token)
-        result = _invoke_run(toy_refuser_dir, out, "--push", "me/toy-abliterated")
-        assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
-        assert "Reused finished steps: measure, apply, eval" in result.output and "Pushed:" in result.output
-        files = hub.files("me/toy-abliterated")
-    finally:
-        hub.stop()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    yield hub
+    hub.stop()
+
+
+def test_run_with_push_uploads_the_finished_output(toy_run, toy_refuser_dir, tmp_path, loopback_hub):
+    first, _ = toy_run
+    out = tmp_path / "copy"
+    shutil.copytree(first, out)
+    result = _invoke_run(toy_refuser_dir, out, "--push", "me/toy-abliterated")
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert "Reused finished steps: measure, apply, eval" in result.output and "Pushed:" in result.output
+    files = loopback_hub.files("me/toy-abliterated")
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert files["README.md"] == (out / "README.md").read_bytes()
     assert "abliterate/eval/report.md" in files and "abliterate/config.toml" in files
-    assert not any(name.startswith("abliterate/apply/") for name in files)  # the local copy stays local
+    assert not any(name.startswith("abliterate/apply/") for name in files)  # the step's local state stays local
+
+
+def test_run_push_of_a_sharded_model_sends_nothing_private(toy_run, toy_refuser_dir, tmp_path, loopback_hub):
+    import os
+    import tempfile
+
+    first, _ = toy_run
+    out = tmp_path / "sharded"
+    shutil.copytree(first, out)
+    result = _invoke_run(toy_refuser_dir, out, "--max-shard-size", "300KB", "--push", "me/toy-sharded")
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    files = loopback_hub.files("me/toy-sharded")
+    shards = sorted(name for name in files if "/" not in name and name.endswith(".safetensors"))
+    index = json.loads(files["model.safetensors.index.json"])
+    assert len(shards) > 1 and shards == sorted(set(index["weight_map"].values()))  # the top: weight shards only
+    assert {name: files[name] for name in shards} == {name: (out / name).read_bytes() for name in shards}
+    # Every byte that left the machine: no home, temp or working directory, no path of the output or the model.
+    private = {os.path.expanduser("~"), tempfile.gettempdir() + "/", os.getcwd(), str(tmp_path), str(out),
+               str(toy_refuser_dir)}
+    leaks = {(name, path) for name, data in files.items() for path in private if path.encode() in data}
+    assert not leaks
 
 
 def test_skip_eval_claims_no_numbers(toy_run, toy_refuser_dir, tmp_path):

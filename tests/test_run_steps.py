@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from abliterate import publish as publish_module
 from abliterate.config import load_config
-from abliterate.pipeline import _publish, _unpublish, render_toml, reproduce_command, run_step, step_keys
+from abliterate.pipeline import render_toml, reproduce_command, run_step, step_keys
+from abliterate.publish import publish, unpublish
 
 
 def _keys(**overrides) -> dict[str, str]:
@@ -76,25 +78,32 @@ def test_an_interrupted_step_leaves_the_last_finished_one_and_reruns(tmp_path: P
     assert json.loads((tmp_path / "apply" / "step.json").read_text())["key"] == "new-key"
 
 
-def test_publish_links_every_file_and_writes_config_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_publish_moves_every_file_config_last_and_unpublish_moves_them_back(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch):
     checkpoint, out = tmp_path / "checkpoint", tmp_path / "out"
-    checkpoint.mkdir()
+    (checkpoint / "abliterate").mkdir(parents=True)
     out.mkdir()
-    for name, text in (("config.json", "{}"), ("model.safetensors", "weights"), ("tokenizer.json", "tok"),
-                       ("README.md", "base card")):
+    for name, text in (("config.json", "{}"), ("model.safetensors", "weights"), ("tokenizer.json", "tok")):
         (checkpoint / name).write_text(text)
+    (checkpoint / "abliterate" / "direction.json").write_text("{}")
+    inode = (checkpoint / "model.safetensors").stat().st_ino
     order: list[str] = []
-    from abliterate import pipeline
-
-    real_link = pipeline._link
-    monkeypatch.setattr(pipeline, "_link", lambda source, target: (order.append(target.name), real_link(source, target)))
-    published = _publish(out, checkpoint, "our card")
-    assert order[-1] == "config.json" and "README.md" not in order
+    real_replace = publish_module.os.replace
+    monkeypatch.setattr(publish_module.os, "replace",
+                        lambda source, target: (order.append(Path(target).name), real_replace(source, target)))
+    published = publish(out, checkpoint, "our card")
+    monkeypatch.undo()
+    assert order[-1] == "config.json"
     assert published == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
-    assert (out / "README.md").read_text() == "our card" and (checkpoint / "README.md").read_text() == "base card"
-    assert (out / "model.safetensors").stat().st_ino == (checkpoint / "model.safetensors").stat().st_ino
-    _unpublish(out, published)
+    assert (out / "README.md").read_text() == "our card"
+    # Moved, not copied or linked: one copy of the weights, and the checkpoint folder keeps only its provenance.
+    assert (out / "model.safetensors").stat().st_ino == inode and (out / "model.safetensors").stat().st_nlink == 1
+    assert [p.name for p in checkpoint.iterdir()] == ["abliterate"]
+    assert publish(out, checkpoint, "new card") == ["README.md"]  # already published: only the card is rewritten
+    unpublish(out, checkpoint, published)
     assert list(out.iterdir()) == []
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["abliterate", "config.json", "model.safetensors",
+                                                          "tokenizer.json"]
 
 
 def test_resolved_config_round_trips_and_the_command_has_no_local_path(tmp_path: Path):
@@ -125,3 +134,27 @@ def test_an_output_inside_the_input_model_is_refused_before_any_work(tmp_path: P
     with pytest.raises(UserError, match="overlaps the input model"):
         run(str(model), model / "out", load_config())
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_scrub_replaces_known_paths_everywhere_and_machine_paths_only_in_records(tmp_path: Path):
+    import os
+    import tempfile
+
+    from abliterate.publish import RECORD_SUFFIXES, machine_paths, private_paths, scrub_tree
+
+    out, model = tmp_path / "out", tmp_path / "models" / "my-base"
+    (out / "abliterate" / "eval").mkdir(parents=True)
+    model.mkdir(parents=True)
+    home, temp = os.path.expanduser("~"), tempfile.gettempdir()
+    record = out / "abliterate" / "eval" / "eval.json"
+    record.write_text(json.dumps({"sources": {"base": str(model), "edited": str(out / "abliterate" / "x")},
+                                  "ce_text": f"{home}/corpora/pile.txt", "cache": f"{temp}/cache"}))
+    replies = out / "abliterate" / "eval" / "completions_edited_harmful.jsonl"
+    replies.write_text(json.dumps({"reply": f"Save it to {temp}/notes.txt", "from": str(model)}) + "\n")
+    known = private_paths(str(model), model, out, "my-base", [])
+    scrub_tree(out / "abliterate", known)
+    scrub_tree(out / "abliterate", machine_paths(), RECORD_SUFFIXES)
+    assert json.loads(record.read_text()) == {"sources": {"base": "my-base", "edited": "./abliterate/x"},
+                                              "ce_text": "~/corpora/pile.txt", "cache": "$TMPDIR/cache"}
+    # Model text keeps what the model wrote; the paths the run knows are still replaced there.
+    assert json.loads(replies.read_text()) == {"reply": f"Save it to {temp}/notes.txt", "from": "my-base"}

@@ -147,3 +147,30 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     assert toy.cache_root() == tmp_path
     monkeypatch.delenv("ABLITERATE_CACHE")
     assert toy.cache_root() == Path.home() / ".cache" / "abliterate"
+
+
+def test_building_shows_training_steps_and_names_the_final_folder(tmp_path, caplog):
+    import logging
+
+    from abliterate import progress
+
+    seen: list[tuple[str, int | None, int]] = []
+
+    def reporter(items, description, total):
+        count = 0
+        for item in items:
+            count += 1
+            yield item
+        seen.append((description, total, count))
+
+    settings = toy.ToySettings(pretrain_steps=3, safety_steps=2, d_model=16, n_layers=1, d_mlp=16)
+    progress.set_reporter(reporter)
+    try:
+        with caplog.at_level(logging.INFO, logger="abliterate.toy"):
+            folder = toy.toy_refuser(cache_dir=tmp_path, settings=settings)
+    finally:
+        progress.set_reporter(None)
+    assert seen == [("Training the toy refuser (1/2: helpful)", 3, 3), ("Training the toy refuser (2/2: safety)", 2, 2)]
+    # The last line names the folder the toy is in, not the staging folder it was built in (gone by then).
+    assert caplog.records[-1].getMessage() == f"Built the toy refuser in {folder}." and folder.is_dir()
+    assert ".toy-building-" not in caplog.text.replace("Building the toy refuser", "")

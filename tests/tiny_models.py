@@ -272,9 +272,8 @@ TESTED_ELSEWHERE = {"llama4": "tests/test_architectures_moe.py::test_llama4_mult
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every weight tensor of a saved checkpoint folder (the saved direction left out)."""
+    """Every weight tensor of a saved checkpoint folder (every *.safetensors at its top is a weight shard)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        if path.name != "direction.safetensors":
-            tensors.update(load_file(path))
+        tensors.update(load_file(path))
     return tensors

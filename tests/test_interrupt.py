@@ -1,0 +1,120 @@
+"""Ctrl-C, for real: SIGINT sent to the `abliterate` command in a subprocess while it measures, applies or evaluates.
+
+Each case checks the exit status (130, never 0: `abliterate run ... && upload` must stop), the one line that says
+what was finished and how to go on, that nothing half-written is left where it would be taken for a result, and
+that the same command then finishes the job.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from abliterate.direction import save_direction
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_CONFIG = ROOT / "configs" / "toy.toml"
+
+
+class Command:
+    """`python -m abliterate.cli ARGS` with its stderr read line by line as it comes."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "abliterate.cli", *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.process.stderr.readline, "")),
+                                        daemon=True)
+        self._reader.start()
+
+    def wait_for(self, text: str, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in self.lines):
+            assert self.process.poll() is None, f"exited before '{text}':\n{''.join(self.lines)}"
+            assert time.monotonic() < deadline, f"no '{text}' within {timeout_s} s:\n{''.join(self.lines)}"
+            time.sleep(0.02)
+
+    def interrupt(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(timeout=120)
+        self._reader.join(timeout=10)
+        return code, "".join(self.lines)
+
+
+def _run(toy: Path, out: Path) -> Command:
+    return Command("run", str(toy), "--out", str(out), "--config", str(TOY_CONFIG))
+
+
+def test_ctrl_c_while_measuring_exits_130_and_claims_no_finished_step(toy_refuser_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    command = _run(toy_refuser_dir, out)
+    command.wait_for("Step measure: running")
+    time.sleep(1.0)  # inside the measurement (loading the model or collecting activations)
+    code, stderr = command.interrupt()
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == f"interrupted: no step had finished; run the same command to start again " \
+                                      f"(into {out})"
+    assert not (out / "config.json").exists() and not (out / "abliterate" / "measure").exists()
+    assert "\r" not in stderr and "it/s" not in stderr  # a pipe gets no progress-bar noise
+
+
+def test_ctrl_c_while_evaluating_names_the_finished_steps_and_the_rerun_resumes(toy_refuser_dir: Path,
+                                                                                 tmp_path: Path):
+    out = tmp_path / "out"
+    command = _run(toy_refuser_dir, out)
+    command.wait_for("Step eval: running")
+    time.sleep(0.5)
+    code, stderr = command.interrupt()
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == (f"interrupted: finished measure, apply (kept in {out}/abliterate); run the "
+                                       "same command to resume")
+    assert "Traceback" not in stderr and "\r" not in stderr
+    assert not (out / "config.json").exists()  # nothing at the top looks like a finished model
+    again = subprocess.run([sys.executable, "-m", "abliterate.cli", "-q", "run", str(toy_refuser_dir), "--out",
+                            str(out), "--config", str(TOY_CONFIG)], capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert again.returncode == 0, again.stderr
+    assert "Reused finished steps: measure, apply" in again.stdout and (out / "config.json").is_file()
+
+
+def _big_checkpoint(path: Path) -> Path:
+    """A Llama large enough (about 270 MB) that writing its edit takes long enough to be interrupted."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32768, hidden_size=1024, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(0.01)
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text("{}")
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def test_ctrl_c_while_applying_leaves_no_output_and_no_staging_folder(tmp_path: Path):
+    model = _big_checkpoint(tmp_path / "model")
+    direction = save_direction(tmp_path / "direction", torch.ones(1024), {"layer": 1, "position": -1})
+    out = tmp_path / "edited"
+    command = Command("apply", str(model), "--direction", str(direction), "--out", str(out))
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(".edited.abliterate-tmp-*")):
+        if command.process.poll() is not None:
+            pytest.fail(f"apply ended before it could be interrupted:\n{''.join(command.lines)}")
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    code, stderr = command.interrupt()
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == (f"interrupted: nothing was written to {out} (outputs are moved into place "
+                                       "only when complete); run the same command to start again")
+    assert not out.exists() and not list(tmp_path.glob(".edited.*"))  # the staging folder was removed on the way out
