@@ -102,7 +102,7 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         device, _, size = (piece.strip() for piece in item.partition("="))
         if not device or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size, flags=re.IGNORECASE):
-            raise UserError(f"Invalid max memory entry '{item}'; pass --max-memory (model.max_memory) as "
+            raise UserError(f"Invalid --max-memory entry '{item}'; pass --max-memory (model.max_memory) as "
                             "DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
         limits[int(device) if device.isdigit() else device] = size.replace(" ", "")
     return limits

@@ -176,10 +176,18 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 
 
 def _safetensors_names(path: Path) -> set[str]:
-    """Tensor names in a safetensors file, read (and checked) from its header alone."""
+    """Tensor names in a safetensors file, after checking from its header that every tensor lies inside the file.
+
+    Sizes only, no tensor data: a shard truncated by an interrupted copy is refused before it reaches the network.
+    """
     from abliterate.shards import read_header
 
-    return {tensor.name for tensor in read_header(path, fix="rerun the job that wrote the folder")[0]}
+    try:
+        tensors, _ = read_header(path)
+    except UserError as error:
+        reason = str(error).split(" is ", 1)[-1].split(";")[0]  # "truncated or corrupt (...)", without its advice
+        raise UserError(f"{path.name} in {path.parent} is {reason}; rerun the job that wrote the folder.") from None
+    return {tensor.name for tensor in tensors}
 
 
 def _check_weights(folder: Path) -> None:

@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from abliterate.pipeline import demo_config
+    from abliterate.demo import demo_config
     from abliterate.toy import toy_refuser
 
     torch.set_num_threads(1)

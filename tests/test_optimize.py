@@ -24,7 +24,7 @@ N_TRIALS = 8
 
 
 def small_config(**optimize: object) -> Config:
-    from abliterate.pipeline import demo_config
+    from abliterate.demo import demo_config
 
     config = demo_config()
     config.prompts.n_eval = 40
