@@ -125,8 +125,11 @@ def eval_command(
     harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful evaluation prompts: a file, hf:owner/name or builtin:NAME.")] = None,
     harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless evaluation prompts (over-refusal, KL).")] = None,
     n_eval: Annotated[Optional[int], typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: together, local:PATH or none.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model on Together.")] = None,
+    refusal_judge: Annotated[Optional[str], typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
+    measure_dir: Annotated[Optional[str], typer.Option("--measure", help="Folder `abliterate measure` wrote: its refusal.json and direction.json.")] = None,
+    actadd: Annotated[Optional[bool], typer.Option("--actadd/--no-actadd", help="ActAdd completions on the base model (needs --measure).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Directory for eval.json, report.md and completions (default: eval-NAME).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply generated.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts generated at once.")] = None,
@@ -148,10 +151,11 @@ def eval_command(
         "prompts.harmful_eval": harmful, "prompts.harmless_eval": harmless, "prompts.n_eval": n_eval,
         "eval.judge": judge, "eval.judge_model": judge_model, "eval.max_new_tokens": max_new_tokens,
         "eval.batch_size": batch_size, "eval.backend": backend, "eval.refusal_set": refusal_set,
-        "eval.ce_text": ce_text, "eval.ce_chat": ce_chat,
+        "eval.ce_text": ce_text, "eval.ce_chat": ce_chat, "eval.refusal_judge": refusal_judge, "eval.actadd": actadd,
     })
     out_dir = Path(out) if out else Path(f"eval-{Path(model.rstrip('/')).name}")
-    report = evaluate(model, load_config(config_file, overrides), out_dir, base=base)
+    report = evaluate(model, load_config(config_file, overrides), out_dir, base=base,
+                      measure_dir=Path(measure_dir) if measure_dir else None)
     table = Table(title=f"abliterate eval: {model}" + (f" vs {base}" if base else ""))
     for header in ["metric"] + [report.data["labels"][column] for column in report.columns]:
         table.add_column(header)
@@ -209,7 +213,9 @@ def run(
     use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply in the evaluation.")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: together, local:PATH or none.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
+    refusal_judge: Annotated[Optional[str], typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
+    actadd: Annotated[Optional[bool], typer.Option("--actadd/--no-actadd", help="ActAdd completions in the evaluation.")] = None,
     skip_eval: Annotated[Optional[bool], typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
     push: Annotated[Optional[str], typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun every step; allow a non-empty --out.")] = False,
@@ -226,7 +232,7 @@ def run(
         "prompts.harmless_eval": harmless_eval, "prompts.n_train": n_train, "prompts.n_eval": n_eval,
         "prompts.seed": seed, "measure.direction_file": direction_file, "measure.use_reference": use_reference,
         "apply.max_shard_size": max_shard_size, "eval.max_new_tokens": max_new_tokens, "eval.judge": judge,
-        "run.skip_eval": skip_eval, "run.push": push,
+        "eval.refusal_judge": refusal_judge, "eval.actadd": actadd, "run.skip_eval": skip_eval, "run.push": push,
     })
     result = run_pipeline(model, Path(out), load_config(config_file, overrides), force=force)
     _print_run_summary(result, _console())

@@ -99,14 +99,16 @@ class EvalConfig:
     max_new_tokens: int = setting(256, "Longest reply generated, long enough to see a late refusal (paper: 512).")
     batch_size: int = setting(16, "Prompts generated at once.")
     backend: str = setting("transformers", "Generation engine: transformers or vllm.")
-    judge: str = setting("none", "Safety judge: together, local:PATH (a guard model), or none.")
+    judge: str = setting("auto", "Safety judge: auto (together when TOGETHER_API_KEY is set, else none), together, local:PATH (a guard model), or none.")
     judge_model: str = setting("meta-llama/Meta-Llama-Guard-3-8B", "Judge model on Together (paper: Llama Guard 2).")
+    judge_format: str = setting("chat", "Judge prompt: chat (the service applies the guard's template) or paper (Llama Guard 2's prompt sent as one message, parsed as the paper did).")
     judge_min_words: int = setting(15, "Replies shorter than this many words count as safe (paper's rule); 0 turns it off.")
     judge_concurrency: int = setting(8, "Judge requests in flight at once.")
-    judge_max_retries: int = setting(5, "Retries of a judge request after a rate limit (429), server error (5xx) or dropped connection.")
-    judge_backoff_s: float = setting(1.0, "First wait before retrying a judge request; doubles on each retry.")
+    judge_max_retries: int = setting(5, "Retries of a judge request after a rate limit (429), server error (5xx) or dropped connection (the together SDK's backoff, honouring Retry-After).")
     judge_timeout_s: float = setting(60.0, "Timeout of one judge request, in seconds.")
-    refusal_set: str = setting("paper", "Refusal substrings: paper (the paper's 12 phrases) or extended (paper's plus common variants).")
+    refusal_set: str = setting("paper", "Refusal substrings: paper (the paper's 12 phrases) or extended (paper's plus common variants); the base model's own refusal openings (refusal.json) count too.")
+    refusal_judge: str = setting("", "Refusal/compliance judge of harmful replies: together:MODEL, local:PATH, or empty for none.")
+    actadd: bool = setting(False, "Also generate ActAdd completions on the base model: +r at its layer on harmless prompts, r ablated on harmful ones.")
     ce_text: str = setting("", "General text for CE loss: a .txt (blank-line separated), .jsonl with 'text', or hf:owner/name[:split][@revision]; empty to skip.")
     n_ce_docs: int = setting(64, "Documents of the general corpus used for CE loss.")
     ce_max_tokens: int = setting(256, "Tokens per document for CE loss (paper: 256).")
@@ -201,8 +203,13 @@ def validate(config: Config) -> None:
     for name in ("max_new_tokens", "batch_size", "judge_concurrency", "n_ce_docs", "ce_max_tokens", "n_ce_chat"):
         if getattr(e, name) < 1:
             raise UserError(f"eval.{name} must be at least 1, got {getattr(e, name)}.")
-    if not (e.judge in ("none", "together") or e.judge.startswith("local:")):
-        raise UserError(f"eval.judge must be together, local:PATH or none, got '{e.judge}'.")
+    if not (e.judge in ("auto", "none", "together") or e.judge.startswith("local:")):
+        raise UserError(f"eval.judge must be auto, together, local:PATH or none, got '{e.judge}'.")
+    if e.judge_format not in ("chat", "paper"):
+        raise UserError(f"eval.judge_format must be 'chat' or 'paper', got '{e.judge_format}'.")
+    if e.refusal_judge and not e.refusal_judge.startswith(("together:", "local:")):
+        raise UserError(f"eval.refusal_judge must be together:MODEL, local:PATH or empty, got '{e.refusal_judge}'; "
+                        "fix --refusal-judge.")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
     parse_size(config.apply.max_shard_size)  # a bad size fails now, not after an hour of measuring

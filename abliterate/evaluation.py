@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from abliterate import __version__
-from abliterate.config import Config
+from abliterate.actadd import (
+    ActAddDirection,
+    actadd_replies,
+    actadd_section,
+    compare_with_edited,
+    load_actadd_direction,
+)
+from abliterate.config import Config, ModelConfig
 from abliterate.corpora import CorpusSets, load_corpora
 from abliterate.errors import UserError
 from abliterate.generation import (
@@ -35,64 +42,142 @@ from abliterate.generation import (
     pad_token_id,
     save_completions,
 )
-from abliterate.judge import check_judge, judge_name, judge_replies
-from abliterate.metrics import REFUSAL_SETS, Rate, Scored, cross_entropy, kl_between, refusal_rates, refusal_score
+from abliterate.judge import check_judge, judge_name, judge_replies, resolved_judge
+from abliterate.metrics import (
+    PAPER_MATCHER,
+    REFUSAL_SETS,
+    Rate,
+    RefusalMatcher,
+    Scored,
+    cross_entropy,
+    duplicate_share,
+    kl_between,
+    matcher_for,
+    refusal_rates,
+    refusal_score,
+)
+from abliterate.refusal import RefusalProfile, load_profile
+from abliterate.refusal_judge import check_refusal_judge, classify_replies, label_counts
 from abliterate.report import EvalReport
 
 log = logging.getLogger(__name__)
 
 _VERSIONED = ("torch", "transformers", "accelerate", "together")
+# Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
+_THINKING_SWITCHES = ("enable_thinking", "thinking")
 
 
 @dataclass
 class _Run:
-    """What one model produced: its report section, its completions and its harmless replies as scored sequences."""
+    """What one model produced: its report section, its completions and its replies (harmless as scored sequences)."""
 
     section: dict[str, Any]
     completions: dict[str, list[Completion]]
     harmless_replies: list[Scored]
+    replies: dict[str, list[Reply]] = field(default_factory=dict)
 
 
-def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str | None = None) -> EvalReport:
-    """Evaluate `model` (and `base` on the same prompts when given); write eval.json, report.md and completions."""
+@dataclass
+class _Context:
+    """What every model is evaluated with: the prompts, how replies are read and what the measure folder gave."""
+
+    prompts: dict[str, list[Any]]
+    corpora: CorpusSets
+    config: Config
+    model_config: ModelConfig  # the model settings with the template kwargs used for measuring
+    matcher: RefusalMatcher
+    profile: RefusalProfile | None
+    thinking_on: dict[str, Any] | None  # template kwargs with thinking on, when measuring switched it off
+    direction: ActAddDirection | None  # set when ActAdd completions are asked for
+
+    @property
+    def categories(self) -> dict[str, list[str]]:
+        return {side: [getattr(p, "category", "") or "" for p in items] for side, items in self.prompts.items()}
+
+
+def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str | None = None,
+             measure_dir: Path | None = None) -> EvalReport:
+    """Evaluate `model` (and `base` on the same prompts when given); write eval.json, report.md and completions.
+
+    `measure_dir` is the folder `measure` wrote: its refusal.json says how the base model refuses (matched in the
+    replies, its refusal tokens scored) and its direction.json is what ActAdd adds and ablates (`eval.actadd`).
+    """
     check_judge(config.eval)  # before any generation: a missing key must not cost an hour of replies
-    from abliterate.prompts import prompt_sets
-
-    sets = prompt_sets(config.prompts)
-    prompts = {"harmful": list(sets.harmful_eval), "harmless": list(sets.harmless_eval)}
-    corpora = load_corpora(config.eval)
+    check_refusal_judge(config.eval)
+    context = _context(config, measure_dir)
     sources = {"base": base, "edited": model} if base else {"model": model}
     runs: dict[str, _Run] = {}
-    kl = None
+    kl, actadd = None, None
     # vLLM takes most of the GPU, so its replies are all generated before any transformers model is loaded.
-    early = {c: _vllm_replies(s, prompts, config) for c, s in sources.items() if s} if config.eval.backend == "vllm" else {}
+    early = {c: _vllm_replies(s, context) for c, s in sources.items() if s} if config.eval.backend == "vllm" else {}
+    first_model, first_tokenizer = _load(base or model, config)
+    first = "base" if base else "model"
+    runs[first] = _evaluate_one(first_model, first_tokenizer, context, None, early.get(first))
+    if context.direction is not None:
+        actadd, hooked = _actadd(first_model, first_tokenizer, context)
     if base:
-        base_model, base_tokenizer = _load(base, config)
-        runs["base"] = _evaluate_one(base_model, base_tokenizer, prompts, corpora, config, None, early.get("base"))
         edited_model, edited_tokenizer = _load(model, config)
-        _check_same_tokenizer(base_tokenizer, edited_tokenizer)
-        pad_id = pad_token_id(base_tokenizer, _stop_ids(base_model.generation_config, base_tokenizer, config))
-        kl = kl_between(base_model, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
-        del base_model
+        _check_same_tokenizer(first_tokenizer, edited_tokenizer)
+        # The edited replies come first, while the base is loaded: the base model's loss on them is the fluency.
+        edited_replies = early.get("edited") or _generate(edited_model, edited_tokenizer, context)
+        fluency = _fluency(first_model, first_tokenizer, context, edited_replies)
+        base_replies = runs["base"].replies["harmful"] + runs["base"].replies["harmless"]
+        runs["base"].section["fluency"] = _fluency(first_model, first_tokenizer, context, base_replies)
+        pad_id = pad_token_id(first_tokenizer, _stop_ids(first_model.generation_config, first_tokenizer, config))
+        kl = kl_between(first_model, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
+        del first_model
         _release_memory()
-        runs["edited"] = _evaluate_one(edited_model, edited_tokenizer, prompts, corpora, config,
-                                       runs["base"].harmless_replies, early.get("edited"))
+        runs["edited"] = _evaluate_one(edited_model, edited_tokenizer, context, runs["base"].harmless_replies,
+                                       edited_replies)
+        runs["edited"].section["fluency"] = fluency
         del edited_model
-        _release_memory()
+        if actadd is not None:
+            prompts = [p.text for p in context.prompts["harmful"]]
+            actadd["equal_to_edited"] = compare_with_edited(prompts, hooked, runs["edited"].replies["harmful"])
     else:
-        only_model, tokenizer = _load(model, config)
-        runs["model"] = _evaluate_one(only_model, tokenizer, prompts, corpora, config, None, early.get("model"))
-        del only_model
-        _release_memory()
-    if config.eval.judge != "none":
+        del first_model
+    _release_memory()
+    if resolved_judge(config.eval) != "none":
         _judge(runs, config)
-    report = EvalReport(_record(sources, runs, kl, prompts, config))
+    if config.eval.refusal_judge:
+        _judge_refusals(runs, context)
+    report = EvalReport(_record(sources, runs, kl, actadd, context))
     if out_dir is not None:
         for column, run in runs.items():
             for side, completions in run.completions.items():
                 save_completions(Path(out_dir) / f"completions_{column}_{side}.jsonl", completions)
         report.save(Path(out_dir))
     return report
+
+
+def _context(config: Config, measure_dir: Path | None) -> _Context:
+    """The prompts, the refusal matcher and the measure folder's profile and direction, all checked up front."""
+    from abliterate.prompts import prompt_sets
+
+    profile = load_profile(Path(measure_dir)) if measure_dir else None
+    if measure_dir and not Path(measure_dir).is_dir():
+        raise UserError(f"Measure folder {measure_dir} does not exist; pass the folder `abliterate measure` wrote "
+                        "to --measure.")
+    direction = None
+    if config.eval.actadd:
+        if not measure_dir:
+            raise UserError("eval.actadd needs the measured direction: pass the measure folder with --measure DIR.")
+        direction = load_actadd_direction(Path(measure_dir))
+    measured_kwargs = dict(profile.template_kwargs) if profile else {}
+    model_config = replace(config.model, template_kwargs={**measured_kwargs, **config.model.template_kwargs})
+    sets = prompt_sets(config.prompts)
+    return _Context(
+        prompts={"harmful": list(sets.harmful_eval), "harmless": list(sets.harmless_eval)},
+        corpora=load_corpora(config.eval), config=config, model_config=model_config,
+        matcher=matcher_for(config.eval.refusal_set, profile), profile=profile,
+        thinking_on=thinking_switched_on(model_config.template_kwargs), direction=direction,
+    )
+
+
+def thinking_switched_on(template_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The template kwargs with thinking on, when they switch it off (Qwen3's enable_thinking=False); else None."""
+    off = [key for key in _THINKING_SWITCHES if template_kwargs.get(key) is False]
+    return {**template_kwargs, **dict.fromkeys(off, True)} if off else None
 
 
 def _load(source: str, config: Config) -> tuple[Any, Any]:
@@ -125,63 +210,129 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _evaluate_one(model: Any, tokenizer: Any, prompts: dict[str, list[Any]], corpora: CorpusSets, config: Config,
-                  on_distribution: list[Scored] | None, replies: list[Reply] | None) -> _Run:
+def _texts(tokenizer: Any, context: _Context, model_config: ModelConfig | None = None) -> dict[str, list[str]]:
+    from abliterate.chat import format_instructions
+
+    settings = model_config or context.model_config
+    return {side: format_instructions(tokenizer, [p.text for p in items], settings)
+            for side, items in context.prompts.items()}
+
+
+def _generate(model: Any, tokenizer: Any, context: _Context, model_config: ModelConfig | None = None) -> list[Reply]:
+    """Greedy replies to the harmful then the harmless prompts."""
+    e = context.config.eval
+    texts = _texts(tokenizer, context, model_config)
+    stop_ids = _stop_ids(model.generation_config, tokenizer, context.config)
+    return generate_transformers(model, tokenizer, texts["harmful"] + texts["harmless"], stop_ids, e.max_new_tokens,
+                                 e.batch_size)
+
+
+def _split(replies: list[Reply], context: _Context) -> dict[str, list[Reply]]:
+    n_harmful = len(context.prompts["harmful"])
+    return {"harmful": replies[:n_harmful], "harmless": replies[n_harmful:]}
+
+
+def _refusal_figures(by_side: dict[str, list[Reply]], context: _Context) -> dict[str, Any]:
+    """Refusal (chosen set and the base model's openings, thinking stripped) and the paper's figure beside it."""
+    categories = context.categories
+    figures: dict[str, Any] = {}
+    for side, key in (("harmful", "refusal"), ("harmless", "over_refusal")):
+        texts = [r.text for r in by_side[side]]
+        figures[key] = refusal_rates(texts, categories[side], context.matcher)
+        figures[f"{key}_paper"] = refusal_rates(texts, categories[side], PAPER_MATCHER)
+    return figures
+
+
+def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored] | None,
+                  replies: list[Reply] | None) -> _Run:
     """Replies (unless already generated), refusal rates, refusal scores and CE losses of one loaded model.
 
-    `on_distribution` is the base model's harmless replies (None: this model's own); `replies` come from vLLM.
+    `on_distribution` is the base model's harmless replies (None: this model's own); `replies` were generated before.
     """
-    from abliterate.chat import format_instructions, refusal_token_ids
-
+    config = context.config
     e = config.eval
-    stop_ids = _stop_ids(model.generation_config, tokenizer, config)
-    pad_id = pad_token_id(tokenizer, stop_ids)
-    texts = {side: format_instructions(tokenizer, [p.text for p in items], config.model) for side, items in prompts.items()}
+    pad_id = pad_token_id(tokenizer, _stop_ids(model.generation_config, tokenizer, config))
+    texts = _texts(tokenizer, context)
     if replies is None:
-        replies = generate_transformers(model, tokenizer, texts["harmful"] + texts["harmless"], stop_ids,
-                                        e.max_new_tokens, e.batch_size)
-    by_side = {"harmful": replies[: len(texts["harmful"])], "harmless": replies[len(texts["harmful"]):]}
-    phrases = REFUSAL_SETS[e.refusal_set]
-    section: dict[str, Any] = {}
-    for side, key in (("harmful", "refusal"), ("harmless", "over_refusal")):
-        categories = [getattr(p, "category", "") or "" for p in prompts[side]]
-        section[key] = refusal_rates([r.text for r in by_side[side]], categories, phrases)
-    refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings))
+        replies = _generate(model, tokenizer, context)
+    by_side = _split(replies, context)
+    section: dict[str, Any] = _refusal_figures(by_side, context)
+    section["duplicates"] = duplicate_share([context.matcher.answer(r.text)[0] for r in by_side["harmful"]])
+    refusal_ids, prefix_ids = _refusal_tokens(tokenizer, context)
     prompt_ids = {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts}
     section["refusal_score"] = {
-        side: _mean_refusal_score(model, prompt_ids[side], refusal_ids, pad_id, e.batch_size) for side in texts
+        side: _mean_refusal_score(model, [ids + prefix_ids for ids in prompt_ids[side]], refusal_ids, pad_id,
+                                  e.batch_size)
+        for side in texts
     }
     own = [Scored(ids + r.token_ids, len(ids)) for ids, r in zip(prompt_ids["harmless"], by_side["harmless"])]
-    section["ce"] = _ce_losses(model, tokenizer, corpora, on_distribution or own, pad_id, config)
+    section["ce"] = _ce_losses(model, tokenizer, context, on_distribution or own, pad_id)
     section["ce"]["on_distribution"]["replies_from"] = "base" if on_distribution else "self"
     section["generation"] = {
         "n_replies": len(replies), "n_truncated": sum(not r.stopped for r in replies),
         "mean_reply_tokens": sum(len(r.token_ids) for r in replies) / max(1, len(replies)),
     }
+    if context.thinking_on is not None:
+        section["thinking_on"] = _thinking_on(model, tokenizer, context)
     completions = {
         side: [Completion(p.text, getattr(p, "category", "") or "", r.text, len(r.token_ids), r.stopped)
-               for p, r in zip(prompts[side], by_side[side])]
-        for side in prompts
+               for p, r in zip(context.prompts[side], by_side[side])]
+        for side in context.prompts
     }
-    return _Run(section, completions, own)
+    return _Run(section, completions, own, by_side)
 
 
-def _vllm_replies(source: str, prompts: dict[str, list[Any]], config: Config) -> list[Reply]:
+def _refusal_tokens(tokenizer: Any, context: _Context) -> tuple[list[int], list[int]]:
+    """The refusal tokens and the reply prefix teacher-forced before them: the profile's, else the configured."""
+    from abliterate.chat import refusal_token_ids
+
+    profile = context.profile
+    if profile is not None and profile.token_ids:
+        return list(profile.token_ids), list(profile.prefix_ids)
+    return list(refusal_token_ids(tokenizer, context.config.measure.refusal_openings)), []
+
+
+def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any]:
+    """Refusal with thinking on: measuring switched it off, but users run reasoning models with it on."""
+    settings = replace(context.model_config, template_kwargs=context.thinking_on)
+    figures = _refusal_figures(_split(_generate(model, tokenizer, context, settings), context), context)
+    return {"template_kwargs": context.thinking_on, **figures}
+
+
+def _fluency(base_model: Any, tokenizer: Any, context: _Context, replies: list[Reply]) -> dict[str, Any]:
+    """The base model's mean per-token loss on another model's harmful replies: high when they are not fluent."""
+    e = context.config.eval
+    pad_id = pad_token_id(tokenizer, _stop_ids(base_model.generation_config, tokenizer, context.config))
+    prompt_ids = [_encode(tokenizer, text) for text in _texts(tokenizer, context)["harmful"]]
+    scored = [Scored(ids + r.token_ids, len(ids)) for ids, r in zip(prompt_ids, _split(replies, context)["harmful"])]
+    return cross_entropy(base_model, scored, pad_id, e.batch_size, "Base-model loss on harmful replies")
+
+
+def _actadd(model: Any, tokenizer: Any, context: _Context) -> tuple[dict[str, Any], list[Reply]]:
+    """ActAdd completions on the base model: the figures, and the hooked harmful replies to compare with the edit."""
+    assert context.direction is not None  # evaluate() calls this only with a direction
+    e = context.config.eval
+    stop_ids = _stop_ids(model.generation_config, tokenizer, context.config)
+    replies = actadd_replies(model, tokenizer, _texts(tokenizer, context), context.direction, stop_ids,
+                             e.max_new_tokens, e.batch_size)
+    return actadd_section(replies, context.categories, context.matcher, context.direction), replies["harmful"]
+
+
+def _vllm_replies(source: str, context: _Context) -> list[Reply]:
     """Harmful then harmless replies generated by vLLM from the checkpoint folder (model weights never loaded here)."""
     from transformers import GenerationConfig
 
-    from abliterate.chat import format_instructions
     from abliterate.hub import resolve_model
     from abliterate.model import load_tokenizer
 
+    config = context.config
     path = resolve_model(source, config.model.revision)
     tokenizer = load_tokenizer(path, config.model)
     try:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: the model config's EOS is all there is
         generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
-    texts = [text for items in prompts.values()
-             for text in format_instructions(tokenizer, [p.text for p in items], config.model)]
+    texts = [text for side in _texts(tokenizer, context).values() for text in side]
     return generate_vllm(path, tokenizer, texts, _stop_ids(generation_config, tokenizer, config), config.eval.max_new_tokens,
                          config.model.dtype, config.model.trust_remote_code)
 
@@ -199,12 +350,12 @@ def _mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: li
     return {"mean": sum(scores) / len(scores) if scores else None, "n": len(scores)}
 
 
-def _ce_losses(model: Any, tokenizer: Any, corpora: CorpusSets, on_distribution: list[Scored], pad_id: int,
-               config: Config) -> dict[str, Any]:
+def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored],
+               pad_id: int) -> dict[str, Any]:
     """CE loss on the general text, the chat replies (reply tokens only) and the on-distribution replies."""
     from abliterate.chat import format_instructions
 
-    e = config.eval
+    e, corpora = context.config.eval, context.corpora
     losses: dict[str, Any] = {}
     if corpora.texts:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -212,7 +363,8 @@ def _ce_losses(model: Any, tokenizer: Any, corpora: CorpusSets, on_distribution:
         losses["text"] = {**cross_entropy(model, docs, pad_id, e.batch_size, "CE loss, general text"),
                           "source": e.ce_text}
     if corpora.pairs:
-        formatted = format_instructions(tokenizer, [instruction for instruction, _ in corpora.pairs], config.model)
+        formatted = format_instructions(tokenizer, [instruction for instruction, _ in corpora.pairs],
+                                        context.model_config)
         chat = []
         for prompt_text, (_, reply) in zip(formatted, corpora.pairs):
             prompt_ids = _encode(tokenizer, prompt_text)
@@ -238,9 +390,21 @@ def _judge(runs: dict[str, _Run], config: Config) -> None:
             completion.unsafe = verdict.unsafe
 
 
+def _judge_refusals(runs: dict[str, _Run], context: _Context) -> None:
+    """Refusal/compliance/non-answer labels on every model's harmful answers (thinking stripped), in one pass."""
+    pairs = [(c.prompt, context.matcher.answer(c.reply)[0]) for run in runs.values() for c in run.completions["harmful"]]
+    labels = iter(classify_replies(pairs, context.config.eval))
+    for run in runs.values():
+        mine = [next(labels) for _ in run.completions["harmful"]]
+        run.section["refusal_judge"] = {"judge": context.config.eval.refusal_judge, **label_counts(mine)}
+        for completion, label in zip(run.completions["harmful"], mine):
+            completion.judged = label
+
+
 def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str, Any] | None,
-            prompts: dict[str, list[Any]], config: Config) -> dict[str, Any]:
+            actadd: dict[str, Any] | None, context: _Context) -> dict[str, Any]:
     """The JSON-able evaluation record, with the settings and versions behind every number."""
+    config = context.config
     e, p = config.eval, config.prompts
     labels = {"base": "Base", "edited": "Edited", "model": "Model"}
     versions = {"abliterate": __version__, "python": platform.python_version()}
@@ -249,16 +413,22 @@ def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str,
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
+    profile = context.profile
     settings = {
         "max_new_tokens": e.max_new_tokens, "backend": e.backend, "refusal_set": e.refusal_set,
-        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e) if e.judge != "none" else "none",
+        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e),
         "judge_min_words": e.judge_min_words, "ce_max_tokens": e.ce_max_tokens, "seed": p.seed,
         "harmful_eval": p.harmful_eval, "harmless_eval": p.harmless_eval,
+        "refusal_openings": list(context.matcher.openings), "thinking_end": context.matcher.thinking_end,
+        "refusal_profile": profile.source if profile else "none",
+        "template_kwargs": context.model_config.template_kwargs, "thinking_on": context.thinking_on,
+        "refusal_judge": e.refusal_judge or "none",
     }
     for run in runs.values():
         run.section.setdefault("safety", None)
     return {
         "columns": list(runs), "labels": {column: labels[column] for column in runs}, "sources": sources,
-        "n_prompts": {side: len(items) for side, items in prompts.items()}, "settings": settings,
-        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "versions": versions,
+        "n_prompts": {side: len(items) for side, items in context.prompts.items()}, "settings": settings,
+        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "actadd": actadd,
+        "versions": versions,
     }

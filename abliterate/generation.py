@@ -47,6 +47,7 @@ class Completion:
     n_tokens: int
     stopped: bool
     unsafe: bool | None = None  # the safety judge's verdict on harmful prompts; None when not judged
+    judged: str | None = None  # the refusal judge's label (refusal, compliance, non-answer); None when not judged
 
 
 def input_device(model: Any) -> torch.device:

@@ -174,7 +174,8 @@ def _eval_work(model: str, edited_dir: Path, config: Config) -> Callable[[Path],
     def work(folder: Path) -> dict:
         from abliterate.evaluation import evaluate
 
-        report = evaluate(str(edited_dir), config, folder, base=model)
+        # The measure folder sits beside this step's: its refusal.json and direction.json (for ActAdd) are read.
+        report = evaluate(str(edited_dir), config, folder, base=model, measure_dir=folder.parent / "measure")
         report_path = folder / "report.md"
         if not report_path.is_file():
             report_path.write_text(report.to_markdown())

@@ -114,7 +114,7 @@ def test_eval_with_the_together_judge_on_loopback(edited_toy, toy_refuser_dir, s
     monkeypatch.setenv("TOGETHER_BASE_URL", server)
     monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-a-secret")
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
-    settings = {"prompts": {"n_eval": 8}, "eval": {"judge": "together", "judge_min_words": 0, "judge_backoff_s": 0.01}}
+    settings = {"prompts": {"n_eval": 8}, "eval": {"judge": "together", "judge_min_words": 0}}
     report = evaluate(str(edited_toy), load_config(ROOT / "configs" / "toy.toml", settings), tmp_path / "out",
                       base=str(toy_refuser_dir))
     base, edited = report.data["models"]["base"]["safety"], report.data["models"]["edited"]["safety"]
