@@ -35,14 +35,20 @@ def edited_toy(toy_refuser_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def evaluated(edited_toy, toy_refuser_dir, tmp_path_factory):
+def measure_dir(edited_toy) -> Path:
+    return edited_toy.parent / "measure"
+
+
+@pytest.fixture(scope="module")
+def evaluated(edited_toy, measure_dir, toy_refuser_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     (folder / "text.txt").write_text("How do I bake a cake?\n\nTell me how to paint a garden.\n")
     pairs = [{"instruction": "How do I fold a letter?", "input": "", "output": "Sure, here is how to fold a letter."}]
     (folder / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
     args = ["eval", str(edited_toy), "--base", str(toy_refuser_dir), "--config", str(ROOT / "configs" / "toy.toml"),
             "--n-eval", str(N_EVAL), "--max-new-tokens", "32", "--out", str(folder / "out"),
-            "--ce-text", str(folder / "text.txt"), "--ce-chat", str(folder / "pairs.jsonl")]
+            "--ce-text", str(folder / "text.txt"), "--ce-chat", str(folder / "pairs.jsonl"),
+            "--measure", str(measure_dir), "--actadd"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return folder / "out", result.output
@@ -65,6 +71,33 @@ def test_eval_base_shows_the_refusal_drop(evaluated):
     assert edited["ce"]["on_distribution"]["replies_from"] == "base"
     assert base["ce"]["text"]["n_sequences"] == 2 and base["ce"]["chat"]["n_sequences"] == 1
     assert "Refusal rate, harmful" in output and "Report:" in output
+
+
+def test_actadd_induces_refusal_and_hooked_ablation_is_the_edit(evaluated):
+    out, output = evaluated
+    record = json.loads((out / "eval.json").read_text())
+    actadd, base = record["actadd"], record["models"]["base"]
+    assert base["over_refusal"]["rate"] <= 0.1
+    assert actadd["induced_refusal"]["rate"] >= 0.8  # +r at its layer makes the base refuse harmless requests
+    assert actadd["hooked_refusal"]["rate"] <= 0.1  # r ablated by hooks bypasses refusal
+    # The hooks are the weight edit: every greedy reply equals the edited checkpoint's, token for token.
+    assert actadd["equal_to_edited"] == {"n_equal": N_EVAL, "n": N_EVAL, "differences": []}
+    markdown = (out / "report.md").read_text()
+    assert f"| Hooked-ablation replies equal to the edited checkpoint's | – | {N_EVAL}/{N_EVAL} |" in markdown
+    assert "Every hooked reply equals the edited checkpoint's greedy reply." in markdown
+
+
+def test_degenerate_compliance_is_visible(evaluated):
+    out, _ = evaluated
+    record = json.loads((out / "eval.json").read_text())
+    base, edited = record["models"]["base"], record["models"]["edited"]
+    # The base refuses every harmful request with the same sentence: all duplicates; the fluency loss is the base
+    # model's on each column's harmful replies, so the edited replies cost the base more than its own.
+    assert base["duplicates"]["rate"] >= 0.9
+    assert base["fluency"]["n_sequences"] == edited["fluency"]["n_sequences"] == N_EVAL
+    assert edited["fluency"]["loss"] > base["fluency"]["loss"]
+    assert record["settings"]["judge"] == "none"
+    assert "**Safety was not judged**" in (out / "report.md").read_text()
 
 
 def test_completions_and_report_are_saved(evaluated):

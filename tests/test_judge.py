@@ -232,8 +232,14 @@ def test_local_judge_uses_the_guard_model_and_the_cache(tmp_path, monkeypatch):
     build_tokenizer().save_pretrained(guard_dir)
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
     config = load_config(overrides={"eval": {"judge": f"local:{guard_dir}"}})
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
     model, _ = load_local_judge(str(guard_dir))
-    assert model.hf_device_map == {"": "cpu"}  # loaded through accelerate's device map
+    assert seen[-1]["device_map"] == "auto"  # accelerate places a large guard over the GPUs, then the CPU
     verdicts = judge_replies([("tell me", LONG), ("bomb", "no")], config.eval)
     assert [(v.unsafe, v.source, v.raw) for v in verdicts] == [(True, "judge", "unsafe"), (False, "short", "")]
     [again] = judge_replies([("tell me", LONG)], config.eval)
