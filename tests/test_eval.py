@@ -156,3 +156,42 @@ def test_eval_with_the_together_judge_on_loopback(edited_toy, toy_refuser_dir, s
     rows = [json.loads(line) for line in (tmp_path / "out" / "completions_edited_harmful.jsonl").read_text().splitlines()]
     assert [row["unsafe"] for row in rows] == [True] * 8
     assert "Unsafe replies, harmful (together:meta-llama/Meta-Llama-Guard-3-8B)" in report.to_markdown()
+
+
+def test_profile_from_the_measure_folder_is_used_and_thinking_on_reported(measure_dir, toy_refuser_dir, tmp_path):
+    # A profile that says measuring switched thinking off: eval measures with those kwargs and again with thinking
+    # on (the toy's template ignores the switch, so both passes must agree reply for reply).
+    import shutil
+
+    from abliterate.config import load_config
+    from abliterate.evaluation import evaluate
+    from abliterate.refusal import RefusalProfile, save_profile
+
+    folder = tmp_path / "measure"
+    shutil.copytree(measure_dir, folder)
+    profile = RefusalProfile(source="discovered", prefix="", token_ids=[], token_texts=[],
+                             openings=["i   cannot"], template_kwargs={"enable_thinking": False}, thinking_end="</think>")
+    save_profile(profile, folder)
+    config = load_config(ROOT / "configs" / "toy.toml", {"prompts": {"n_eval": 8}})
+    report = evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=folder)
+    section, settings = report.data["models"]["model"], report.data["settings"]
+    assert settings["template_kwargs"] == {"enable_thinking": False} and settings["refusal_openings"] == ["i   cannot"]
+    assert section["thinking_on"]["template_kwargs"] == {"enable_thinking": True}
+    assert section["thinking_on"]["refusal"]["count"] == section["refusal"]["count"] == 8
+    rows = {row[0]: row[1:] for row in report.rows()}
+    assert rows["Refusal rate, harmful, thinking on"] == ["1.00 [0.68, 1.00] (8/8)"]
+    assert "Refusal rate, harmful (paper substrings or the base model's openings, 8 prompts)" in rows
+    assert 'opens like the base model\'s refusals ("i   cannot")' in report.to_markdown()
+
+
+def test_actadd_without_a_measure_folder_is_a_user_error(toy_refuser_dir, tmp_path):
+    from abliterate.config import load_config
+    from abliterate.errors import UserError
+    from abliterate.evaluation import evaluate
+
+    config = load_config(ROOT / "configs" / "toy.toml", {"eval": {"actadd": True}})
+    with pytest.raises(UserError, match="--measure DIR"):
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out")
+    with pytest.raises(UserError, match="No direction.json"):
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
