@@ -42,7 +42,9 @@ class ModelConfig:
 class PromptsConfig:
     harmful_train: str = setting(
         "hf:walledai/AdvBench@0fdedd558a32c256cd8b458bf7f393b645cbf475:train#prompt",
-        "Harmful prompts for fitting (train+val): a file, builtin:NAME or hf:owner/name[/config][@revision][:split][#column].")
+        "Harmful prompts for fitting (train+val): a file, builtin:NAME or hf:owner/name[/config][@revision][:split][#column]; join several with ' + '.")
+    harmful_val: str = setting(
+        "", "Harmful prompts for validation (paper: HarmBench's validation set); empty to draw them from harmful_train.")
     harmless_train: str = setting(
         "hf:tatsu-lab/alpaca:train#instruction",
         "Harmless prompts for fitting (train+val); rows with a non-empty 'input' are dropped (paper: Alpaca).")

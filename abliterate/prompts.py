@@ -9,6 +9,7 @@ Sources (one string each, as in the config):
   (`hf:./my_data:train`) is read the same way through the `datasets` library, which is how tests exercise it.
 - `builtin:NAME`: a file bundled in abliterate/data (the toy refuser's sets: toy_harmful_train, toy_harmless_train,
   toy_harmful_eval, toy_harmless_eval, toy_demo).
+- several of these joined by ` + `: their prompts in order (the paper fits on AdvBench + MaliciousInstruct + TDC 2023).
 
 Rows whose `input` column is non-empty are dropped (Alpaca: the paper keeps only instructions without an input).
 `prompt_sets` deduplicates, removes overlaps between training, validation and evaluation (logged), and samples with
@@ -230,7 +231,9 @@ def builtin_names() -> list[str]:
 
 
 def load_prompts(source: str, column: str = "") -> list[Prompt]:
-    """Prompts from `source`: a local file, `hf:...` or `builtin:NAME` (see the module docstring)."""
+    """Prompts from `source`: a local file, `hf:...` or `builtin:NAME`, or several joined by " + "."""
+    if " + " in source:
+        return [prompt for part in source.split(" + ") for prompt in load_prompts(part.strip(), column)]
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         matches = [path for path in DATA_DIR.glob(f"{name}.*") if path.stem == name]
@@ -292,6 +295,8 @@ def prompt_sets(prompts_config: Any) -> PromptSets:
     c = prompts_config
     sources = {"harmful_train": c.harmful_train, "harmless_train": c.harmless_train,
                "harmful_eval": c.harmful_eval, "harmless_eval": c.harmless_eval}
+    if getattr(c, "harmful_val", ""):
+        sources["harmful_val"] = c.harmful_val  # a validation set of its own (the paper: HarmBench's)
     pools, duplicates, overlaps = {}, {}, {}
     for name, source in sources.items():
         pools[name], duplicates[name] = _dedupe(load_prompts(source, c.column))
@@ -301,8 +306,13 @@ def prompt_sets(prompts_config: Any) -> PromptSets:
         pools[name], overlaps[f"{name}_also_harmful"] = _without(
             pools[name], pools["harmful_train"] + pools["harmful_eval"])
     rng = random.Random(c.seed)
-    harmful_train, harmful_val = _split_fit(pools["harmful_train"], c.n_train, c.n_val, rng, "Harmful",
-                                            c.harmful_train)
+    if "harmful_val" in pools:
+        pools["harmful_train"], overlaps["harmful_train_in_val"] = _without(pools["harmful_train"], pools["harmful_val"])
+        harmful_train, _ = _split_fit(pools["harmful_train"], c.n_train, 0, rng, "Harmful", c.harmful_train)
+        _, harmful_val = _split_fit(pools["harmful_val"], 0, c.n_val, rng, "Harmful validation", c.harmful_val)
+    else:
+        harmful_train, harmful_val = _split_fit(pools["harmful_train"], c.n_train, c.n_val, rng, "Harmful",
+                                                c.harmful_train)
     harmless_train, harmless_val = _split_fit(pools["harmless_train"], c.n_train, c.n_val, rng, "Harmless",
                                               c.harmless_train)
     for side, fit in (("harmful", harmful_train + harmful_val), ("harmless", harmless_train + harmless_val)):

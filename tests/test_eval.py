@@ -74,7 +74,7 @@ def test_eval_base_shows_the_refusal_drop(evaluated):
 
 
 def test_actadd_induces_refusal_and_hooked_ablation_is_the_edit(evaluated):
-    out, output = evaluated
+    out, _ = evaluated
     record = json.loads((out / "eval.json").read_text())
     actadd, base = record["actadd"], record["models"]["base"]
     assert base["over_refusal"]["rate"] <= 0.1

@@ -238,7 +238,7 @@ def test_local_judge_uses_the_guard_model_and_the_cache(tmp_path, monkeypatch):
     real = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda *args, **kwargs: seen.append(kwargs) or real(*args, **kwargs))
-    model, _ = load_local_judge(str(guard_dir))
+    load_local_judge(str(guard_dir))
     assert seen[-1]["device_map"] == "auto"  # accelerate places a large guard over the GPUs, then the CPU
     verdicts = judge_replies([("tell me", LONG), ("bomb", "no")], config.eval)
     assert [(v.unsafe, v.source, v.raw) for v in verdicts] == [(True, "judge", "unsafe"), (False, "short", "")]
