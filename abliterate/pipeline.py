@@ -329,8 +329,10 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     _check_out_dir(out_dir, force)
     if not config.run.skip_eval:
         from abliterate.judge import check_judge
+        from abliterate.refusal_judge import check_refusal_judge
 
         check_judge(config.eval)  # a missing judge key must fail now, not after measuring and applying
+        check_refusal_judge(config.eval)
     model_dir = resolve_model(model, config.model.revision)
     if out_dir == model_dir.resolve() or model_dir.resolve() in out_dir.parents or out_dir in model_dir.resolve().parents:
         raise UserError(f"--out {out_dir} overlaps the input model {model_dir}; abliterate never writes into its "
