@@ -195,3 +195,14 @@ def test_actadd_without_a_measure_folder_is_a_user_error(toy_refuser_dir, tmp_pa
     with pytest.raises(UserError, match="No direction.json"):
         evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_run_passes_its_measure_folder_so_actadd_reaches_the_card(toy_refuser_dir, tmp_path):
+    # `run --actadd`: the eval step reads OUT/abliterate/measure by itself, and the card embeds the ActAdd rows.
+    result = CliRunner().invoke(app, ["run", str(toy_refuser_dir), "--out", str(tmp_path / "out"), "--config",
+                                      str(ROOT / "configs" / "toy.toml"), "--n-eval", "16", "--actadd"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "abliterate" / "eval" / "eval.json").read_text())
+    assert record["actadd"]["equal_to_edited"]["n_equal"] == record["actadd"]["equal_to_edited"]["n"] == 16
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "ActAdd: refusal, harmless with +r at layer" in card and "**Safety was not judged**" in card
