@@ -66,9 +66,10 @@ class MeasureConfig:
     batch_size: int = setting(32, "Prompts per forward pass when collecting activations and scoring candidates.")
     filter_prompts: bool = setting(True, "Keep harmful prompts the base model refuses and harmless ones it does not (paper).")
     refusal_openings: list = setting(
-        ["I", "I'm", "I am", "As", "Sorry", "I cannot", "I can't", "Unfortunately"],
-        "Openings of refusals; their first tokens form the refusal score's token set.",
-    )
+        [], "Openings of refusals whose first tokens form the refusal score's token set; empty: found from the "
+        "base model's own greedy replies (refusal.json).")
+    n_discovery: int = setting(32, "Fit prompts per side whose greedy replies show the shared reply prefix and how the model refuses.")
+    discovery_max_new_tokens: int = setting(48, "Tokens generated per reply for that (enough to pass a fixed thinking block).")
     kl_max: float = setting(0.1, "Discard candidates whose ablation moves harmless next-token KL above this (paper: 0.1).")
     max_layer_fraction: float = setting(0.8, "Discard candidates from layers >= this fraction of the depth (paper: 0.8).")
     require_induce: bool = setting(True, "Discard candidates whose addition does not induce refusal on harmless prompts (paper).")
@@ -196,6 +197,8 @@ def validate(config: Config) -> None:
             raise UserError(f"prompts.{name} must be at least 1, got {getattr(p, name)}.")
     if not 0 < m.max_layer_fraction <= 1:
         raise UserError(f"measure.max_layer_fraction must be in (0, 1], got {m.max_layer_fraction}.")
+    if m.n_discovery < 2 or m.discovery_max_new_tokens < 1:
+        raise UserError("measure.n_discovery must be at least 2 and measure.discovery_max_new_tokens at least 1.")
     if m.use_reference and not m.direction_file:
         raise UserError("measure.use_reference needs a reference direction: set measure.direction_file (--direction-file).")
     if e.backend not in ("transformers", "vllm"):

@@ -289,7 +289,10 @@ def _refusal_tokens(tokenizer: Any, context: _Context) -> tuple[list[int], list[
     profile = context.profile
     if profile is not None and profile.token_ids:
         return list(profile.token_ids), list(profile.prefix_ids)
-    return list(refusal_token_ids(tokenizer, context.config.measure.refusal_openings)), []
+    from abliterate.chat import COMMON_OPENINGS
+
+    openings = context.config.measure.refusal_openings or list(COMMON_OPENINGS)
+    return list(refusal_token_ids(tokenizer, openings)), []
 
 
 def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any]:

@@ -285,26 +285,30 @@ def _draw_eval(pool: list[Prompt], n_eval: int, rng: random.Random, what: str, s
     return rng.sample(pool, min(n_eval, len(pool)))
 
 
-def prompt_sets(prompts_config: Any) -> PromptSets:
+def prompt_sets(prompts_config: Any, fit_only: bool = False) -> PromptSets:
     """Training, validation and evaluation prompts per side: deduplicated, disjoint and sampled with the seed.
 
-    Order of work: load and deduplicate each source; remove from the harmless sources any prompt that is also
-    harmful; draw training + validation from the training sources; remove those from the evaluation sources (an
-    overlap is logged: fitting on evaluation prompts would inflate the results); draw the evaluation prompts.
+    Order of work: load and deduplicate each source; remove from the harmless sources any prompt that is also a
+    harmful fit prompt; draw training + validation from the training sources; remove every fit prompt from the
+    evaluation sources (an overlap is logged: fitting on evaluation prompts would inflate the results) and harmful
+    evaluation prompts from the harmless ones; draw the evaluation prompts. The fit draw never depends on the
+    evaluation sources, so `fit_only` (what `measure` uses: the evaluation sources are not even loaded, so a Hub
+    evaluation set needs no network) draws exactly the fit prompts a full call draws, and empty evaluation lists.
     """
     c = prompts_config
     sources = {"harmful_train": c.harmful_train, "harmless_train": c.harmless_train,
                "harmful_eval": c.harmful_eval, "harmless_eval": c.harmless_eval}
     if getattr(c, "harmful_val", ""):
         sources["harmful_val"] = c.harmful_val  # a validation set of its own (the paper: HarmBench's)
+    if fit_only:
+        sources = {name: source for name, source in sources.items() if not name.endswith("_eval")}
     pools, duplicates, overlaps = {}, {}, {}
     for name, source in sources.items():
         pools[name], duplicates[name] = _dedupe(load_prompts(source, c.column))
         if duplicates[name]:
             logger.info("Removed %d duplicate prompts from %s.", duplicates[name], source)
-    for name in ("harmless_train", "harmless_eval"):
-        pools[name], overlaps[f"{name}_also_harmful"] = _without(
-            pools[name], pools["harmful_train"] + pools["harmful_eval"])
+    pools["harmless_train"], overlaps["harmless_train_also_harmful"] = _without(
+        pools["harmless_train"], pools["harmful_train"])
     rng = random.Random(c.seed)
     if "harmful_val" in pools:
         pools["harmful_train"], overlaps["harmful_train_in_val"] = _without(pools["harmful_train"], pools["harmful_val"])
@@ -315,15 +319,30 @@ def prompt_sets(prompts_config: Any) -> PromptSets:
                                                 c.harmful_train)
     harmless_train, harmless_val = _split_fit(pools["harmless_train"], c.n_train, c.n_val, rng, "Harmless",
                                               c.harmless_train)
-    for side, fit in (("harmful", harmful_train + harmful_val), ("harmless", harmless_train + harmless_val)):
+    fit = harmful_train + harmful_val + harmless_train + harmless_val
+    if fit_only:
+        return _fit_sets(c, sources, harmful_train, harmful_val, harmless_train, harmless_val, duplicates, overlaps)
+    pools["harmless_eval"], overlaps["harmless_eval_also_harmful"] = _without(
+        pools["harmless_eval"], pools["harmful_train"] + pools["harmful_eval"])
+    for side in ("harmful", "harmless"):
         pools[f"{side}_eval"], overlaps[f"{side}_eval_in_fit"] = _without(pools[f"{side}_eval"], fit)
+    harmful_eval = _draw_eval(pools["harmful_eval"], c.n_eval, rng, "harmful", c.harmful_eval)
+    harmless_eval = _draw_eval(pools["harmless_eval"], c.n_eval, rng, "harmless", c.harmless_eval)
+    return _fit_sets(c, sources, harmful_train, harmful_val, harmless_train, harmless_val, duplicates, overlaps,
+                     harmful_eval, harmless_eval)
+
+
+def _fit_sets(c: Any, sources: dict[str, str], harmful_train: list[Prompt], harmful_val: list[Prompt],
+              harmless_train: list[Prompt], harmless_val: list[Prompt], duplicates: dict[str, int],
+              overlaps: dict[str, int], harmful_eval: list[Prompt] | None = None,
+              harmless_eval: list[Prompt] | None = None) -> PromptSets:
+    """The drawn sets with their provenance (evaluation lists empty when they were not drawn)."""
     for name, count in overlaps.items():
         if count:
             logger.warning("Removed %d prompts (%s) so that fitting and evaluation stay disjoint.", count,
                            name.replace("_", " "))
-    harmful_eval = _draw_eval(pools["harmful_eval"], c.n_eval, rng, "harmful", c.harmful_eval)
-    harmless_eval = _draw_eval(pools["harmless_eval"], c.n_eval, rng, "harmless", c.harmless_eval)
-    sets = PromptSets(harmful_train, harmful_val, harmless_train, harmless_val, harmful_eval, harmless_eval)
+    sets = PromptSets(harmful_train, harmful_val, harmless_train, harmless_val, harmful_eval or [],
+                      harmless_eval or [])
     sets.provenance = {
         "seed": c.seed, "sources": sources, "column": c.column,
         "sizes": {name: len(getattr(sets, name)) for name in (

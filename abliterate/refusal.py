@@ -12,9 +12,15 @@ prompt, and the refusal tokens are the tokens that open the harmful replies ther
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from abliterate.errors import UserError
+
+log = logging.getLogger(__name__)
 
 REFUSAL_JSON = "refusal.json"
 
@@ -60,3 +66,177 @@ def load_profile(folder_or_file: Path) -> RefusalProfile | None:
     if not path.is_file():
         return None
     return RefusalProfile.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---- discovery ----
+
+# A reply token belongs to the shared prefix when at least this share of each side's replies has it there: a lone
+# odd reply must not hide a prefix that every other reply has, but a token one side lacks is a decision, not a prefix.
+PREFIX_SHARE = 0.9
+# A refusal token is at least this many times more frequent after harmful prompts than after harmless ones.
+ENRICHMENT = 4.0
+# Told apart by frequency alone, a refusal token must open at least this share of the harmful replies (and two), so
+# that one odd harmful reply does not make its first token a refusal token; one a refusal phrase confirms needs one.
+MIN_SHARE_UNCONFIRMED = 0.1
+OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
+MAX_OPENINGS = 20
+THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
+SWITCH_SENTINEL = "Name a fruit"
+
+
+@dataclass
+class OpeningCounts:
+    """Per first reply token after the prefix: how many harmful and harmless replies open with it."""
+
+    harmful: dict[int, int]
+    harmless: dict[int, int]
+    confirmed: dict[int, int]  # harmful replies opening with the token that a refusal phrase matches
+    n_harmful: int
+    n_harmless: int
+
+
+def thinking_switch(tokenizer: Any, model_config: Any) -> dict[str, Any]:
+    """{"enable_thinking": False} when the template renders differently with it and the user set no kwargs."""
+    if getattr(model_config, "template_kwargs", None) or not getattr(tokenizer, "chat_template", None):
+        return {}
+    messages = [{"role": "user", "content": SWITCH_SENTINEL}]
+    try:
+        default = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        off = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                            enable_thinking=False)
+    except Exception:  # noqa: BLE001 - a template that fails here fails again, with a clear message, when formatting
+        return {}
+    return {"enable_thinking": False} if default != off else {}
+
+
+def shared_prefix(harmful: list[list[int]], harmless: list[list[int]], share: float = PREFIX_SHARE) -> list[int]:
+    """The longest run of reply tokens that at least `share` of each side's replies open with."""
+    prefix: list[int] = []
+    while True:
+        n = len(prefix)
+        following = [reply[n] for reply in harmful + harmless if len(reply) > n and reply[:n] == prefix]
+        if not following:
+            return prefix
+        token = max(set(following), key=following.count)
+        for side in (harmful, harmless):
+            if sum(reply[:n + 1] == prefix + [token] for reply in side) < share * len(side):
+                return prefix
+        prefix.append(token)
+
+
+def count_openings(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
+                   phrases: Sequence[str]) -> OpeningCounts:
+    """How often each token opens the replies right after the prefix, per side (replies without the prefix skipped)."""
+    from abliterate.metrics import is_refusal
+
+    counts = OpeningCounts({}, {}, {}, 0, 0)
+    n = len(prefix)
+    for side, replies in (("harmful", harmful), ("harmless", harmless)):
+        table = getattr(counts, side)
+        for reply in replies:
+            if len(reply) <= n or reply[:n] != prefix:
+                continue
+            setattr(counts, f"n_{side}", getattr(counts, f"n_{side}") + 1)
+            table[reply[n]] = table.get(reply[n], 0) + 1
+            if side == "harmful" and is_refusal(tokenizer.decode(reply[n:], skip_special_tokens=True), phrases):
+                counts.confirmed[reply[n]] = counts.confirmed.get(reply[n], 0) + 1
+    return counts
+
+
+def refusal_tokens(counts: OpeningCounts) -> list[int]:
+    """Tokens far more frequent after harmful prompts, confirmed by a refusal phrase or opening many replies.
+
+    Most supported first: the order only decides how they are listed.
+    """
+    found = []
+    for token, n_harmful in counts.harmful.items():
+        harmful_rate = n_harmful / max(counts.n_harmful, 1)
+        harmless_rate = counts.harmless.get(token, 0) / max(counts.n_harmless, 1)
+        if harmful_rate < ENRICHMENT * harmless_rate:
+            continue
+        confirmed = 2 * counts.confirmed.get(token, 0) > n_harmful
+        if confirmed or n_harmful >= max(2, MIN_SHARE_UNCONFIRMED * counts.n_harmful):
+            found.append(token)
+    return sorted(found, key=lambda token: (-counts.harmful[token], token))
+
+
+def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int]) -> list[str]:
+    """The first words (lower case) of the harmful replies that open with a refusal token, most frequent first."""
+    n = len(prefix)
+    seen: dict[str, int] = {}
+    for reply in harmful:
+        if len(reply) > n and reply[:n] == prefix and reply[n] in token_ids:
+            words = tokenizer.decode(reply[n:], skip_special_tokens=True).split()[:OPENING_WORDS]
+            if words:
+                opening = " ".join(words).lower()
+                seen[opening] = seen.get(opening, 0) + 1
+    return sorted(seen, key=lambda text: (-seen[text], text))[:MAX_OPENINGS]
+
+
+def thinking_end(texts: Sequence[str]) -> str:
+    """The first known closer of a thinking block that occurs in any of `texts` ("" when none does)."""
+    return next((end for end in THINKING_ENDS if any(end in text for text in texts)), "")
+
+
+def separation_auc(harmful: Sequence[float], harmless: Sequence[float]) -> float:
+    """The chance that a harmful prompt's score is above a harmless one's (ties count half): the AUC."""
+    if not harmful or not harmless:
+        return float("nan")
+    above = sum((h > g) + 0.5 * (h == g) for h in harmful for g in harmless)
+    return above / (len(harmful) * len(harmless))
+
+
+def describe_openings(tokenizer: Any, replies: list[list[int]], n_shown: int = 2) -> str:
+    """A couple of reply openings, quoted, for an error message."""
+    texts = [tokenizer.decode(reply[:12], skip_special_tokens=False) for reply in replies[:n_shown]]
+    return ", ".join(repr(text) for text in texts) or "(no replies)"
+
+
+def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], model_config: Any,
+                 measure_config: Any) -> RefusalProfile:
+    """Greedy replies of the base model to a sample of fit prompts, read for the shared prefix and refusal tokens.
+
+    `harmful` and `harmless` are plain instructions (the first `measure_config.n_discovery` of each are used).
+    With `measure_config.refusal_openings` set, those openings give the refusal tokens (source "configured") and
+    only the prefix is read from the replies.
+    """
+    from abliterate.chat import format_instructions, refusal_token_ids, stop_token_ids
+    from abliterate.generation import generate_transformers
+    from abliterate.metrics import EXTENDED_REFUSALS
+
+    kwargs = dict(getattr(model_config, "template_kwargs", None) or {}) or thinking_switch(tokenizer, model_config)
+    if kwargs and not model_config.template_kwargs:
+        log.info("The chat template can switch thinking off: measuring with enable_thinking=False (refusal is "
+                 "decided at the reply's first token, not at a different place inside every prompt's thinking).")
+    model_config = replace(model_config, template_kwargs=kwargs)
+    n = measure_config.n_discovery
+    texts = format_instructions(tokenizer, list(harmful[:n]) + list(harmless[:n]), model_config)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config, model_config)
+    replies = [reply.token_ids for reply in generate_transformers(
+        model, tokenizer, texts, stop_ids, measure_config.discovery_max_new_tokens, measure_config.batch_size)]
+    harmful_ids, harmless_ids = replies[:len(harmful[:n])], replies[len(harmful[:n]):]
+    prefix = shared_prefix(harmful_ids, harmless_ids)
+    counts = count_openings(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
+    if measure_config.refusal_openings:
+        source, token_ids = "configured", refusal_token_ids(tokenizer, measure_config.refusal_openings)
+        openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
+    else:
+        source, token_ids = "discovered", refusal_tokens(counts)
+        if not token_ids:
+            raise UserError(_nothing_found(tokenizer, harmful_ids, harmless_ids, prefix))
+        openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids)
+    decoded = [tokenizer.decode(reply, skip_special_tokens=False) for reply in replies] + texts[:1]
+    return RefusalProfile(
+        source=source, prefix=tokenizer.decode(prefix, skip_special_tokens=False), token_ids=list(token_ids),
+        token_texts=[tokenizer.decode([token]) for token in token_ids], openings=openings, template_kwargs=kwargs,
+        thinking_end=thinking_end(decoded), n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
+        n_refusals=sum(counts.harmful.get(token, 0) for token in token_ids), separation=float("nan"),
+        prefix_ids=prefix)
+
+
+def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int]) -> str:
+    where = f" after the shared prefix {tokenizer.decode(prefix)!r}" if prefix else ""
+    return (f"Found no refusal in the base model's replies: no token opens its harmful replies{where} far more often "
+            f"than its harmless ones. Harmful replies open like {describe_openings(tokenizer, harmful)}; harmless "
+            f"like {describe_openings(tokenizer, harmless)}. If the model does refuse, check the chat template "
+            "(--chat-template, --system-prompt) or name its refusal openings in measure.refusal_openings.")
