@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_judge import server  # noqa: F401 - the loopback guard server fixture
+from test_refusal_judge import label_server  # noqa: F401 - the loopback label server fixture
 from typer.testing import CliRunner
 
 from abliterate.cli import app
@@ -206,3 +207,23 @@ def test_run_passes_its_measure_folder_so_actadd_reaches_the_card(toy_refuser_di
     assert record["actadd"]["equal_to_edited"]["n_equal"] == record["actadd"]["equal_to_edited"]["n"] == 16
     card = (tmp_path / "out" / "README.md").read_text()
     assert "ActAdd: refusal, harmless with +r at layer" in card and "**Safety was not judged**" in card
+
+
+def test_refusal_judge_counts_beside_the_substring_counts(edited_toy, toy_refuser_dir, label_server, tmp_path,  # noqa: F811
+                                                          monkeypatch):
+    from abliterate.config import load_config
+    from abliterate.evaluation import evaluate
+
+    monkeypatch.setenv("TOGETHER_BASE_URL", label_server)
+    monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-a-secret")
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    settings = {"prompts": {"n_eval": 8}, "eval": {"judge": "none", "refusal_judge": "together:grader"}}
+    report = evaluate(str(edited_toy), load_config(ROOT / "configs" / "toy.toml", settings), tmp_path / "out",
+                      base=str(toy_refuser_dir))
+    base, edited = report.data["models"]["base"], report.data["models"]["edited"]
+    assert base["refusal_judge"]["refusal"]["count"] == base["refusal"]["count"] == 8
+    assert edited["refusal_judge"]["refusal"]["count"] == edited["refusal"]["count"] == 0
+    assert edited["refusal_judge"]["compliance"]["count"] + edited["refusal_judge"]["non_answer"]["count"] == 8
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions_base_harmful.jsonl").read_text().splitlines()]
+    assert {row["judged"] for row in rows} == {"refusal"}
+    assert "Refusal judge, harmful: refusal / compliance / non-answer (together:grader)" in report.to_markdown()
