@@ -42,22 +42,21 @@ from abliterate.generation import (
     pad_token_id,
     save_completions,
 )
-from abliterate.judge import check_judge, judge_name, judge_replies, resolved_judge
+from abliterate.judge import check_judge, judge_completions, judge_name, resolved_judge
 from abliterate.metrics import (
     PAPER_MATCHER,
     REFUSAL_SETS,
-    Rate,
     RefusalMatcher,
     Scored,
     cross_entropy,
     duplicate_share,
     kl_between,
     matcher_for,
+    mean_refusal_score,
     refusal_rates,
-    refusal_score,
 )
 from abliterate.refusal import RefusalProfile, load_profile
-from abliterate.refusal_judge import check_refusal_judge, classify_replies, label_counts
+from abliterate.refusal_judge import check_refusal_judge, label_completions
 from abliterate.report import EvalReport
 
 log = logging.getLogger(__name__)
@@ -137,10 +136,13 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     else:
         del first_model
     _release_memory()
+    harmful = {column: run.completions["harmful"] for column, run in runs.items()}
     if resolved_judge(config.eval) != "none":
-        _judge(runs, config)
+        for column, section in judge_completions(harmful, config.eval).items():
+            runs[column].section["safety"] = section
     if config.eval.refusal_judge:
-        _judge_refusals(runs, context)
+        for column, section in label_completions(harmful, config.eval, lambda r: context.matcher.answer(r)[0]).items():
+            runs[column].section["refusal_judge"] = section
     report = EvalReport(_record(sources, runs, kl, actadd, context))
     if out_dir is not None:
         for column, run in runs.items():
@@ -261,7 +263,7 @@ def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution
     refusal_ids, prefix_ids = _refusal_tokens(tokenizer, context)
     prompt_ids = {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts}
     section["refusal_score"] = {
-        side: _mean_refusal_score(model, [ids + prefix_ids for ids in prompt_ids[side]], refusal_ids, pad_id,
+        side: mean_refusal_score(model, [ids + prefix_ids for ids in prompt_ids[side]], refusal_ids, pad_id,
                                   e.batch_size)
         for side in texts
     }
@@ -340,19 +342,6 @@ def _vllm_replies(source: str, context: _Context) -> list[Reply]:
                          config.model.dtype, config.model.trust_remote_code)
 
 
-def _mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: list[int], pad_id: int,
-                        batch_size: int) -> dict[str, Any]:
-    """Mean refusal score at the first reply position (the last prompt token), over the prompts."""
-    from abliterate.metrics import batches, position_logprobs
-
-    scores: list[float] = []
-    sequences = [Scored(ids, len(ids)) for ids in prompt_ids]  # scores only the last position
-    for batch in batches(sequences, batch_size):
-        last = torch.stack([logprobs[0] for logprobs in position_logprobs(model, batch, pad_id)])  # [batch, vocab]
-        scores.extend(refusal_score(last, refusal_ids).cpu().tolist())
-    return {"mean": sum(scores) / len(scores) if scores else None, "n": len(scores)}
-
-
 def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored],
                pad_id: int) -> dict[str, Any]:
     """CE loss on the general text, the chat replies (reply tokens only) and the on-distribution replies."""
@@ -376,32 +365,6 @@ def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: l
                           "source": e.ce_chat}
     losses["on_distribution"] = cross_entropy(model, on_distribution, pad_id, e.batch_size, "CE loss, on-distribution")
     return losses
-
-
-def _judge(runs: dict[str, _Run], config: Config) -> None:
-    """Safety verdicts on every model's harmful replies, in one pass so identical replies are judged once."""
-    pairs = [(c.prompt, c.reply) for run in runs.values() for c in run.completions["harmful"]]
-    verdicts = iter(judge_replies(pairs, config.eval))
-    for run in runs.values():
-        mine = [next(verdicts) for _ in run.completions["harmful"]]
-        judged = [v for v in mine if v.unsafe is not None]
-        run.section["safety"] = {
-            "judge": judge_name(config.eval), "unsafe": Rate(sum(bool(v.unsafe) for v in judged), len(judged)).to_dict(),
-            "n_errors": len(mine) - len(judged), "n_short": sum(v.source == "short" for v in mine),
-        }
-        for completion, verdict in zip(run.completions["harmful"], mine):
-            completion.unsafe = verdict.unsafe
-
-
-def _judge_refusals(runs: dict[str, _Run], context: _Context) -> None:
-    """Refusal/compliance/non-answer labels on every model's harmful answers (thinking stripped), in one pass."""
-    pairs = [(c.prompt, context.matcher.answer(c.reply)[0]) for run in runs.values() for c in run.completions["harmful"]]
-    labels = iter(classify_replies(pairs, context.config.eval))
-    for run in runs.values():
-        mine = [next(labels) for _ in run.completions["harmful"]]
-        run.section["refusal_judge"] = {"judge": context.config.eval.refusal_judge, **label_counts(mine)}
-        for completion, label in zip(run.completions["harmful"], mine):
-            completion.judged = label
 
 
 def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str, Any] | None,

@@ -321,3 +321,23 @@ def judge_replies(pairs: Sequence[tuple[str, str]], eval_config: EvalConfig) -> 
         verdicts.append(Verdict(parse_verdict(answer, judge_format), answer, source) if answer is not None
                         else Verdict(None, "", "error"))
     return verdicts
+
+
+def judge_completions(columns: dict[str, list[Any]], eval_config: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Safety of every model's harmful completions in one pass (identical replies judged once): a report section
+    per column; each completion's `unsafe` is set."""
+    from abliterate.metrics import Rate
+
+    pairs = [(c.prompt, c.reply) for completions in columns.values() for c in completions]
+    verdicts = iter(judge_replies(pairs, eval_config))
+    sections = {}
+    for column, completions in columns.items():
+        mine = [next(verdicts) for _ in completions]
+        judged = [v for v in mine if v.unsafe is not None]
+        sections[column] = {
+            "judge": judge_name(eval_config), "unsafe": Rate(sum(bool(v.unsafe) for v in judged), len(judged)).to_dict(),
+            "n_errors": len(mine) - len(judged), "n_short": sum(v.source == "short" for v in mine),
+        }
+        for completion, verdict in zip(completions, mine):
+            completion.unsafe = verdict.unsafe
+    return sections

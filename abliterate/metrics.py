@@ -25,7 +25,7 @@ from torch import Tensor
 from abliterate import progress
 
 # The refusal score and the KL are E's pure functions, shared with measuring so both use the same definition.
-from abliterate.activations import kl_divergence, refusal_score  # noqa: F401 - refusal_score re-exported
+from abliterate.activations import kl_divergence, refusal_score
 
 # The paper's list (Arditi et al. 2024, appendix), matched case-insensitively anywhere in the reply.
 PAPER_REFUSALS = (
@@ -241,6 +241,17 @@ def cross_entropy(model: Any, sequences: Sequence[Scored], pad_id: int, batch_si
     loss = total_nll / n_tokens if n_tokens else None
     return {"loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
             "n_tokens": n_tokens, "n_sequences": sum(1 for item in sequences if item.targets)}
+
+
+def mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: list[int], pad_id: int,
+                        batch_size: int) -> dict[str, Any]:
+    """Mean refusal score at the first reply position (the last prompt token), over the prompts."""
+    scores: list[float] = []
+    sequences = [Scored(ids, len(ids)) for ids in prompt_ids]  # scores only the last position
+    for batch in batches(sequences, batch_size):
+        last = torch.stack([logprobs[0] for logprobs in position_logprobs(model, batch, pad_id)])  # [batch, vocab]
+        scores.extend(refusal_score(last, refusal_ids).cpu().tolist())
+    return {"mean": sum(scores) / len(scores) if scores else None, "n": len(scores)}
 
 
 def kl_between(base: Any, edited: Any, sequences: Sequence[Scored], pad_id: int, batch_size: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ apart and not cached.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +81,18 @@ def label_counts(labels: Sequence[str | None]) -> dict[str, Any]:
     judged = [label for label in labels if label is not None]
     counts = {label.replace("-", "_"): Rate(judged.count(label), len(judged)).to_dict() for label in LABELS}
     return {**counts, "n_errors": len(labels) - len(judged)}
+
+
+def label_completions(columns: dict[str, list[Any]], eval_config: EvalConfig,
+                      answer_of: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+    """Labels for every model's harmful completions in one pass (`answer_of` strips the thinking): a report
+    section per column; each completion's `judged` is set."""
+    pairs = [(c.prompt, answer_of(c.reply)) for completions in columns.values() for c in completions]
+    labels = iter(classify_replies(pairs, eval_config))
+    sections = {}
+    for column, completions in columns.items():
+        mine = [next(labels) for _ in completions]
+        sections[column] = {"judge": eval_config.refusal_judge, **label_counts(mine)}
+        for completion, label in zip(completions, mine):
+            completion.judged = label
+    return sections
