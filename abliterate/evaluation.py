@@ -1,14 +1,19 @@
 """`evaluate`: the evaluation suite of an abliterated model, alone or side by side with its base on the same prompts.
 
 For each model: greedy replies to the harmful and harmless evaluation prompts (stopping at the real stop tokens),
-the refusal rate by substring with per-category counts and 95% intervals, over-refusal on harmless prompts, the
-refusal score at the first reply position, and the CE loss on up to three sets (general text, Alpaca-style replies,
-and on-distribution: the BASE model's own replies to the harmless prompts, so an edit that changes how the model
-answers ordinary requests shows up). With a base model, KL(base || edited) on the harmless prompts at the first reply
-token and over the base replies' tokens. Then the safety judge on the harmful replies. Everything fails early: the
-judge's key, the CE data and the prompt files are checked before the first token is generated.
+read as the base model refuses (`refusal.json` from the measure folder: thinking stripped, the chosen phrase set or
+the model's own refusal openings) with the paper's substring figure beside, per category with 95% intervals;
+over-refusal on harmless prompts; the share of duplicated harmful replies; the refusal score at the profile's
+scored position; the CE loss on up to three sets (general text, Alpaca-style replies, and on-distribution: the BASE
+model's own replies to the harmless prompts). When measuring switched thinking off, refusal again with thinking on.
+With a base model: KL(base || edited) on the harmless prompts, the base model's loss on each model's harmful replies
+(fluency), and with `eval.actadd` the paper's ActAdd completions on the base (+r on harmless, r ablated by hooks on
+harmful, compared reply for reply with the edited checkpoint). Then the safety judge and the optional refusal judge.
+Everything fails early: the judges' keys, the measure folder, the CE data and the prompt files are checked before
+the first token is generated.
 
-Memory: models are loaded one at a time, except while the KL is computed, when base and edited are both loaded.
+Memory: models are loaded one at a time, except from the edited model's load to the end of the KL, when base and
+edited are both loaded (the edited replies are generated then, so the base can score them without a reload).
 """
 
 from __future__ import annotations
@@ -136,13 +141,7 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     else:
         del first_model
     _release_memory()
-    harmful = {column: run.completions["harmful"] for column, run in runs.items()}
-    if resolved_judge(config.eval) != "none":
-        for column, section in judge_completions(harmful, config.eval).items():
-            runs[column].section["safety"] = section
-    if config.eval.refusal_judge:
-        for column, section in label_completions(harmful, config.eval, lambda r: context.matcher.answer(r)[0]).items():
-            runs[column].section["refusal_judge"] = section
+    _judge_all(runs, context)
     report = EvalReport(_record(sources, runs, kl, actadd, context))
     if out_dir is not None:
         for column, run in runs.items():
@@ -150,6 +149,18 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
                 save_completions(Path(out_dir) / f"completions_{column}_{side}.jsonl", completions)
         report.save(Path(out_dir))
     return report
+
+
+def _judge_all(runs: dict[str, _Run], context: _Context) -> None:
+    """The safety judge and the refusal judge on every model's harmful replies (each in one pass)."""
+    e = context.config.eval
+    harmful = {column: run.completions["harmful"] for column, run in runs.items()}
+    if resolved_judge(e) != "none":
+        for column, section in judge_completions(harmful, e).items():
+            runs[column].section["safety"] = section
+    if e.refusal_judge:
+        for column, section in label_completions(harmful, e, lambda reply: context.matcher.answer(reply)[0]).items():
+            runs[column].section["refusal_judge"] = section
 
 
 def _context(config: Config, measure_dir: Path | None) -> _Context:
