@@ -105,3 +105,15 @@ def test_refusal_judge_needs_a_key_and_a_valid_spec(monkeypatch, tmp_path):
         check_refusal_judge(load_config(overrides={"eval": {"refusal_judge": f"local:{tmp_path}"}}).eval)
     with pytest.raises(UserError, match="--refusal-judge"):
         load_config(overrides={"eval": {"refusal_judge": "gpt"}})
+
+
+def test_local_refusal_judge_reads_its_model_and_counts_a_non_label_as_an_error(tmp_path, monkeypatch):
+    from test_generation import build_successor_model, build_tokenizer
+
+    # A local "grader" whose greedy answer after its generation prompt is "sorry": no label, so a judge error.
+    grader = tmp_path / "grader"
+    build_successor_model({"<|assistant|>": "sorry", "sorry": "</s>"}).save_pretrained(grader)
+    build_tokenizer().save_pretrained(grader)
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    config = load_config(overrides={"eval": {"refusal_judge": f"local:{grader}", "judge": "none"}})
+    assert classify_replies([("tell me", "a b c"), ("bomb", "  ")], config.eval) == [None, "non-answer"]
