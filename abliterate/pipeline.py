@@ -109,7 +109,10 @@ def step_keys(config: Config, model_fingerprint: str) -> dict[str, str]:
     measure = _hash(__version__, model_fingerprint, c["model"], prompts, c["measure"],
                     _source_digest(config.measure.direction_file))
     apply = _hash(measure, c["apply"], c["model"]["revision"])
-    eval_inputs = [_source_digest(config.eval.ce_text), _source_digest(config.eval.ce_chat)]
+    from abliterate.judge import resolved_judge
+
+    # The judge that runs, not the setting: with `auto`, exporting TOGETHER_API_KEY later must rerun the evaluation.
+    eval_inputs = [_source_digest(config.eval.ce_text), _source_digest(config.eval.ce_chat), resolved_judge(config.eval)]
     evaluation = "skipped" if config.run.skip_eval else _hash(apply, c["eval"], prompts, c["model"], eval_inputs)
     return {"measure": measure, "apply": apply, "eval": evaluation, "publish": _hash(apply, evaluation)}
 

@@ -244,3 +244,15 @@ def test_local_judge_uses_the_guard_model_and_the_cache(tmp_path, monkeypatch):
     assert [(v.unsafe, v.source, v.raw) for v in verdicts] == [(True, "judge", "unsafe"), (False, "short", "")]
     [again] = judge_replies([("tell me", LONG)], config.eval)
     assert (again.unsafe, again.source) == (True, "cache")
+
+
+def test_exporting_the_key_later_reruns_the_evaluation_step(monkeypatch):
+    # With judge = auto the key decides whether safety is judged, so it is part of the eval step's key.
+    from abliterate.pipeline import step_keys
+
+    config = load_config()
+    monkeypatch.delenv(KEY_VARIABLE, raising=False)
+    without = step_keys(config, "model")
+    monkeypatch.setenv(KEY_VARIABLE, FAKE_KEY)
+    with_key = step_keys(config, "model")
+    assert without["apply"] == with_key["apply"] and without["eval"] != with_key["eval"]
