@@ -55,6 +55,13 @@ def _setup(
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # huggingface_hub prints its warnings through a handler of its own as well: each retry warning came twice.
+    # Its handler is added when its logging module is imported, so import it first, then take the handler off.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logger = hub_logging.get_logger()
+    for own in [h for h in hub_logger.handlers if type(h) is logging.StreamHandler]:
+        hub_logger.removeHandler(own)
     progress.set_reporter(None if quiet or not sys.stderr.isatty() else _rich_reporter)
 
 
