@@ -122,6 +122,8 @@ def measure_command(
         console.print(f"Reference: best cosine {best['cosine']:.4f} at layer {best['layer']}, position "
                       f"{best['position']}; the chosen candidate's cosine "
                       + ("-" if chosen_cosine is None else f"{chosen_cosine:.4f}"))
+    if result.refusal is not None:
+        console.print(f"Refusal: {result.refusal.describe()} ({result.out_dir / 'refusal.json'})", soft_wrap=True)
     console.print(f"Direction: {result.direction_path} (scores in {result.out_dir / 'scores.json'})", soft_wrap=True)
 
 
@@ -187,6 +189,10 @@ def _print_run_summary(result, console) -> None:
         table.add_column(column)
     table.add_row("direction", "", f"layer {result.layer} of {result.n_layers}, position {result.position}")
     table.add_row("tensors edited", "", str(result.n_edited))
+    if result.refusal:
+        from abliterate.refusal import RefusalProfile
+
+        console.print(f"Refusal: {RefusalProfile.from_dict(result.refusal).describe()}", soft_wrap=True)
     for metric, base, edited in result.metrics:
         table.add_row(metric, base, edited)
     console.print(table)
