@@ -93,8 +93,11 @@ def encode(tokenizer: Any, texts: Sequence[str], batch_size: int, suffix_ids: Se
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        ids = [list(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) + list(suffix_ids) for i in rows]
-        encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        if suffix_ids:
+            ids = [list(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) + list(suffix_ids) for i in rows]
+            encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        else:
+            encoded = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt", add_special_tokens=False)
         batches.append(Batch(encoded["input_ids"], encoded["attention_mask"], rows))
     return batches
 

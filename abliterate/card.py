@@ -45,6 +45,7 @@ class CardFacts:
     eval_markdown: str = ""  # the evaluation report (empty when evaluation was skipped)
     name: str = ""  # title of the card; defaults to the base model's name plus "-abliterated"
     used_reference: bool = False  # the direction came from a file (--use-reference), not from selection
+    refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json), empty when unknown
 
 
 def base_license(model_dir: Path, config: dict) -> dict[str, str]:
@@ -106,6 +107,10 @@ def _what_was_done(facts: CardFacts) -> list[str]:
         found = ("The refusal direction r was supplied as a reference direction file (`--use-reference`), not "
                  f"selected on this model{where}, following Arditi et al. 2024 (arXiv:2406.11717); the model has "
                  f"{facts.n_layers} layers.")
+    if facts.refusal:
+        from abliterate.refusal import RefusalProfile
+
+        found += f" Bypass, induce and the prompt filter read the {RefusalProfile.from_dict(facts.refusal).describe()}."
     lines = [
         "## What was done",
         "",

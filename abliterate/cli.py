@@ -55,6 +55,13 @@ def _setup(
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # huggingface_hub prints its warnings through a handler of its own as well: each retry warning came twice.
+    # Its handler is added when its logging module is imported, so import it first, then take the handler off.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logger = hub_logging.get_logger()
+    for own in [h for h in hub_logger.handlers if type(h) is logging.StreamHandler]:
+        hub_logger.removeHandler(own)
     progress.set_reporter(None if quiet or not sys.stderr.isatty() else _rich_reporter)
 
 
@@ -115,6 +122,8 @@ def measure_command(
         console.print(f"Reference: best cosine {best['cosine']:.4f} at layer {best['layer']}, position "
                       f"{best['position']}; the chosen candidate's cosine "
                       + ("-" if chosen_cosine is None else f"{chosen_cosine:.4f}"))
+    if result.refusal is not None:
+        console.print(f"Refusal: {result.refusal.describe()} ({result.out_dir / 'refusal.json'})", soft_wrap=True)
     console.print(f"Direction: {result.direction_path} (scores in {result.out_dir / 'scores.json'})", soft_wrap=True)
 
 
@@ -184,6 +193,10 @@ def _print_run_summary(result, console) -> None:
         table.add_column(column)
     table.add_row("direction", "", f"layer {result.layer} of {result.n_layers}, position {result.position}")
     table.add_row("tensors edited", "", str(result.n_edited))
+    if result.refusal:
+        from abliterate.refusal import RefusalProfile
+
+        console.print(f"Refusal: {RefusalProfile.from_dict(result.refusal).describe()}", soft_wrap=True)
     for metric, base, edited in result.metrics:
         table.add_row(metric, base, edited)
     console.print(table)

@@ -68,6 +68,7 @@ class RunResult:
     report_path: Path | None = None  # the Markdown evaluation report; None when evaluation was skipped
     reused: list[str] = field(default_factory=list)  # steps taken from an earlier run with the same key
     pushed_url: str = ""
+    refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json of the measure step)
 
 
 # ---- keys: what each step depends on ----
@@ -157,6 +158,7 @@ def _measure_work(model: str, config: Config) -> Callable[[Path], dict]:
         return {"direction": Path(found.direction_path).resolve().relative_to(folder.resolve()).as_posix(),
                 "layer": found.layer, "position": found.position, "token_text": found.token_text,
                 "used_reference": bool(found.used_reference),
+                "refusal": found.refusal.to_dict() if found.refusal is not None else {},
                 "n_prompts": {key: value for key, value in found.counts.items() if key.startswith("harm")}}
     return work
 
@@ -303,6 +305,7 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
         layer=measured["layer"], position=measured["position"],
         position_token=measured["token_text"], used_reference=measured.get("used_reference", False),
         n_prompts=measured.get("n_prompts", {}), edited_counts=applied["edits_by_kind"], untied=applied["untied"],
+        refusal=measured.get("refusal", {}),
         eval_markdown=(prov / "eval" / evaluated["report"]).read_text() if evaluated else "",
         command=reproduce_command(model, out_dir), version=__version__, name=out_dir.name,
     )
@@ -364,6 +367,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         n_layers=steps["apply"]["n_layers"], n_edited=steps["apply"]["n_edited"],
         metrics=[tuple(row) for row in steps.get("eval", {}).get("metrics", [])],
         report_path=prov / "eval" / steps["eval"]["report"] if "eval" in steps else None, reused=reused,
+        refusal=steps["measure"].get("refusal", {}),
     )
     _write_atomic(prov / RUN_FILE, json.dumps({**record, "complete": True, "summary": {
         "layer": result.layer, "position": result.position, "n_layers": result.n_layers,

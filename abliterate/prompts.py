@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.errors import UserError
+from abliterate.hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,14 @@ def load_hub_dataset(source: str, column: str = "") -> list[Prompt]:
     if spec["revision"]:
         kwargs["revision"] = spec["revision"]
     path = Path(spec["name"]).expanduser()
+    local_file = ("pass a local prompt file instead (.txt with one prompt a line, or .json, .jsonl, .csv, "
+                  ".parquet): --harmful FILE / --harmless FILE or the prompts.* keys of the config")
+    from huggingface_hub import constants
+
+    if not path.is_dir() and not constants.is_offline_mode():
+        unreachable = hub_unreachable(f"The dataset {source}", local_file)
+        if unreachable is not None:
+            raise unreachable
     try:
         if path.is_dir() and (path / "dataset_dict.json").is_file():
             table = datasets.load_from_disk(str(path))[spec["split"]]
@@ -218,6 +227,8 @@ def load_hub_dataset(source: str, column: str = "") -> list[Prompt]:
             table = datasets.load_dataset(str(path) if path.is_dir() else spec["name"], spec["config"] or None,
                                           **kwargs)
     except Exception as error:  # datasets raises many types (offline, missing split, bad config)
+        if not path.is_dir() and constants.is_offline_mode():
+            raise hub_unreachable(f"The dataset {source}", local_file) from error
         raise UserError(f"Could not load the dataset {source} ({type(error).__name__}: {error}); check the name, "
                         "config, split and revision, and that the Hub is reachable (HF_HUB_OFFLINE).") from error
     prompts = _from_rows(list(table), spec["column"] or column, source)

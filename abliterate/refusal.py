@@ -45,6 +45,17 @@ class RefusalProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line on what was found, for the console and the model card."""
+        how = "found from the base model's greedy replies" if self.source == "discovered" else "as configured"
+        prefix = f"after the shared reply prefix {json.dumps(self.prefix, ensure_ascii=False)}" if self.prefix \
+            else "at the first reply token"
+        thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
+                    if self.template_kwargs else "")
+        return (f"refusal scored {prefix} on the tokens {json.dumps(self.token_texts, ensure_ascii=False)} ({how}: "
+                f"they open {self.n_refusals} of {self.n_harmful_replies} harmful replies; separation of harmful "
+                f"from harmless prompts, AUC {self.separation:.3f}){thinking}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefusalProfile:
         """Reads a profile, ignoring keys a later version added (so an older reader keeps working)."""
