@@ -167,10 +167,10 @@ def _context(config: Config, measure_dir: Path | None) -> _Context:
     """The prompts, the refusal matcher and the measure folder's profile and direction, all checked up front."""
     from abliterate.prompts import prompt_sets
 
-    profile = load_profile(Path(measure_dir)) if measure_dir else None
     if measure_dir and not Path(measure_dir).is_dir():
         raise UserError(f"Measure folder {measure_dir} does not exist; pass the folder `abliterate measure` wrote "
                         "to --measure.")
+    profile = load_profile(Path(measure_dir)) if measure_dir else None
     direction = None
     if config.eval.actadd:
         if not measure_dir:
