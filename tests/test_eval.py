@@ -195,6 +195,8 @@ def test_actadd_without_a_measure_folder_is_a_user_error(toy_refuser_dir, tmp_pa
         evaluate(str(toy_refuser_dir), config, tmp_path / "out")
     with pytest.raises(UserError, match="No direction.json"):
         evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path)
+    with pytest.raises(UserError, match="does not exist; pass the folder `abliterate measure` wrote to --measure"):
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path / "nope")
     assert not (tmp_path / "out").exists()
 
 
