@@ -147,7 +147,8 @@ class EvalReport:
 
     def summary_rows(self) -> list[list[str]]:
         """(metric, base, edited) rows for the run summary: the headline metrics only."""
-        keep = ("Refusal rate", "Over-refusal", "Unsafe", "CE loss, general", "KL(base ‖ edited), first")
+        keep = ("Refusal rate", "Over-refusal", "Unsafe", "CE loss, general", "KL(base ‖ edited), first", "ActAdd",
+                "Hooked-ablation")
         return [row for row in self.rows() if row[0].startswith(keep)]
 
     def category_rows(self) -> list[list[str]]:
