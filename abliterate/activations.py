@@ -103,8 +103,10 @@ def encode(tokenizer: Any, texts: Sequence[str], batch_size: int, suffix_ids: Se
 
 
 def input_device(model: Any) -> torch.device:
-    """Where input ids must go: the embedding's device (the first one under an accelerate device_map)."""
-    return model.get_input_embeddings().weight.device
+    """Where input ids must go: the embedding's execution device (see `abliterate.model.input_device`)."""
+    from abliterate.model import input_device as embedding_device
+
+    return embedding_device(model)
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:

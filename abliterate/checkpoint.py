@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import split_state_dict_into_shards_factory
 from torch import Tensor
 
 from abliterate import __version__, progress
@@ -31,7 +32,7 @@ from abliterate.config import Config, parse_size
 from abliterate.direction import Direction, load_direction, save_direction
 from abliterate.errors import UserError
 from abliterate.hub import is_hub_id, remote_tensor_infos, resolve_model
-from abliterate.shards import FLOAT_DTYPES, OutputTensor, StoredTensor, read_header, read_tensor, write_shard
+from abliterate.shards import FLOAT_DTYPES, OutputTensor, StoredTensor, read_header, read_tensor, write_shards
 from abliterate.weights import edit_tensor
 
 logger = logging.getLogger(__name__)
@@ -182,24 +183,21 @@ def _check_editable(stored: StoredTensor) -> None:
 
 
 def layout_shards(checkpoint: Checkpoint, plan: EditPlan, max_shard_bytes: int) -> dict[str, list[OutputTensor]]:
-    """Assign output tensors to shard files in storage order, greedily, as transformers' save_pretrained does."""
-    outputs = [OutputTensor(name, stored, plan.edits.get(name)) for name, stored in checkpoint.tensors.items()]
+    """Assign output tensors to shard files in storage order, with huggingface_hub's planner (as save_pretrained).
+
+    Every output tensor has its stored size, so the plan is made from the headers before anything is written.
+    """
+    outputs = {name: OutputTensor(name, stored, plan.edits.get(name)) for name, stored in checkpoint.tensors.items()}
     if plan.untie is not None:
         embedding, lm_head = plan.untie
         if lm_head in checkpoint.tensors:
             raise RuntimeError(f"plan unties into {lm_head}, which already exists; this is a bug in abliterate")
-        outputs.append(OutputTensor(lm_head, checkpoint.tensors[embedding], None))  # the ORIGINAL embedding
-    groups: list[list[OutputTensor]] = [[]]
-    size = 0
-    for tensor in outputs:
-        if groups[-1] and size + tensor.source.nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(tensor)
-        size += tensor.source.nbytes
-    if len(groups) == 1:
-        return {SINGLE_NAME: groups[0]}
-    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups)}
+        outputs[lm_head] = OutputTensor(lm_head, checkpoint.tensors[embedding], None)  # the ORIGINAL embedding
+    # No storage ids: the untied lm_head shares its source bytes with the embedding but is written twice.
+    split = split_state_dict_into_shards_factory(outputs, get_storage_size=lambda tensor: tensor.source.nbytes,
+                                                 filename_pattern=SINGLE_NAME.replace(".", "{suffix}.", 1),
+                                                 max_shard_size=max_shard_bytes)
+    return {filename: [outputs[name] for name in names] for filename, names in split.filename_to_tensors.items()}
 
 
 def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: Direction,
@@ -214,9 +212,9 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
         return edit_in_chunks(edit, read_tensor(tensor.source), direction.vector,
                               {name: needed[name] for name in edit.needs})
 
-    for filename, group in shards.items():
-        bar = functools.partial(progress.track, description=f"Writing {filename}", total=len(group))
-        write_shard(tmp / filename, group, provenance, edit_fn, bar)
+    n_tensors = sum(len(group) for group in shards.values())
+    bar = functools.partial(progress.track, description=f"Writing {len(shards)} shard(s)", total=n_tensors)
+    write_shards({tmp / filename: group for filename, group in shards.items()}, provenance, edit_fn, bar)
     if len(shards) > 1:
         _write_index(tmp / INDEX_NAME, shards)
     copied = _copy_small_files(checkpoint.path, tmp)

@@ -32,6 +32,8 @@ class ModelConfig:
     revision: str = setting("", "Hub revision (branch, tag or commit) of the model; empty for the default branch.")
     dtype: str = setting("auto", "Dtype to load the model in for measuring and evaluating: auto, float32, bfloat16, float16.")
     device_map: str = setting("auto", "accelerate device_map for loading (auto spreads a big model over GPUs and CPU).")
+    max_memory: str = setting("", "Memory cap per device for loading, e.g. 0=20GiB,1=20GiB,cpu=64GiB; what fits nowhere is offloaded to offload_folder. Empty: all free memory.")
+    offload_folder: str = setting("", "Folder for the weights offloaded to disk when the model does not fit; empty for a temporary folder.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model repository. Off unless you trust it.")
     chat_template: str = setting("", "A Jinja chat template file to use instead of the tokenizer's own.")
     system_prompt: str = setting("", "System prompt put before every instruction; empty for none.")
@@ -97,11 +99,24 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """accelerate's max_memory from "0=20GiB,1=20GiB,cpu=64GiB" (GPU indices, cpu, or other device names)."""
+    limits: dict[int | str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        device, _, size = (piece.strip() for piece in item.partition("="))
+        if not device or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size, flags=re.IGNORECASE):
+            raise UserError(f"Invalid max memory entry '{item}'; pass --max-memory (model.max_memory) as "
+                            "DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
+        limits[int(device) if device.isdigit() else device] = size.replace(" ", "")
+    return limits
+
+
 @dataclass
 class EvalConfig:
     max_new_tokens: int = setting(256, "Longest reply generated, long enough to see a late refusal (paper: 512).")
     batch_size: int = setting(16, "Prompts generated at once.")
     backend: str = setting("transformers", "Generation engine: transformers or vllm.")
+    tensor_parallel_size: int = setting(1, "GPUs one vLLM engine splits the model over (vLLM's tensor_parallel_size); engines run one at a time.")
     judge: str = setting("auto", "Safety judge: auto (together when TOGETHER_API_KEY is set, else none), together, local:PATH (a guard model), or none.")
     judge_model: str = setting("meta-llama/Meta-Llama-Guard-3-8B", "Judge model on Together (paper: Llama Guard 2).")
     judge_format: str = setting("chat", "Judge prompt: chat (the service applies the guard's template) or paper (Llama Guard 2's prompt sent as one message, parsed as the paper did).")
@@ -205,7 +220,8 @@ def validate(config: Config) -> None:
         raise UserError(f"eval.backend must be 'transformers' or 'vllm', got '{e.backend}'.")
     if e.refusal_set not in ("paper", "extended"):
         raise UserError(f"eval.refusal_set must be 'paper' or 'extended', got '{e.refusal_set}'.")
-    for name in ("max_new_tokens", "batch_size", "judge_concurrency", "n_ce_docs", "ce_max_tokens", "n_ce_chat"):
+    for name in ("max_new_tokens", "batch_size", "tensor_parallel_size", "judge_concurrency", "n_ce_docs", "ce_max_tokens",
+                 "n_ce_chat"):
         if getattr(e, name) < 1:
             raise UserError(f"eval.{name} must be at least 1, got {getattr(e, name)}.")
     if not (e.judge in ("auto", "none", "together") or e.judge.startswith("local:")):
@@ -218,6 +234,7 @@ def validate(config: Config) -> None:
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
     parse_size(config.apply.max_shard_size)  # a bad size fails now, not after an hour of measuring
+    parse_max_memory(config.model.max_memory)
 
 
 def to_dict(config: Config) -> dict:

@@ -12,8 +12,8 @@ harmful, compared reply for reply with the edited checkpoint). Then the safety j
 Everything fails early: the judges' keys, the measure folder, the CE data and the prompt files are checked before
 the first token is generated.
 
-Memory: models are loaded one at a time, except from the edited model's load to the end of the KL, when base and
-edited are both loaded (the edited replies are generated then, so the base can score them without a reload).
+Memory: models are loaded one at a time. For the KL the base's log-probabilities are recorded before it is
+released; for the fluency of the edited replies the base is loaded once more after the edited model is released.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ from abliterate.metrics import (
     Scored,
     cross_entropy,
     duplicate_share,
-    kl_between,
+    kl_to_record,
     matcher_for,
     mean_refusal_score,
+    record_logprobs,
     refusal_rates,
 )
 from abliterate.refusal import RefusalProfile, load_profile
@@ -120,21 +121,21 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     if context.direction is not None:
         actadd, hooked = _actadd(first_model, first_tokenizer, context)
     if base:
-        edited_model, edited_tokenizer = _load(model, config)
-        _check_same_tokenizer(first_tokenizer, edited_tokenizer)
-        # The edited replies come first, while the base is loaded: the base model's loss on them is the fluency.
-        edited_replies = early.get("edited") or _generate(edited_model, edited_tokenizer, context)
-        fluency = _fluency(first_model, first_tokenizer, context, edited_replies)
         base_replies = runs["base"].replies["harmful"] + runs["base"].replies["harmless"]
         runs["base"].section["fluency"] = _fluency(first_model, first_tokenizer, context, base_replies)
         pad_id = pad_token_id(first_tokenizer, _stop_ids(first_model.generation_config, first_tokenizer, config))
-        kl = kl_between(first_model, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
-        del first_model
+        base_record = record_logprobs(first_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
+        del first_model  # before the edited model loads: a model that barely fits must never be held twice
         _release_memory()
+        edited_model, edited_tokenizer = _load(model, config)
+        _check_same_tokenizer(first_tokenizer, edited_tokenizer)
+        kl = kl_to_record(base_record, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
         runs["edited"] = _evaluate_one(edited_model, edited_tokenizer, context, runs["base"].harmless_replies,
-                                       edited_replies)
-        runs["edited"].section["fluency"] = fluency
+                                       early.get("edited"))
         del edited_model
+        _release_memory()
+        edited_replies = runs["edited"].replies["harmful"] + runs["edited"].replies["harmless"]
+        runs["edited"].section["fluency"] = _base_fluency(base, context, edited_replies)
         if actadd is not None:
             prompts = [p.text for p in context.prompts["harmful"]]
             actadd["equal_to_edited"] = compare_with_edited(prompts, hooked, runs["edited"].replies["harmful"])
@@ -324,6 +325,15 @@ def _fluency(base_model: Any, tokenizer: Any, context: _Context, replies: list[R
     return cross_entropy(base_model, scored, pad_id, e.batch_size, "Base-model loss on harmful replies")
 
 
+def _base_fluency(base: str, context: _Context, replies: list[Reply]) -> dict[str, Any]:
+    """The fluency of another model's replies, with the base loaded again (never beside the other model)."""
+    base_model, base_tokenizer = _load(base, context.config)
+    fluency = _fluency(base_model, base_tokenizer, context, replies)
+    del base_model
+    _release_memory()
+    return fluency
+
+
 def _actadd(model: Any, tokenizer: Any, context: _Context) -> tuple[dict[str, Any], list[Reply]]:
     """ActAdd completions on the base model: the figures, and the hooked harmful replies to compare with the edit."""
     assert context.direction is not None  # evaluate() calls this only with a direction
@@ -350,7 +360,7 @@ def _vllm_replies(source: str, context: _Context) -> list[Reply]:
         generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
     texts = [text for side in _texts(tokenizer, context).values() for text in side]
     return generate_vllm(path, tokenizer, texts, _stop_ids(generation_config, tokenizer, config), config.eval.max_new_tokens,
-                         config.model.dtype, config.model.trust_remote_code)
+                         config.model.dtype, config.model.trust_remote_code, config.eval.tensor_parallel_size)
 
 
 def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored],

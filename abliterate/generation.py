@@ -51,8 +51,10 @@ class Completion:
 
 
 def input_device(model: Any) -> torch.device:
-    """Where input ids must go: the embedding's device (the first one under an accelerate device_map)."""
-    return model.get_input_embeddings().weight.device
+    """Where input ids must go: the embedding's execution device (see `abliterate.model.input_device`)."""
+    from abliterate.model import input_device as embedding_device
+
+    return embedding_device(model)
 
 
 def pad_token_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
@@ -114,28 +116,50 @@ def generate_transformers(
 
 def generate_vllm(
     model_dir: str | Path, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int,
-    dtype: str = "auto", trust_remote_code: bool = False,
+    dtype: str = "auto", trust_remote_code: bool = False, tensor_parallel_size: int = 1,
 ) -> list[Reply]:
-    """Greedy replies with vLLM (the engine users run at scale); the engine is freed before returning."""
+    """Greedy replies with vLLM (the engine users run at scale), the model split over `tensor_parallel_size` GPUs.
+
+    The engine is shut down and its GPU memory released before returning, so the next engine (the other model of
+    a side-by-side evaluation) or a transformers model gets the whole GPUs: one engine at a time.
+    """
     try:
         from vllm import LLM, SamplingParams
     except ImportError as error:
         raise UserError(f"--backend vllm needs vLLM ({error}); install it with `pip install abliterate[vllm]` or use --backend transformers.")
-    engine = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code)
-    # Token ids, not text: vLLM would add a second BOS to a prompt that the chat template already starts with one.
-    prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]} for text in texts]
-    settings = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids))
-    outputs = engine.generate(prompts, settings)
+    engine = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                 tensor_parallel_size=tensor_parallel_size)
+    try:
+        # Token ids, not text: vLLM would add a second BOS to a prompt that the chat template already starts with one.
+        prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]} for text in texts]
+        settings = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids))
+        outputs = engine.generate(prompts, settings)
+    finally:
+        _shut_down_vllm(engine)
     replies = []
     for output in outputs:
         token_ids, stopped = cut_at_stop(list(output.outputs[0].token_ids), stop_ids)
         stopped = stopped or output.outputs[0].finish_reason == "stop"
         replies.append(Reply(tokenizer.decode(token_ids, skip_special_tokens=True).strip(), token_ids, stopped))
+    return replies
+
+
+def _shut_down_vllm(engine: Any) -> None:
+    """Stop a vLLM engine's workers and free its GPU memory (dropping the object alone leaves both behind)."""
+    core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+    if hasattr(core, "shutdown"):
+        core.shutdown()
     del engine
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except (ImportError, AssertionError, RuntimeError):  # older or newer vLLM: the engine shutdown above must do
+        pass
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return replies
 
 
 def save_completions(path: Path, completions: Sequence[Completion]) -> Path:

@@ -197,15 +197,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 
 
 def _safetensors_names(path: Path) -> set[str]:
-    """Tensor names in a safetensors file, read from its header alone (8-byte length, then JSON)."""
-    try:
-        with path.open("rb") as handle:
-            header_bytes = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_bytes))
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path.name} in {path.parent} is not a readable safetensors file ({error}); rerun the job "
-                        "that wrote the folder.")
-    return {name for name in header if name != "__metadata__"}
+    """Tensor names in a safetensors file, read (and checked) from its header alone."""
+    from abliterate.shards import read_header
+
+    return {tensor.name for tensor in read_header(path, fix="rerun the job that wrote the folder")[0]}
 
 
 def _check_weights(folder: Path) -> None:

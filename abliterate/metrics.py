@@ -9,7 +9,9 @@
 - Degenerate compliance: the share of replies that duplicate another reply word for word.
 - The refusal score of the paper (E's `activations.refusal_score`, applied at the first reply position).
 - Teacher-forced log-probabilities at chosen positions, batched with right padding (so positions are the natural
-  ones and padding never precedes a scored token), for the CE loss and the KL divergence between two models.
+  ones and padding never precedes a scored token), for the CE loss and the KL divergence between two models. The
+  KL never needs both models loaded: the base's distributions are recorded first (`record_logprobs`), kept as
+  its top 1024 tokens per position plus the mass of the rest, and the edited model is compared with the record.
 """
 
 from __future__ import annotations
@@ -209,7 +211,9 @@ def position_logprobs(model: Any, batch: Sequence[Scored], pad_id: int) -> list[
     Returns a list of `[positions, vocab]` tensors; callers reduce them there (a 128k vocabulary makes moving them
     to the CPU the slowest part of the pass).
     """
-    device = model.get_input_embeddings().weight.device
+    from abliterate.model import input_device
+
+    device = input_device(model)
     width = max(len(item.ids) for item in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq], right padded
     mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, seq]
@@ -254,17 +258,79 @@ def mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: lis
     return {"mean": sum(scores) / len(scores) if scores else None, "n": len(scores)}
 
 
-def kl_between(base: Any, edited: Any, sequences: Sequence[Scored], pad_id: int, batch_size: int) -> dict[str, Any]:
+# Tokens of the base distribution kept per scored position for the KL (see `record_logprobs`).
+KL_TOP_K = 1024
+
+
+@dataclass
+class BaseLogprobs:
+    """The base model's next-token distributions at the scored positions of each sequence, kept on the CPU.
+
+    Per sequence: the ids and float32 log-probabilities of the base's `top_k` most likely tokens `[positions, k]`,
+    and the float64 probability of all the other tokens together `[positions]` (0 when k covers the vocabulary).
+    """
+
+    top_ids: list[Tensor]
+    top_logprobs: list[Tensor]
+    rest_mass: list[Tensor]
+    top_k: int
+
+
+def record_logprobs(model: Any, sequences: Sequence[Scored], pad_id: int, batch_size: int,
+                    top_k: int = KL_TOP_K) -> BaseLogprobs:
+    """The base's distributions, so that the KL is computed later without holding base and edited at once.
+
+    The full distributions of every reply token would need positions x vocabulary floats (13 GB for 100 replies of
+    256 tokens with a 128k vocabulary), so each position keeps the base's top `top_k` tokens and the mass of the rest.
+    """
+    record = BaseLogprobs([], [], [], top_k)
+    for batch in progress.track(batches(sequences, batch_size), "Recording base log-probabilities"):
+        for logprobs in position_logprobs(model, batch, pad_id):  # [positions, vocab]
+            k = min(top_k, logprobs.shape[-1])
+            values, ids = logprobs.topk(k, dim=-1)  # [positions, k]
+            kept = values.to(torch.float64).exp().sum(-1)  # [positions]
+            rest = (1.0 - kept).clamp(min=0.0) if k < logprobs.shape[-1] else torch.zeros_like(kept)
+            record.top_ids.append(ids.cpu())
+            record.top_logprobs.append(values.cpu())
+            record.rest_mass.append(rest.cpu())
+    return record
+
+
+def _kl_coarse(base: Tensor, base_rest: Tensor, new: Tensor) -> Tensor:
+    """KL(base || new) per position over the base's top tokens plus one bucket for all the others, in float64.
+
+    `base` and `new` are log-probabilities of the same tokens `[positions, k]`, `base_rest` the base's mass outside
+    them `[positions]`. Merging tokens can only lower a KL (log-sum inequality), so this is the exact KL when the base
+    has no mass outside its top k (always, when k covers the vocabulary) and a lower bound otherwise.
+    """
+    kl = kl_divergence(base, new)  # [positions]
+    new_rest = (1.0 - new.to(torch.float64).exp().sum(-1)).clamp(min=torch.finfo(torch.float64).tiny)  # [positions]
+    tail = torch.where(base_rest > 0, base_rest * (base_rest.clamp(min=1e-300).log() - new_rest.log()), 0.0)
+    return kl + tail
+
+
+def kl_to_record(base: BaseLogprobs, edited: Any, sequences: Sequence[Scored], pad_id: int,
+                 batch_size: int) -> dict[str, Any]:
     """KL(base || edited) at the first reply token and averaged over the tokens of the base model's replies."""
-    first, every = [], []
+    first, every, index = [], [], 0
     for batch in progress.track(batches(sequences, batch_size), "KL base vs edited"):
-        pairs = zip(position_logprobs(base, batch, pad_id), position_logprobs(edited, batch, pad_id))
-        for item, (base_logprobs, edited_logprobs) in zip(batch, pairs):
-            per_position = kl_divergence(base_logprobs, edited_logprobs.to(base_logprobs.device)).cpu()  # [positions]
+        for item, edited_logprobs in zip(batch, position_logprobs(edited, batch, pad_id)):
+            ids = base.top_ids[index].to(edited_logprobs.device)  # [positions, k]
+            picked = edited_logprobs.gather(-1, ids)  # [positions, k]
+            per_position = _kl_coarse(base.top_logprobs[index].to(picked.device), base.rest_mass[index].to(
+                picked.device), picked).cpu()  # [positions]
+            index += 1
             first.append(per_position[0].item())
             if item.targets:
                 every.extend(per_position.tolist())
     return {
         "first_token": sum(first) / len(first) if first else None, "n_prompts": len(first),
         "reply_tokens": sum(every) / len(every) if every else None, "n_tokens": len(every),
+        "top_k": base.top_k,
+        "max_base_mass_outside_top_k": max((float(rest.max()) for rest in base.rest_mass if rest.numel()), default=0.0),
     }
+
+
+def kl_between(base: Any, edited: Any, sequences: Sequence[Scored], pad_id: int, batch_size: int) -> dict[str, Any]:
+    """KL(base || edited) of two loaded models (`record_logprobs` of the base, then `kl_to_record`)."""
+    return kl_to_record(record_logprobs(base, sequences, pad_id, batch_size), edited, sequences, pad_id, batch_size)

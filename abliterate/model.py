@@ -3,15 +3,23 @@
 `load_model(source, model_config, dtype)` resolves the source through `hub.resolve_model` (a local directory or a
 Hub id), loads the tokenizer (left padding, a pad token, the `--chat-template FILE` override) and the model in eval
 mode with the requested dtype; on a machine with a GPU accelerate's `device_map` spreads a large model over the GPUs
-and the CPU. `trust_remote_code` is only passed through from the config, never switched on here.
+and the CPU. A model bigger than memory loads through accelerate too: `model.max_memory` caps each device (GPUs, CPU)
+and what fits nowhere is offloaded to `model.offload_folder` (a temporary folder when unset) and read back layer by
+layer during each forward pass; the log says how much was offloaded. Given `max_memory`, this also holds on a
+CPU-only machine. `trust_remote_code` is only passed through from the config, never switched on here.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from abliterate.config import parse_max_memory
 from abliterate.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,15 +71,68 @@ def _torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def _device_map(requested: str) -> str | None:
-    """accelerate's device_map only when there is an accelerator: on a CPU-only machine plain loading is simpler."""
+def _device_map(requested: str, max_memory: dict[int | str, str]) -> str | None:
+    """accelerate's device_map only when there is an accelerator or a memory cap: plain loading is simpler on a CPU.
+
+    With a memory cap the map is needed even on a CPU-only machine, since that is what offloads to disk.
+    """
     import torch
 
     if requested in ("", "none"):
         return None
+    if max_memory:
+        return "auto" if requested == "cpu" else requested
     if requested == "cpu" or not torch.cuda.is_available():
         return None if requested in ("auto", "cpu") else requested
     return requested
+
+
+def _offload_kwargs(model_config: Any) -> tuple[dict[str, Any], Path | None]:
+    """device_map, max_memory and offload folder for from_pretrained, and the temporary folder made here (if any)."""
+    max_memory = parse_max_memory(getattr(model_config, "max_memory", "") or "")
+    device_map = _device_map(model_config.device_map, max_memory)
+    if device_map is None:
+        return {}, None
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    folder = getattr(model_config, "offload_folder", "") or ""
+    made = None if folder else Path(tempfile.mkdtemp(prefix="abliterate-offload-"))
+    kwargs["offload_folder"] = str(Path(folder).expanduser() if folder else made)
+    return kwargs, made
+
+
+def _report_offload(model: Any, source: str, made: Path | None) -> None:
+    """Say where a model that did not fit went; remove an unused temporary offload folder, or tie it to the model."""
+    placement = Counter(str(device) for device in (getattr(model, "hf_device_map", None) or {}).values())
+    # Beside an accelerator, modules on the CPU are offloaded too (they are moved to it for each pass).
+    accelerated = any(device not in ("cpu", "disk") for device in placement)
+    offloaded = {device: n for device, n in placement.items() if device == "disk" or (accelerated and device == "cpu")}
+    if offloaded:
+        logger.warning("%s does not fit in the memory given (model.max_memory, or the GPUs): %d of %d module groups "
+                       "offloaded (%s); it runs, but slower, as each forward pass reads them back.", source,
+                       sum(offloaded.values()), sum(placement.values()),
+                       ", ".join(f"{n} to {device}" for device, n in sorted(offloaded.items())))
+    if made is not None:
+        if "disk" in offloaded:
+            weakref.finalize(model, shutil.rmtree, made, True)
+        else:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def input_device(model: Any) -> Any:
+    """Where input ids must go: the embedding's execution device.
+
+    That is the embedding weight's device, except when accelerate offloaded the embedding (its weight then sits on
+    the meta device and a hook moves it to the execution device for each pass).
+    """
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    if embedding.weight.device.type == "meta" and getattr(hook, "execution_device", None) is not None:
+        import torch
+
+        return torch.device(hook.execution_device)
+    return embedding.weight.device
 
 
 def load_model(source: str, model_config: Any, dtype: str | None = None) -> tuple[Any, Any]:
@@ -88,14 +149,15 @@ def load_model(source: str, model_config: Any, dtype: str | None = None) -> tupl
     # use_safetensors: never fall back to pickle weights, even if a folder holds both.
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype or model_config.dtype), "use_safetensors": True,
                               "trust_remote_code": model_config.trust_remote_code}
-    device_map = _device_map(model_config.device_map)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    offload, made = _offload_kwargs(model_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs, **offload)
     except ValueError as error:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise UserError(f"Could not load {source} as a causal language model ({error}). If it ships its own "
                         "code, set model.trust_remote_code (only for code you trust).") from error
+    _report_offload(model, source, made)
     model.eval()
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

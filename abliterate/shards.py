@@ -1,11 +1,14 @@
-"""Streaming safetensors I/O: read headers, read one tensor, write a shard one tensor at a time.
+"""Streaming safetensors I/O: read headers, read one tensor, write shards tensor by tensor from a pool of threads.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor name to its dtype,
 shape and byte range, then the raw little-endian bytes. Because every output tensor keeps its input shape and
-dtype, a shard's header can be written before any data; each tensor's bytes are then either copied from the
-input file by byte range (bit-identical, never decoded) or produced by an edit and written at once. Memory use is
-therefore one edited tensor at a time plus a small copy buffer, whatever the shard or model size.
+dtype, a shard's header can be written before any data, and every tensor's place in the file is known; each
+tensor's bytes are then either copied from the input file by byte range (bit-identical, never decoded, in the
+kernel) or produced by an edit and written at their offset. Tensors are written by several threads at once, so
+copies, reads, edits and writes overlap; the bytes do not depend on the order. Memory use is the edited tensors in
+flight (bounded by a budget of about the largest one) plus a small copy buffer, whatever the shard or model size.
 No mmap is used, so reading a shard does not leave its pages counted in the process's resident memory.
+`read_header` is the one reader of safetensors headers (checkpoints, and the checks before a push).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +32,10 @@ FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 TORCH_TO_CODE = {dtype: code for code, dtype in FLOAT_DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses headers above 100 MB
 _COPY_CHUNK_BYTES = 64 * 2**20
+# Threads writing tensors: enough to keep the disk, the kernel's copies and one edit per core busy at once.
+WRITE_WORKERS = min(8, (os.cpu_count() or 1) + 2)
+# Edited tensors held in memory at once (at least the largest one, which then goes alone).
+EDIT_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,8 @@ class StoredTensor:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
-    """The tensors of one safetensors file in storage order, and its `__metadata__`."""
+def read_header(path: Path, fix: str = "re-download the checkpoint") -> tuple[list[StoredTensor], dict[str, str]]:
+    """The tensors of one safetensors file in storage order, and its `__metadata__`; `fix` ends the error messages."""
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -54,7 +64,7 @@ def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
                 raise ValueError(f"header length {header_bytes} does not fit the file")
             header = json.loads(handle.read(header_bytes))
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not a readable safetensors file ({error}); re-download the checkpoint.") from None
+        raise UserError(f"{path} is not a readable safetensors file ({error}); {fix}.") from None
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_bytes
     tensors = []
@@ -62,9 +72,9 @@ def read_header(path: Path) -> tuple[list[StoredTensor], dict[str, str]]:
         try:
             (begin, end), dtype, shape = info["data_offsets"], str(info["dtype"]), tuple(int(n) for n in info["shape"])
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path} has a corrupt header entry for {name}; re-download the checkpoint.") from None
+            raise UserError(f"{path} has a corrupt header entry for {name}; {fix}.") from None
         if not 0 <= begin <= end <= size - data_start:
-            raise UserError(f"{path} is truncated or corrupt (tensor {name} lies outside the file); re-download it.")
+            raise UserError(f"{path} is truncated or corrupt (tensor {name} lies outside the file); {fix}.")
         tensors.append(StoredTensor(name, path, dtype, shape, data_start + begin, data_start + end))
     return sorted(tensors, key=lambda t: t.start), metadata
 
@@ -100,9 +110,45 @@ class OutputTensor:
 EditFn = Callable[[OutputTensor], torch.Tensor]
 
 
-def write_shard(path: Path, tensors: list[OutputTensor], metadata: dict[str, str], edit_fn: EditFn,
-                progress: Callable[[Iterator[OutputTensor]], Iterator[OutputTensor]] = iter) -> None:
-    """Write one safetensors file: header first, then each tensor's bytes, copied or edited, in order."""
+def write_shards(shards: dict[Path, list[OutputTensor]], metadata: dict[str, str], edit_fn: EditFn,
+                 progress: Callable[[Iterator[Future]], Iterator[Future]] = iter,
+                 workers: int | None = None) -> None:
+    """Write safetensors files: each header first, then every tensor's bytes at its offset, copied or edited.
+
+    The tensors of all files are written by a pool of threads, each at its own offset (pwrite and copy_file_range
+    take one), so kernel copies, reads, edits and writes overlap instead of waiting on each other; the bytes are the
+    same in any order. Edits in flight hold at most max(largest edited tensor, EDIT_BUDGET_BYTES) of tensors.
+    """
+    descriptors: list[int] = []
+    jobs: list[tuple[int, int, OutputTensor]] = []
+    try:
+        for path, tensors in shards.items():
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            descriptors.append(descriptor)
+            offset = _write_header(descriptor, tensors, metadata)
+            for tensor in tensors:
+                jobs.append((descriptor, offset, tensor))
+                offset += tensor.source.nbytes
+        edited = [tensor.source.nbytes for _, _, tensor in jobs if tensor.edit is not None]
+        budget = _Budget(max([EDIT_BUDGET_BYTES, *edited]))
+        with _single_threaded_torch(), \
+                ThreadPoolExecutor(workers or WRITE_WORKERS, thread_name_prefix="abliterate-write") as pool:
+            futures = [pool.submit(_write_job, descriptor, offset, tensor, edit_fn, budget)
+                       for descriptor, offset, tensor in jobs]
+            try:
+                for future in progress(as_completed(futures)):
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)
+
+
+def _write_header(descriptor: int, tensors: list[OutputTensor], metadata: dict[str, str]) -> int:
+    """Write the 8-byte length and JSON header of a shard holding `tensors` in order; return where data starts."""
     header: dict[str, dict] = {"__metadata__": metadata}
     offset = 0
     for tensor in tensors:
@@ -112,46 +158,88 @@ def write_shard(path: Path, tensors: list[OutputTensor], metadata: dict[str, str
         offset += source.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad with spaces so the data starts 8-byte aligned, as safetensors does
-    with open(path, "wb", buffering=0) as out:
-        _write_all(out, struct.pack("<Q", len(blob)) + blob)
-        for tensor in progress(iter(tensors)):
-            if tensor.edit is None:
-                _copy_range(tensor.source, out)
-            else:
-                _write_tensor(out, edit_fn(tensor), tensor.source)
+    _pwrite_all(descriptor, memoryview(struct.pack("<Q", len(blob)) + blob), 0)
+    return 8 + len(blob)
 
 
-def _write_tensor(out, tensor: torch.Tensor, source: StoredTensor) -> None:
-    """Write an edited tensor's bytes after checking it kept the stored dtype and shape."""
+class _Budget:
+    """Bytes of edited tensors in flight: a job waits until its tensor fits, and one alone always fits."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes, self.used_bytes = limit_bytes, 0
+        self.condition = threading.Condition()
+
+    def take(self, nbytes: int) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.used_bytes == 0 or self.used_bytes + nbytes <= self.limit_bytes)
+            self.used_bytes += nbytes
+
+    def give(self, nbytes: int) -> None:
+        with self.condition:
+            self.used_bytes -= nbytes
+            self.condition.notify_all()
+
+
+@contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    """One torch thread per writer thread while writing: the pool runs several edits at once instead.
+
+    Torch's own threads wait for each other by spinning, so on a loaded machine (a descheduled thread, or several
+    pools sharing the cores) a block edit ran 3 to 10 times slower with two threads than with one. Writer threads
+    are new for each write and take the thread count when they first call torch, so they start single-threaded.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_job(descriptor: int, offset: int, tensor: OutputTensor, edit_fn: EditFn, budget: _Budget) -> None:
+    """Copy or edit one tensor into its place in the file."""
+    if tensor.edit is None:
+        _copy_range(tensor.source, descriptor, offset)
+        return
+    budget.take(tensor.source.nbytes)
+    try:
+        edited = edit_fn(tensor)
+        _check_edited(edited, tensor.source)
+        _pwrite_all(descriptor, memoryview(edited.contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
+        del edited
+    finally:
+        budget.give(tensor.source.nbytes)
+
+
+def _check_edited(tensor: torch.Tensor, source: StoredTensor) -> None:
+    """An edit must keep the stored dtype and shape, or the header written up front would lie."""
     if TORCH_TO_CODE.get(tensor.dtype) != source.dtype or tuple(tensor.shape) != source.shape:
         raise RuntimeError(f"edit of {source.name} returned {tensor.dtype} {tuple(tensor.shape)}, expected "
                            f"{source.dtype} {source.shape}; this is a bug in abliterate")
-    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # [nbytes]
-    _write_all(out, memoryview(data))
 
 
-def _write_all(out, data: bytes | memoryview) -> None:
-    view = memoryview(data).cast("B")
+def _pwrite_all(descriptor: int, data: memoryview, offset: int) -> None:
+    view = data.cast("B")  # [nbytes]
     while view.nbytes:
-        written = out.write(view[:_COPY_CHUNK_BYTES])
-        view = view[written:]
+        written = os.pwrite(descriptor, view[:_COPY_CHUNK_BYTES], offset)
+        view, offset = view[written:], offset + written
 
 
-def _copy_range(source: StoredTensor, out) -> None:
-    """Copy a tensor's bytes unchanged, in the kernel when it can (copy_file_range), else by chunks."""
+def _copy_range(source: StoredTensor, descriptor: int, offset: int) -> None:
+    """Copy a tensor's bytes unchanged to `offset`, in the kernel when it can (copy_file_range), else by chunks."""
     with open(source.path, "rb", buffering=0) as handle:
         remaining, position = source.nbytes, source.start
         while remaining:
             try:
-                copied = os.copy_file_range(handle.fileno(), out.fileno(), min(remaining, 2**30), position)
+                copied = os.copy_file_range(handle.fileno(), descriptor, min(remaining, 2**30), position, offset)
             except (OSError, AttributeError):
                 copied = 0
             if not copied:  # unsupported here (or cross-device on an old kernel): copy through a buffer instead
-                handle.seek(position)
-                chunk = handle.read(min(remaining, _COPY_CHUNK_BYTES))
+                chunk = os.pread(handle.fileno(), min(remaining, _COPY_CHUNK_BYTES), position)
                 if not chunk:
                     raise UserError(f"{source.path} ended early while copying {source.name}; re-download it.")
-                _write_all(out, chunk)
+                _pwrite_all(descriptor, memoryview(chunk), offset)
                 copied = len(chunk)
             remaining -= copied
             position += copied
+            offset += copied

@@ -12,10 +12,13 @@ residual receives norm(y) = g * y / rms(y) (elementwise gain g; nested norms mul
 so making the writer orthogonal to u = normalize(g * r) (instead of r) makes the norm's output exactly orthogonal to
 r, whatever the input. Gemma 1/2/3 scale by (1 + weight); OLMo 2 and Gemma 4 by weight.
 
-Compute is float64 here (the tensors are edited once, offline) and the result is cast back to the stored dtype once.
+Compute is float64 here (the tensors are edited once, offline) and the result is cast back to the stored dtype once;
+it runs block by block in cache-sized float64 scratch, so it costs about what reading the tensor costs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -23,6 +26,9 @@ from torch import Tensor
 from abliterate.architectures import TensorEdit
 
 COMPUTE_DTYPE = torch.float64
+# Values per block of float64 scratch: 2**16 (512 KB) stays in the CPU's L2 cache, where converting to float64 and
+# back costs about as much as reading and writing the stored dtype.
+BLOCK_ELEMENTS = 2**16
 
 
 def unit(vector: Tensor) -> Tensor:
@@ -37,13 +43,51 @@ def unit(vector: Tensor) -> Tensor:
 def project_out(tensor: Tensor, direction: Tensor, axis: int) -> Tensor:
     """Remove the component along `direction` of `tensor`'s `axis`: T <- T - (T . u) (x) u, in float64.
 
-    The result has the input's dtype (cast back once). `direction` need not be unit norm.
+    The result has the input's dtype (cast back once). `direction` need not be unit norm. The arithmetic is done a
+    block of `BLOCK_ELEMENTS` values at a time in reused float64 scratch, so no full-size float64 copy is made and
+    the wide arithmetic runs in the CPU cache; every value still goes through the same float64 operations.
     """
     u = unit(direction)  # [d_model]
-    moved = tensor.to(COMPUTE_DTYPE).movedim(axis, -1)  # [..., d_model]
-    coefficient = moved @ u  # [...]
-    edited = moved - coefficient.unsqueeze(-1) * u  # [..., d_model]
-    return edited.movedim(-1, axis).to(tensor.dtype).contiguous()
+    shape = tuple(tensor.shape)
+    axis = axis % len(shape)
+    lead, d_model, trail = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+    result = torch.empty(shape, dtype=tensor.dtype)
+    if trail == 1:  # d_model is the last axis: rows (embeddings, Conv1D, biases, experts stored [.., d_model])
+        _project_rows(tensor.reshape(lead, d_model), u, result.view(lead, d_model))
+    else:  # d_model is followed by other axes: linear weights [d_model, d_in], experts [experts, d_model, inter]
+        source, out = tensor.reshape(lead, d_model, trail), result.view(lead, d_model, trail)
+        for index in range(lead):
+            _project_columns(source[index], u, out[index])
+    return result
+
+
+def _project_rows(rows: Tensor, u: Tensor, out: Tensor) -> None:
+    """out[i] = rows[i] - (rows[i] . u) u for rows [n, d_model], a block of rows at a time."""
+    step = max(1, BLOCK_ELEMENTS // rows.shape[1])
+    scratch = torch.empty((2, min(step, rows.shape[0]), rows.shape[1]), dtype=COMPUTE_DTYPE)  # [2, step, d_model]
+    for start in range(0, rows.shape[0], step):
+        block = scratch[0, : min(step, rows.shape[0] - start)]  # [block, d_model]
+        block.copy_(rows[start:start + step])
+        coefficient = block @ u  # [block]
+        change = torch.mul(coefficient.unsqueeze(1), u, out=scratch[1, : block.shape[0]])  # [block, d_model]
+        out[start:start + step].copy_(block.sub_(change))
+
+
+def _project_columns(matrix: Tensor, u: Tensor, out: Tensor) -> None:
+    """out[:, j] = matrix[:, j] - (u . matrix[:, j]) u for a matrix [d_model, n]: one pass for the coefficients
+    (u^T M, accumulated a block of rows at a time), one pass for the rank-one update."""
+    step = max(1, BLOCK_ELEMENTS // matrix.shape[1])
+    scratch = torch.empty((2, min(step, matrix.shape[0]), matrix.shape[1]), dtype=COMPUTE_DTYPE)  # [2, step, n]
+    coefficient = torch.zeros(matrix.shape[1], dtype=COMPUTE_DTYPE)  # [n]
+    for start in range(0, matrix.shape[0], step):
+        block = scratch[0, : min(step, matrix.shape[0] - start)]  # [block, n]
+        block.copy_(matrix[start:start + step])
+        coefficient.addmv_(block.T, u[start:start + step])
+    for start in range(0, matrix.shape[0], step):
+        block = scratch[0, : min(step, matrix.shape[0] - start)]  # [block, n]
+        block.copy_(matrix[start:start + step])
+        change = torch.mul(u[start:start + step].unsqueeze(1), coefficient, out=scratch[1, : block.shape[0]])
+        out[start:start + step].copy_(block.sub_(change))
 
 
 def project_out_rows(matrix: Tensor, direction: Tensor) -> Tensor:
