@@ -13,7 +13,8 @@ Everything fails early: the judges' keys, the measure folder, the CE data and th
 the first token is generated.
 
 Memory: models are loaded one at a time. For the KL the base's log-probabilities are recorded before it is
-released; for the fluency of the edited replies the base is loaded once more after the edited model is released.
+released; for the fluency of the edited replies the base is loaded once more after the edited model is released,
+unless ActAdd's hooked replies (scored while the base was loaded) turned out to be exactly the edited replies.
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     runs[first] = _evaluate_one(first_model, first_tokenizer, context, None, early.get(first))
     if context.direction is not None:
         actadd, hooked = _actadd(first_model, first_tokenizer, context)
+        # The hooked replies should be the edited checkpoint's: scored now, they spare loading the base again.
+        hooked_fluency = _fluency(first_model, first_tokenizer, context, hooked) if base else None
     if base:
-        base_replies = runs["base"].replies["harmful"] + runs["base"].replies["harmless"]
-        runs["base"].section["fluency"] = _fluency(first_model, first_tokenizer, context, base_replies)
+        runs["base"].section["fluency"] = _fluency(first_model, first_tokenizer, context, runs["base"].replies["harmful"])
         pad_id = pad_token_id(first_tokenizer, _stop_ids(first_model.generation_config, first_tokenizer, config))
         base_record = record_logprobs(first_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
         del first_model  # before the edited model loads: a model that barely fits must never be held twice
@@ -134,11 +136,12 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
                                        early.get("edited"))
         del edited_model
         _release_memory()
-        edited_replies = runs["edited"].replies["harmful"] + runs["edited"].replies["harmless"]
-        runs["edited"].section["fluency"] = _base_fluency(base, context, edited_replies)
+        edited_harmful = runs["edited"].replies["harmful"]
         if actadd is not None:
             prompts = [p.text for p in context.prompts["harmful"]]
-            actadd["equal_to_edited"] = compare_with_edited(prompts, hooked, runs["edited"].replies["harmful"])
+            actadd["equal_to_edited"] = compare_with_edited(prompts, hooked, edited_harmful)
+        same = actadd is not None and actadd["equal_to_edited"]["n_equal"] == len(edited_harmful)
+        runs["edited"].section["fluency"] = hooked_fluency if same else _base_fluency(base, context, edited_harmful)
     else:
         del first_model
     _release_memory()
@@ -316,19 +319,19 @@ def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any
     return {"template_kwargs": context.thinking_on, **figures}
 
 
-def _fluency(base_model: Any, tokenizer: Any, context: _Context, replies: list[Reply]) -> dict[str, Any]:
-    """The base model's mean per-token loss on another model's harmful replies: high when they are not fluent."""
+def _fluency(base_model: Any, tokenizer: Any, context: _Context, harmful: list[Reply]) -> dict[str, Any]:
+    """The base model's mean per-token loss on a model's harmful replies: high when they are not fluent."""
     e = context.config.eval
     pad_id = pad_token_id(tokenizer, _stop_ids(base_model.generation_config, tokenizer, context.config))
     prompt_ids = [_encode(tokenizer, text) for text in _texts(tokenizer, context)["harmful"]]
-    scored = [Scored(ids + r.token_ids, len(ids)) for ids, r in zip(prompt_ids, _split(replies, context)["harmful"])]
+    scored = [Scored(ids + r.token_ids, len(ids)) for ids, r in zip(prompt_ids, harmful)]
     return cross_entropy(base_model, scored, pad_id, e.batch_size, "Base-model loss on harmful replies")
 
 
-def _base_fluency(base: str, context: _Context, replies: list[Reply]) -> dict[str, Any]:
+def _base_fluency(base: str, context: _Context, harmful: list[Reply]) -> dict[str, Any]:
     """The fluency of another model's replies, with the base loaded again (never beside the other model)."""
     base_model, base_tokenizer = _load(base, context.config)
-    fluency = _fluency(base_model, base_tokenizer, context, replies)
+    fluency = _fluency(base_model, base_tokenizer, context, harmful)
     del base_model
     _release_memory()
     return fluency

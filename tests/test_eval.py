@@ -229,3 +229,23 @@ def test_refusal_judge_counts_beside_the_substring_counts(edited_toy, toy_refuse
     rows = [json.loads(line) for line in (tmp_path / "out" / "completions_base_harmful.jsonl").read_text().splitlines()]
     assert {row["judged"] for row in rows} == {"refusal"}
     assert "Refusal judge, harmful: refusal / compliance / non-answer (together:grader)" in report.to_markdown()
+
+
+def test_fluency_is_the_same_with_or_without_the_base_loaded_again(edited_toy, measure_dir, toy_refuser_dir,
+                                                                     tmp_path, monkeypatch):
+    # With ActAdd, the hooked replies equal the edited ones, so the base's loss on them is the edited replies'
+    # fluency and the base is not loaded a third time; without ActAdd it is, and the figure must be the same.
+    from abliterate import evaluation
+    from abliterate.config import load_config
+
+    loads = []
+    real = evaluation._load
+    monkeypatch.setattr(evaluation, "_load", lambda source, config: loads.append(source) or real(source, config))
+    figures = []
+    for actadd in (True, False):
+        config = load_config(ROOT / "configs" / "toy.toml", {"prompts": {"n_eval": 8}, "eval": {"actadd": actadd}})
+        report = evaluation.evaluate(str(edited_toy), config, base=str(toy_refuser_dir), measure_dir=measure_dir)
+        figures.append(report.data["models"]["edited"]["fluency"])
+    base, edited = str(toy_refuser_dir), str(edited_toy)
+    assert loads == [base, edited] + [base, edited, base]  # with ActAdd, then without
+    assert figures[0] == figures[1] and figures[0]["n_sequences"] == 8
