@@ -41,6 +41,7 @@ class RefusalProfile:
     n_refusals: int = 0  # harmful replies recognised as refusals
     separation: float = 1.0  # how well the score separates harmful from harmless (AUC in [0, 1])
     prefix_ids: list[int] = field(default_factory=list)  # the prefix as token ids, appended to each prompt
+    inside_thinking: bool = False  # the scored position is inside a thinking block (openings are then empty)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,11 +87,12 @@ def load_profile(folder_or_file: Path) -> RefusalProfile | None:
 PREFIX_SHARE = 0.9
 # A refusal token is at least this many times more frequent after harmful prompts than after harmless ones.
 ENRICHMENT = 4.0
-# Told apart by frequency alone, a refusal token must open at least this share of the harmful replies (and two), so
-# that one odd harmful reply does not make its first token a refusal token; one a refusal phrase confirms needs one.
-MIN_SHARE_UNCONFIRMED = 0.1
+# Told apart by frequency alone, a refusal token must open at least two harmful replies, so that one odd harmful
+# reply does not make its first token a refusal token; one that a refusal phrase confirms needs one.
+MIN_UNCONFIRMED = 2
 OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
 MAX_OPENINGS = 20
+THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
 THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
 SWITCH_SENTINEL = "Name a fruit"
 
@@ -166,7 +168,7 @@ def refusal_tokens(counts: OpeningCounts) -> list[int]:
         if harmful_rate < ENRICHMENT * harmless_rate:
             continue
         confirmed = 2 * counts.confirmed.get(token, 0) > n_harmful
-        if confirmed or n_harmful >= max(2, MIN_SHARE_UNCONFIRMED * counts.n_harmful):
+        if confirmed or n_harmful >= MIN_UNCONFIRMED:
             found.append(token)
     return sorted(found, key=lambda token: (-counts.harmful[token], token))
 
@@ -187,6 +189,13 @@ def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int]
 def thinking_end(texts: Sequence[str]) -> str:
     """The first known closer of a thinking block that occurs in any of `texts` ("" when none does)."""
     return next((end for end in THINKING_ENDS if any(end in text for text in texts)), "")
+
+
+def inside_thinking(prompt: str, prefix: str, end: str) -> bool:
+    """Whether a thinking block is open where the score is read: the prompt's tail plus the prefix opened one last."""
+    text = prompt + prefix
+    opened = max(text.rfind(start) for start in THINKING_STARTS)
+    return bool(end) and opened > text.rfind(end)
 
 
 def separation_auc(harmful: Sequence[float], harmless: Sequence[float]) -> float:
@@ -237,12 +246,18 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
             raise UserError(_nothing_found(tokenizer, harmful_ids, harmless_ids, prefix))
         openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids)
     decoded = [tokenizer.decode(reply, skip_special_tokens=False) for reply in replies] + texts[:1]
+    prefix_text, end = tokenizer.decode(prefix, skip_special_tokens=False), thinking_end(decoded)
+    thinking = inside_thinking(texts[0], prefix_text, end)
+    if thinking:
+        log.warning("Refusal is scored inside every prompt's own thinking, where harmful and harmless replies first "
+                    "differ (after %r); the separation printed next says how reliable that is.", prefix_text)
     return RefusalProfile(
-        source=source, prefix=tokenizer.decode(prefix, skip_special_tokens=False), token_ids=list(token_ids),
-        token_texts=[tokenizer.decode([token]) for token in token_ids], openings=openings, template_kwargs=kwargs,
-        thinking_end=thinking_end(decoded), n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
+        source=source, prefix=prefix_text, token_ids=list(token_ids),
+        token_texts=[tokenizer.decode([token]) for token in token_ids],
+        openings=[] if thinking and source == "discovered" else openings, template_kwargs=kwargs,
+        thinking_end=end, n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
         n_refusals=sum(counts.harmful.get(token, 0) for token in token_ids), separation=float("nan"),
-        prefix_ids=prefix)
+        prefix_ids=prefix, inside_thinking=thinking)
 
 
 def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int]) -> str:
@@ -251,3 +266,14 @@ def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list
             f"than its harmless ones. Harmful replies open like {describe_openings(tokenizer, harmful)}; harmless "
             f"like {describe_openings(tokenizer, harmless)}. If the model does refuse, check the chat template "
             "(--chat-template, --system-prompt) or name its refusal openings in measure.refusal_openings.")
+
+
+def log_profile(profile: RefusalProfile) -> None:
+    """Log what was found, and warn when the score separates harmful from harmless prompts poorly."""
+    log.info("Refusal (%s): scored after the reply prefix %r with tokens %s, which open %d of %d harmful replies; "
+             "separation of harmful from harmless training prompts (AUC) %.3f.", profile.source, profile.prefix,
+             profile.token_texts, profile.n_refusals, profile.n_harmful_replies, profile.separation)
+    if not profile.separation >= 0.9:
+        log.warning("The refusal score separates harmful from harmless prompts poorly (AUC %.3f): the reply prefix "
+                    "%r may end inside per-prompt reasoning; switch thinking off (model.template_kwargs) if the "
+                    "template can.", profile.separation, profile.prefix)

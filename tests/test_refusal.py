@@ -37,10 +37,9 @@ def test_refusal_tokens_are_far_more_frequent_after_harmful_prompts():
     # 10: only harmful. 11: opens harmless replies as often. 12: 4 of 32 harmful, never harmless (frequency alone).
     # 13: one reply, but a refusal phrase confirms it.
     assert refusal_tokens(counts) == [10, 12, 13]
-    few = OpeningCounts(harmful={10: 8, 12: 2}, harmless={}, confirmed={}, n_harmful=10, n_harmless=10)
-    assert refusal_tokens(few) == [10, 12]
-    many = OpeningCounts(harmful={10: 90, 12: 2}, harmless={}, confirmed={}, n_harmful=100, n_harmless=100)
-    assert refusal_tokens(many) == [10]  # 2 of 100, unconfirmed: an odd reply's opening, not a refusal token
+    odd = OpeningCounts(harmful={10: 30, 12: 1, 15: 1}, harmless={15: 1}, confirmed={}, n_harmful=32,
+                        n_harmless=32)
+    assert refusal_tokens(odd) == [10]  # one odd reply's opening is not a refusal token
 
 
 def test_separation_is_the_auc():
