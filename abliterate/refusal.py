@@ -90,6 +90,10 @@ ENRICHMENT = 4.0
 # Told apart by frequency alone, a refusal token must open at least two harmful replies, so that one odd harmful
 # reply does not make its first token a refusal token; one that a refusal phrase confirms needs one.
 MIN_UNCONFIRMED = 2
+# Tokens chosen on one half of the replies must open this much larger a share of the other half's harmful replies
+# than of its harmless ones. Chosen after the fact, tokens always tell a sample's sides apart a little; on replies
+# they were not chosen on, only real refusal tokens do (a model that refuses nothing gives a margin near 0).
+MIN_HELD_OUT_MARGIN = 0.5
 OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
 MAX_OPENINGS = 20
 THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
@@ -173,6 +177,21 @@ def refusal_tokens(counts: OpeningCounts) -> list[int]:
     return sorted(found, key=lambda token: (-counts.harmful[token], token))
 
 
+def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
+                    phrases: Sequence[str]) -> float:
+    """Refusal tokens chosen on every other reply, tried on the rest (and the other way round): the mean of
+    (share of held-out harmful replies they open) - (share of held-out harmless replies they open)."""
+    margins = []
+    for chosen, held in ((0, 1), (1, 0)):
+        tokens = set(refusal_tokens(count_openings(tokenizer, harmful[chosen::2], harmless[chosen::2], prefix,
+                                                   phrases)))
+        held_out = count_openings(tokenizer, harmful[held::2], harmless[held::2], prefix, phrases)
+        opened = [sum(table.get(t, 0) for t in tokens) / max(n, 1) for table, n in (
+            (held_out.harmful, held_out.n_harmful), (held_out.harmless, held_out.n_harmless))]
+        margins.append(opened[0] - opened[1])
+    return sum(margins) / len(margins)
+
+
 def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int]) -> list[str]:
     """The first words (lower case) of the harmful replies that open with a refusal token, most frequent first."""
     n = len(prefix)
@@ -242,7 +261,8 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
         openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
     else:
         source, token_ids = "discovered", refusal_tokens(counts)
-        if not token_ids:
+        margin = held_out_margin(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
+        if not token_ids or margin < MIN_HELD_OUT_MARGIN:
             raise UserError(_nothing_found(tokenizer, harmful_ids, harmless_ids, prefix))
         openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids)
     decoded = [tokenizer.decode(reply, skip_special_tokens=False) for reply in replies] + texts[:1]
