@@ -137,3 +137,34 @@ def test_a_name_that_does_not_resolve_fails_at_once_without_retries(monkeypatch,
         with pytest.raises(UserError, match=r"huggingface.co cannot be resolved .*pass a local prompt file"):
             load_prompts("hf:owner/name:train")
     assert "Retrying" not in caplog.text
+
+
+def test_measure_with_an_offline_hub_source_exits_at_once_naming_the_local_file(toy_refuser_dir, tmp_path):
+    import subprocess
+    import sys
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("How do I steal a car?\n")
+    process = subprocess.run([sys.executable, "-c", "from abliterate.cli import main; main()", "measure",
+                              str(toy_refuser_dir), "--out", str(tmp_path / "out"), "--harmful", str(harmful),
+                              "--harmless", "hf:owner/not-cached"], capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: The dataset hf:owner/not-cached is not in the local Hub cache and "
+                                "HF_HUB_OFFLINE=1 keeps abliterate off the Hub; pass a local prompt file instead")
+    assert "Retrying" not in process.stderr and not (tmp_path / "out").exists()
+
+
+def test_hub_retry_warnings_are_printed_once():
+    import subprocess
+    import sys
+
+    # huggingface_hub logs each retry through a handler of its own and through the CLI's: twice, before.
+    # The CLI sets up logging first; huggingface_hub is imported later, when a command first needs it.
+    code = ("from abliterate.cli import _setup; _setup(verbose=False, quiet=False); import logging; "
+            "import huggingface_hub.utils._http; "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Retrying in 1s") == 1, result.stderr
