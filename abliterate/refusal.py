@@ -46,14 +46,17 @@ class RefusalProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
-        """One line on what was found, for the console and the model card."""
+    def describe(self, markdown: bool = False) -> str:
+        """One line on what was found, for the console and (`markdown`: values as code) the model card."""
+        def show(value: Any) -> str:
+            text = json.dumps(value, ensure_ascii=False)
+            return f"`{text}`" if markdown else text
+
         how = "found from the base model's greedy replies" if self.source == "discovered" else "as configured"
-        prefix = f"after the shared reply prefix {json.dumps(self.prefix, ensure_ascii=False)}" if self.prefix \
-            else "at the first reply token"
+        prefix = f"after the shared reply prefix {show(self.prefix)}" if self.prefix else "at the first reply token"
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
                     if self.template_kwargs else "")
-        return (f"refusal scored {prefix} on the tokens {json.dumps(self.token_texts, ensure_ascii=False)} ({how}: "
+        return (f"refusal scored {prefix} on the tokens {show(self.token_texts)} ({how}: "
                 f"they open {self.n_refusals} of {self.n_harmful_replies} harmful replies; separation of harmful "
                 f"from harmless prompts, AUC {self.separation:.3f}){thinking}")
 
