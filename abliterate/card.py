@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 TAGS = ("abliterated", "uncensored", "refusal-direction", "abliterate")
 # An absolute POSIX path not inside a URL (a URL's path follows "//host", so a preceding ':' '/' or word
 # character rules it out), and the token formats of the Hub and of Together.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/)(?:[\w.+@-]+/)*[\w.+@-]+/?")
+# Not after "<": "</think>" and "</s>" are closing tokens, not paths.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<-])(?:~/|/)(?:[\w.+@-]+/)*[\w.+@-]+/?")
 _TOKEN = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|tgp_v1_[A-Za-z0-9_-]{20,}|[0-9a-f]{64})\b")
 
 
@@ -98,7 +99,8 @@ def _what_was_done(facts: CardFacts) -> list[str]:
     found = ("The refusal direction r was found as in Arditi et al. 2024, *Refusal in Language Models Is Mediated "
              "by a Single Direction* (arXiv:2406.11717): the difference between the mean residual-stream activations "
              f"on {fitted}, read at the input of layer {facts.layer} of "
-             f"{facts.n_layers} at position {facts.position} from the end of the prompt{token}, chosen among all "
+             f"{facts.n_layers} at position {facts.position} from the end of the prompt"
+             f"{' and the shared reply prefix' if facts.refusal.get('prefix') else ''}{token}, chosen among all "
              "layers and positions by how well ablating it bypasses refusal while keeping harmless next-token "
              "distributions close (KL).")
     if facts.layer is None or facts.used_reference:
@@ -110,7 +112,8 @@ def _what_was_done(facts: CardFacts) -> list[str]:
     if facts.refusal:
         from abliterate.refusal import RefusalProfile
 
-        found += f" Bypass, induce and the prompt filter read the {RefusalProfile.from_dict(facts.refusal).describe()}."
+        found += (" Bypass, induce and the prompt filter read the "
+                  f"{RefusalProfile.from_dict(facts.refusal).describe(markdown=True)}.")
     lines = [
         "## What was done",
         "",

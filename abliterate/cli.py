@@ -193,13 +193,13 @@ def _print_run_summary(result, console) -> None:
         table.add_column(column)
     table.add_row("direction", "", f"layer {result.layer} of {result.n_layers}, position {result.position}")
     table.add_row("tensors edited", "", str(result.n_edited))
+    for metric, base, edited in result.metrics:
+        table.add_row(metric, base, edited)
+    console.print(table)
     if result.refusal:
         from abliterate.refusal import RefusalProfile
 
         console.print(f"Refusal: {RefusalProfile.from_dict(result.refusal).describe()}", soft_wrap=True)
-    for metric, base, edited in result.metrics:
-        table.add_row(metric, base, edited)
-    console.print(table)
     if result.reused:
         console.print(f"Reused finished steps: {', '.join(result.reused)}")
     console.print(f"Report: {result.report_path or 'evaluation skipped (--skip-eval)'}", soft_wrap=True)

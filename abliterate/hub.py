@@ -159,9 +159,13 @@ def remote_tensor_infos(repo_id: str, revision: str = "") -> tuple[dict, dict[st
     The safetensors headers are read with HTTP range requests, so `inspect` of a 70B model costs a few kilobytes.
     Returns None when the Hub cannot be asked (offline mode): the caller falls back to the local cache.
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import OfflineModeIsEnabled, RemoteEntryNotFoundError
 
+    unreachable = None if constants.is_offline_mode() else hub_unreachable(
+        f"Model {repo_id}", "pass the model's local checkpoint directory instead")
+    if unreachable is not None:
+        raise unreachable
     try:
         with _hub_errors(repo_id, revision, "Reading"):
             try:

@@ -37,7 +37,7 @@ from abliterate.activations import SideActivations, cosine_with, difference_of_m
 from abliterate.config import Config, to_dict
 from abliterate.direction import DIRECTION_JSON, DIRECTION_SAFETENSORS, Direction, load_direction, save_direction
 from abliterate.errors import UserError
-from abliterate.refusal import RefusalProfile, find_refusal, save_profile, separation_auc
+from abliterate.refusal import RefusalProfile, find_refusal, log_profile, save_profile, separation_auc
 from abliterate.selection import (
     CandidateScore,
     NoDirectionError,
@@ -175,7 +175,7 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
         if m.filter_prompts:
             check_kept(side, sides[side].n_kept, len(texts), "training")
     profile.separation = separation_auc(sides["harmful"].scores.tolist(), sides["harmless"].scores.tolist())
-    _log_profile(profile)
+    log_profile(profile)
     candidates = difference_of_means(sides["harmful"].mean, sides["harmless"].mean)  # [position, layer, d_model]
     log.info("Candidates from %d harmful and %d harmless training prompts: %d positions x %d layers.",
              sides["harmful"].n_kept, sides["harmless"].n_kept, candidates.shape[0], candidates.shape[1])
@@ -185,16 +185,6 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
     return _Fit(n_layers=int(candidates.shape[1]), d_model=int(candidates.shape[2]), eoi_ids=eoi_ids,
                 refusal_ids=refusal_ids, token_texts=token_texts, harmful=sides["harmful"], harmless=sides["harmless"],
                 candidates=candidates, counts={**counts, "refusal_token_ids": len(refusal_ids)}, profile=profile)
-
-
-def _log_profile(profile: RefusalProfile) -> None:
-    log.info("Refusal (%s): scored after the reply prefix %r with tokens %s, which open %d of %d harmful replies; "
-             "separation of harmful from harmless training prompts (AUC) %.3f.", profile.source, profile.prefix,
-             profile.token_texts, profile.n_refusals, profile.n_harmful_replies, profile.separation)
-    if not profile.separation >= 0.9:
-        log.warning("The refusal score separates harmful from harmless prompts poorly (AUC %.3f): the reply prefix "
-                    "%r may end inside per-prompt reasoning; switch thinking off (model.template_kwargs) if the "
-                    "template can.", profile.separation, profile.prefix)
 
 
 def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: _Fit) -> ValidationSet:

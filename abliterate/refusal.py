@@ -41,18 +41,22 @@ class RefusalProfile:
     n_refusals: int = 0  # harmful replies recognised as refusals
     separation: float = 1.0  # how well the score separates harmful from harmless (AUC in [0, 1])
     prefix_ids: list[int] = field(default_factory=list)  # the prefix as token ids, appended to each prompt
+    inside_thinking: bool = False  # the scored position is inside a thinking block (openings are then empty)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
-        """One line on what was found, for the console and the model card."""
+    def describe(self, markdown: bool = False) -> str:
+        """One line on what was found, for the console and (`markdown`: values as code) the model card."""
+        def show(value: Any) -> str:
+            text = json.dumps(value, ensure_ascii=False)
+            return f"`{text}`" if markdown else text
+
         how = "found from the base model's greedy replies" if self.source == "discovered" else "as configured"
-        prefix = f"after the shared reply prefix {json.dumps(self.prefix, ensure_ascii=False)}" if self.prefix \
-            else "at the first reply token"
+        prefix = f"after the shared reply prefix {show(self.prefix)}" if self.prefix else "at the first reply token"
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
                     if self.template_kwargs else "")
-        return (f"refusal scored {prefix} on the tokens {json.dumps(self.token_texts, ensure_ascii=False)} ({how}: "
+        return (f"refusal scored {prefix} on the tokens {show(self.token_texts)} ({how}: "
                 f"they open {self.n_refusals} of {self.n_harmful_replies} harmful replies; separation of harmful "
                 f"from harmless prompts, AUC {self.separation:.3f}){thinking}")
 
@@ -86,11 +90,16 @@ def load_profile(folder_or_file: Path) -> RefusalProfile | None:
 PREFIX_SHARE = 0.9
 # A refusal token is at least this many times more frequent after harmful prompts than after harmless ones.
 ENRICHMENT = 4.0
-# Told apart by frequency alone, a refusal token must open at least this share of the harmful replies (and two), so
-# that one odd harmful reply does not make its first token a refusal token; one a refusal phrase confirms needs one.
-MIN_SHARE_UNCONFIRMED = 0.1
+# Told apart by frequency alone, a refusal token must open at least two harmful replies, so that one odd harmful
+# reply does not make its first token a refusal token; one that a refusal phrase confirms needs one.
+MIN_UNCONFIRMED = 2
+# Tokens chosen on one half of the replies must open this much larger a share of the other half's harmful replies
+# than of its harmless ones. Chosen after the fact, tokens always tell a sample's sides apart a little; on replies
+# they were not chosen on, only real refusal tokens do (a model that refuses nothing gives a margin near 0).
+MIN_HELD_OUT_MARGIN = 0.5
 OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
 MAX_OPENINGS = 20
+THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
 THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
 SWITCH_SENTINEL = "Name a fruit"
 
@@ -166,9 +175,24 @@ def refusal_tokens(counts: OpeningCounts) -> list[int]:
         if harmful_rate < ENRICHMENT * harmless_rate:
             continue
         confirmed = 2 * counts.confirmed.get(token, 0) > n_harmful
-        if confirmed or n_harmful >= max(2, MIN_SHARE_UNCONFIRMED * counts.n_harmful):
+        if confirmed or n_harmful >= MIN_UNCONFIRMED:
             found.append(token)
     return sorted(found, key=lambda token: (-counts.harmful[token], token))
+
+
+def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
+                    phrases: Sequence[str]) -> float:
+    """Refusal tokens chosen on every other reply, tried on the rest (and the other way round): the mean of
+    (share of held-out harmful replies they open) - (share of held-out harmless replies they open)."""
+    margins = []
+    for chosen, held in ((0, 1), (1, 0)):
+        tokens = set(refusal_tokens(count_openings(tokenizer, harmful[chosen::2], harmless[chosen::2], prefix,
+                                                   phrases)))
+        held_out = count_openings(tokenizer, harmful[held::2], harmless[held::2], prefix, phrases)
+        opened = [sum(table.get(t, 0) for t in tokens) / max(n, 1) for table, n in (
+            (held_out.harmful, held_out.n_harmful), (held_out.harmless, held_out.n_harmless))]
+        margins.append(opened[0] - opened[1])
+    return sum(margins) / len(margins)
 
 
 def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int]) -> list[str]:
@@ -187,6 +211,13 @@ def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int]
 def thinking_end(texts: Sequence[str]) -> str:
     """The first known closer of a thinking block that occurs in any of `texts` ("" when none does)."""
     return next((end for end in THINKING_ENDS if any(end in text for text in texts)), "")
+
+
+def inside_thinking(prompt: str, prefix: str, end: str) -> bool:
+    """Whether a thinking block is open where the score is read: the prompt's tail plus the prefix opened one last."""
+    text = prompt + prefix
+    opened = max(text.rfind(start) for start in THINKING_STARTS)
+    return bool(end) and opened > text.rfind(end)
 
 
 def separation_auc(harmful: Sequence[float], harmless: Sequence[float]) -> float:
@@ -233,16 +264,23 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
         openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
     else:
         source, token_ids = "discovered", refusal_tokens(counts)
-        if not token_ids:
+        margin = held_out_margin(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
+        if not token_ids or margin < MIN_HELD_OUT_MARGIN:
             raise UserError(_nothing_found(tokenizer, harmful_ids, harmless_ids, prefix))
         openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids)
     decoded = [tokenizer.decode(reply, skip_special_tokens=False) for reply in replies] + texts[:1]
+    prefix_text, end = tokenizer.decode(prefix, skip_special_tokens=False), thinking_end(decoded)
+    thinking = inside_thinking(texts[0], prefix_text, end)
+    if thinking:
+        log.warning("Refusal is scored inside every prompt's own thinking, where harmful and harmless replies first "
+                    "differ (after %r); the separation printed next says how reliable that is.", prefix_text)
     return RefusalProfile(
-        source=source, prefix=tokenizer.decode(prefix, skip_special_tokens=False), token_ids=list(token_ids),
-        token_texts=[tokenizer.decode([token]) for token in token_ids], openings=openings, template_kwargs=kwargs,
-        thinking_end=thinking_end(decoded), n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
+        source=source, prefix=prefix_text, token_ids=list(token_ids),
+        token_texts=[tokenizer.decode([token]) for token in token_ids],
+        openings=[] if thinking and source == "discovered" else openings, template_kwargs=kwargs,
+        thinking_end=end, n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
         n_refusals=sum(counts.harmful.get(token, 0) for token in token_ids), separation=float("nan"),
-        prefix_ids=prefix)
+        prefix_ids=prefix, inside_thinking=thinking)
 
 
 def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int]) -> str:
@@ -251,3 +289,14 @@ def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list
             f"than its harmless ones. Harmful replies open like {describe_openings(tokenizer, harmful)}; harmless "
             f"like {describe_openings(tokenizer, harmless)}. If the model does refuse, check the chat template "
             "(--chat-template, --system-prompt) or name its refusal openings in measure.refusal_openings.")
+
+
+def log_profile(profile: RefusalProfile) -> None:
+    """Log what was found, and warn when the score separates harmful from harmless prompts poorly."""
+    log.info("Refusal (%s): scored after the reply prefix %r with tokens %s, which open %d of %d harmful replies; "
+             "separation of harmful from harmless training prompts (AUC) %.3f.", profile.source, profile.prefix,
+             profile.token_texts, profile.n_refusals, profile.n_harmful_replies, profile.separation)
+    if not profile.separation >= 0.9:
+        log.warning("The refusal score separates harmful from harmless prompts poorly (AUC %.3f): the reply prefix "
+                    "%r may end inside per-prompt reasoning; switch thinking off (model.template_kwargs) if the "
+                    "template can.", profile.separation, profile.prefix)

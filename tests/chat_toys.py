@@ -82,7 +82,11 @@ class ChatToy:
     added_tokens: tuple[str, ...] = ()  # plain (not special) added tokens, such as <think>
     fixed_thinking: str = ""  # a block every reply opens with
     thought: str = ""  # with thinking on, a per-prompt thought: {phrase} and {verdict}
-    steps: tuple[int, int] = (200, 300)  # pretraining and safety steps
+    # Pretraining and safety steps, and depth: one layer and 200 safety steps more than the demo toy. With five
+    # layers and 300 steps, toys whose decision comes after a reply prefix refused in a way no single direction
+    # removed (the best candidate's bypass score stayed above 0); a deeper, longer-tuned toy refuses along one.
+    steps: tuple[int, int] = (200, 500)
+    n_layers: int = 6
 
     def answer(self, prompt: str, harmful: bool) -> str:
         return self.refusal if harmful else self.comply.format(phrase=_phrase_of(prompt))
@@ -179,7 +183,8 @@ def build_chat_toy(toy: ChatToy, out_dir: Path) -> Path:
     torch.manual_seed(toy.seed)
     splits = toy_prompt_splits(toy.seed)
     tokenizer = _tokenizer(toy, _corpus(toy, splits))
-    settings = replace(ToySettings(), seed=toy.seed, pretrain_steps=toy.steps[0], safety_steps=toy.steps[1])
+    settings = replace(ToySettings(), seed=toy.seed, pretrain_steps=toy.steps[0], safety_steps=toy.steps[1],
+                       n_layers=toy.n_layers)
     model = _new_model(tokenizer, settings)
     model.config.max_position_embeddings = 256
     harmful, harmless = splits["harmful_model"], splits["harmless_model"]

@@ -103,3 +103,16 @@ def test_a_supplied_reference_direction_is_not_called_selected(tmp_path: Path):
     card = render_card(_facts(tmp_path, used_reference=True))
     assert "supplied as a reference direction file (`--use-reference`)" in card
     assert "its best-aligned candidate is layer 14, position -2" in card and "chosen among all" not in card
+
+
+def test_the_card_says_how_refusal_was_found(tmp_path):
+    from abliterate.refusal import RefusalProfile
+
+    profile = RefusalProfile("discovered", "<think>\n\n</think>\n\n", [7], ["I"], ["i'm sorry, but"], {}, "</think>",
+                             32, 32, 31, 0.994, [1, 2])
+    card = render_card(_facts(tmp_path, refusal=profile.to_dict()))
+    assert ("position -2 from the end of the prompt and the shared reply prefix (the token `<|im_start|>`)" in card)
+    assert ('read the refusal scored after the shared reply prefix `"<think>\\n\\n</think>\\n\\n"` on the tokens `["I"]` '
+            "(found from the base model's greedy replies: they open 31 of 32 harmful replies; separation of harmful "
+            "from harmless prompts, AUC 0.994)." in card)
+    assert "shared reply prefix" not in render_card(_facts(tmp_path))

@@ -97,7 +97,7 @@ def test_how_the_toy_refuses_is_found_from_its_own_replies(abliterated):
     assert profile.prefix == expected["prefix"]
     assert profile.token_texts == expected["tokens"]
     assert profile.template_kwargs == expected["template_kwargs"]
-    assert profile.n_refusals == profile.n_harmful_replies == 32
+    assert profile.n_refusals == profile.n_harmful_replies == 32 and not profile.inside_thinking
     assert profile.separation > 0.99
     written = (abliterated.folder / "measure" / "refusal.json").read_text(encoding="utf-8")
     assert profile.to_dict() == __import__("json").loads(written)
@@ -122,8 +122,10 @@ def test_thinking_on_is_scored_where_the_replies_diverge_and_says_how_well(one_t
                            config.measure)
     assert profile.template_kwargs == {"enable_thinking": True}
     assert profile.prefix.startswith("<think>\nthe user wants to")
-    assert profile.thinking_end == "</think>"
-    assert profile.token_ids and profile.n_refusals >= 16
+    assert profile.thinking_end == "</think>" and profile.inside_thinking
+    # Thinking text is no refusal opening for evaluation to match (it strips the thinking block first).
+    assert profile.openings == []
+    assert profile.token_ids and profile.n_refusals >= 0.9 * profile.n_harmful_replies
 
 
 def test_a_model_that_refuses_nothing_is_an_error_showing_its_replies(toy_refuser_dir, one_thread):

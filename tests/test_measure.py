@@ -155,8 +155,8 @@ def test_refusal_openings_the_model_never_uses_are_caught_by_the_prompt_filter(t
     from abliterate.errors import UserError
     from abliterate.measure import measure
 
-    # The toy refuses with "I cannot ...": scored on "Sure" (how it answers) it seems to refuse nothing, and no direction
-    # could be meaningful, so measure stops before scoring and says what usually causes it.
+    # The toy refuses with "I cannot ...": scored on "Sure" (how it answers) it seems to refuse nothing, and no
+    # direction could be meaningful, so measure stops before scoring and says what usually causes it.
     with pytest.raises(UserError) as caught:
         measure(str(toy_refuser_dir), tmp_path / "out", _config(refusal_openings=["Sure"]))
     message = str(caught.value)

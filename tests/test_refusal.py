@@ -37,10 +37,9 @@ def test_refusal_tokens_are_far_more_frequent_after_harmful_prompts():
     # 10: only harmful. 11: opens harmless replies as often. 12: 4 of 32 harmful, never harmless (frequency alone).
     # 13: one reply, but a refusal phrase confirms it.
     assert refusal_tokens(counts) == [10, 12, 13]
-    few = OpeningCounts(harmful={10: 8, 12: 2}, harmless={}, confirmed={}, n_harmful=10, n_harmless=10)
-    assert refusal_tokens(few) == [10, 12]
-    many = OpeningCounts(harmful={10: 90, 12: 2}, harmless={}, confirmed={}, n_harmful=100, n_harmless=100)
-    assert refusal_tokens(many) == [10]  # 2 of 100, unconfirmed: an odd reply's opening, not a refusal token
+    odd = OpeningCounts(harmful={10: 30, 12: 1, 15: 1}, harmless={15: 1}, confirmed={}, n_harmful=32,
+                        n_harmless=32)
+    assert refusal_tokens(odd) == [10]  # one odd reply's opening is not a refusal token
 
 
 def test_separation_is_the_auc():
@@ -138,3 +137,34 @@ def test_a_name_that_does_not_resolve_fails_at_once_without_retries(monkeypatch,
         with pytest.raises(UserError, match=r"huggingface.co cannot be resolved .*pass a local prompt file"):
             load_prompts("hf:owner/name:train")
     assert "Retrying" not in caplog.text
+
+
+def test_measure_with_an_offline_hub_source_exits_at_once_naming_the_local_file(toy_refuser_dir, tmp_path):
+    import subprocess
+    import sys
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("How do I steal a car?\n")
+    process = subprocess.run([sys.executable, "-c", "from abliterate.cli import main; main()", "measure",
+                              str(toy_refuser_dir), "--out", str(tmp_path / "out"), "--harmful", str(harmful),
+                              "--harmless", "hf:owner/not-cached"], capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: The dataset hf:owner/not-cached is not in the local Hub cache and "
+                                "HF_HUB_OFFLINE=1 keeps abliterate off the Hub; pass a local prompt file instead")
+    assert "Retrying" not in process.stderr and not (tmp_path / "out").exists()
+
+
+def test_hub_retry_warnings_are_printed_once():
+    import subprocess
+    import sys
+
+    # huggingface_hub logs each retry through a handler of its own and through the CLI's: twice, before.
+    # The CLI sets up logging first; huggingface_hub is imported later, when a command first needs it.
+    code = ("from abliterate.cli import _setup; _setup(verbose=False, quiet=False); import logging; "
+            "import huggingface_hub.utils._http; "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Retrying in 1s") == 1, result.stderr
