@@ -47,6 +47,7 @@ from abliterate.generation import (
     generate_vllm,
     pad_token_id,
     save_completions,
+    text_after,
 )
 from abliterate.judge import check_judge, judge_completions, judge_name, resolved_judge
 from abliterate.metrics import (
@@ -249,14 +250,18 @@ def _split(replies: list[Reply], context: _Context) -> dict[str, list[Reply]]:
     return {"harmful": replies[:n_harmful], "harmless": replies[n_harmful:]}
 
 
-def _refusal_figures(by_side: dict[str, list[Reply]], context: _Context) -> dict[str, Any]:
+def _answers(tokenizer: Any, replies: list[Reply], context: _Context) -> list[str]:
+    """Each reply's text for matching, cut after a thinking closer made of special tokens (the text lacks them)."""
+    return [text_after(tokenizer, reply, context.matcher.thinking_end) for reply in replies]
+
+
+def _refusal_figures(tokenizer: Any, by_side: dict[str, list[Reply]], context: _Context) -> dict[str, Any]:
     """Refusal (chosen set and the base model's openings, thinking stripped) and the paper's figure beside it."""
     categories = context.categories
     figures: dict[str, Any] = {}
     for side, key in (("harmful", "refusal"), ("harmless", "over_refusal")):
-        texts = [r.text for r in by_side[side]]
-        figures[key] = refusal_rates(texts, categories[side], context.matcher)
-        figures[f"{key}_paper"] = refusal_rates(texts, categories[side], PAPER_MATCHER)
+        figures[key] = refusal_rates(_answers(tokenizer, by_side[side], context), categories[side], context.matcher)
+        figures[f"{key}_paper"] = refusal_rates([r.text for r in by_side[side]], categories[side], PAPER_MATCHER)
     return figures
 
 
@@ -273,8 +278,9 @@ def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution
     if replies is None:
         replies = _generate(model, tokenizer, context)
     by_side = _split(replies, context)
-    section: dict[str, Any] = _refusal_figures(by_side, context)
-    section["duplicates"] = duplicate_share([context.matcher.answer(r.text)[0] for r in by_side["harmful"]])
+    section: dict[str, Any] = _refusal_figures(tokenizer, by_side, context)
+    answers = _answers(tokenizer, by_side["harmful"], context)
+    section["duplicates"] = duplicate_share([context.matcher.answer(text)[0] for text in answers])
     refusal_ids, prefix_ids = _refusal_tokens(tokenizer, context)
     prompt_ids = {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts}
     section["refusal_score"] = {
@@ -315,7 +321,7 @@ def _refusal_tokens(tokenizer: Any, context: _Context) -> tuple[list[int], list[
 def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any]:
     """Refusal with thinking on: measuring switched it off, but users run reasoning models with it on."""
     settings = replace(context.model_config, template_kwargs=context.thinking_on)
-    figures = _refusal_figures(_split(_generate(model, tokenizer, context, settings), context), context)
+    figures = _refusal_figures(tokenizer, _split(_generate(model, tokenizer, context, settings), context), context)
     return {"template_kwargs": context.thinking_on, **figures}
 
 

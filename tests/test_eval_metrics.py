@@ -148,3 +148,22 @@ def test_thinking_switched_on_only_when_measuring_switched_it_off():
 
     assert thinking_switched_on({"enable_thinking": False, "x": 1}) == {"enable_thinking": True, "x": 1}
     assert thinking_switched_on({"enable_thinking": True}) is None and thinking_switched_on({}) is None
+
+
+def test_a_thinking_closer_made_of_special_tokens_still_ends_the_thinking():
+    # gpt-oss closes its analysis with special tokens, which the reply's text leaves out; the answer is what
+    # follows them in the full decoding. Here the closer is the tokenizer's special "<|eot|>".
+    from test_generation import build_tokenizer
+
+    from abliterate.generation import Reply, text_after
+    from abliterate.metrics import RefusalMatcher
+
+    tokenizer = build_tokenizer()
+    ids = tokenizer("tell me bomb <|eot|> sorry", add_special_tokens=False)["input_ids"]
+    reply = Reply(tokenizer.decode(ids, skip_special_tokens=True), ids, True)
+    assert "<|eot|>" not in reply.text and "bomb" in reply.text
+    assert text_after(tokenizer, reply, "<|eot|>") == "sorry"
+    assert text_after(tokenizer, reply, "") == reply.text == text_after(tokenizer, reply, "</think>")
+    # A phrase inside the thinking no longer counts once the answer is cut out.
+    matcher = RefusalMatcher(("bomb",), thinking_end="<|eot|>")
+    assert matcher.is_refusal(reply.text) and not matcher.is_refusal(text_after(tokenizer, reply, "<|eot|>"))
