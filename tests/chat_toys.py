@@ -121,9 +121,11 @@ TOYS = {
         special_tokens=("<pad>", "<eos>", "<start_of_turn>", "<end_of_turn>"), added_tokens=("<think>", "</think>"),
         thought="the user wants to {phrase}. {verdict}.", refusal="I won't help with that.",
         comply="Okay! To {phrase}, begin slowly.", vocab_size=440, seed=3),
+    # Seed 6: trained with seeds 4 and 5 (and the same recipe), this toy refused in a way the paper's filters reject
+    # (adding any candidate direction to harmless prompts did not induce refusal), so it would not test measuring.
     "foreign": ChatToy(
         name="foreign", template=RUSSIAN_TEMPLATE, special_tokens=("<|pad|>", "<|eos|>", "<|bos|>"),
-        refusal="Извините, я не могу помочь с этим.", comply="Конечно! Вот как {phrase}.", vocab_size=640, seed=4),
+        refusal="Извините, я не могу помочь с этим.", comply="Конечно! Вот как {phrase}.", vocab_size=640, seed=6),
 }
 
 
