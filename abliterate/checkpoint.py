@@ -44,7 +44,8 @@ SINGLE_NAME = "model.safetensors"
 # (it describes the unedited model), and git plumbing.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 _SKIP_NAMES = ("README.md", ".gitattributes", "config.json", RECORD_NAME)
-# Largest slice edited at once: 4M elements keep the float64 temporaries near 100 MB.
+# Largest slice edited at once: 4M elements keep the edited copy of a slice at 8-16 MB (the float64 maths itself
+# runs in cache-sized blocks, see weights.BLOCK_ELEMENTS).
 EDIT_CHUNK_ELEMENTS = 2**22
 
 
@@ -231,8 +232,8 @@ def edit_in_chunks(edit: TensorEdit, tensor: Tensor, direction: Tensor, needed: 
     """`weights.edit_tensor` applied slice by slice, in place, so memory stays near one stored copy.
 
     The edit removes the direction along the tensor's d_model axis (`edit.axis`) independently for every index of
-    the other axes, so slicing along any other axis gives the same values while the float64 temporaries only
-    ever hold one slice. Without this a bf16 embedding would briefly need about 13 times its stored size.
+    the other axes, so slicing along any other axis gives the same values while the edited copy (what
+    `edit_tensor` returns) only ever holds one slice. Without this the largest tensor would briefly be held twice.
     """
     max_elements = max_elements or EDIT_CHUNK_ELEMENTS
     axis = edit.axis % tensor.dim()

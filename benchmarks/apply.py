@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -119,25 +120,17 @@ def build_checkpoint(path: Path, n_layers: int, max_shard_size: str) -> int:
                        prefix + "mlp.gate_proj.weight": (inter, d), prefix + "mlp.up_proj.weight": (inter, d),
                        prefix + "mlp.down_proj.weight": (d, inter), prefix + "input_layernorm.weight": (d,),
                        prefix + "post_attention_layernorm.weight": (d,)})
-    from abliterate.checkpoint import parse_size
+    from huggingface_hub import split_state_dict_into_shards_factory
 
-    limit, shards, current, size = parse_size(max_shard_size), [], {}, 0
-    for name, shape in shapes.items():
-        nbytes = 2 * int(torch.tensor(shape).prod())
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = shape, size + nbytes
-    shards.append(current)
+    split = split_state_dict_into_shards_factory(shapes, get_storage_size=lambda shape: 2 * math.prod(shape),
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_size)
     generator = torch.Generator().manual_seed(0)
-    weight_map = {}
-    for index, shard in enumerate(shards):
-        filename = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-                   for name, shape in shard.items()}
+    for filename, names in split.filename_to_tensors.items():
+        tensors = {name: (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16) for name in names}
         save_file(tensors, str(path / filename), metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
         del tensors
+    weight_map = split.tensor_to_filename
     total = sum(2 * int(torch.tensor(s).prod()) for s in shapes.values())
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
