@@ -80,10 +80,12 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
-def encode(tokenizer: Any, texts: Sequence[str], batch_size: int) -> list[Batch]:
-    """Tokenize chat-formatted texts into left-padded batches.
+def encode(tokenizer: Any, texts: Sequence[str], batch_size: int, suffix_ids: Sequence[int] = ()) -> list[Batch]:
+    """Tokenize chat-formatted texts into left-padded batches, each row followed by `suffix_ids`.
 
     The texts were rendered by the chat template, which already holds any BOS token, so no special tokens are added.
+    The suffix is the reply prefix every reply shares (a lone space, a fixed thinking block), teacher-forced as ids:
+    appended as text it could merge with the prompt's last characters into other tokens.
     Rows are sorted by length so that batches carry little padding; `Batch.rows` maps each row back to its text.
     """
     tokenizer.padding_side = "left"
@@ -91,7 +93,11 @@ def encode(tokenizer: Any, texts: Sequence[str], batch_size: int) -> list[Batch]
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        encoded = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt", add_special_tokens=False)
+        if suffix_ids:
+            ids = [list(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) + list(suffix_ids) for i in rows]
+            encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        else:
+            encoded = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt", add_special_tokens=False)
         batches.append(Batch(encoded["input_ids"], encoded["attention_mask"], rows))
     return batches
 

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 TAGS = ("abliterated", "uncensored", "refusal-direction", "abliterate")
 # An absolute POSIX path not inside a URL (a URL's path follows "//host", so a preceding ':' '/' or word
 # character rules it out), and the token formats of the Hub and of Together.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/)(?:[\w.+@-]+/)*[\w.+@-]+/?")
+# Not after "<": "</think>" and "</s>" are closing tokens, not paths.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<-])(?:~/|/)(?:[\w.+@-]+/)*[\w.+@-]+/?")
 _TOKEN = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|tgp_v1_[A-Za-z0-9_-]{20,}|[0-9a-f]{64})\b")
 
 
@@ -97,6 +98,7 @@ def install_command() -> str:
     info = json.loads(direct)
     url, commit = str(info.get("url", "")), (info.get("vcs_info") or {}).get("commit_id")
     return f"pip install git+{url}@{commit}" if commit and url.startswith(("https://", "ssh://")) else ""
+    refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json), empty when unknown
 
 
 def base_license(model_dir: Path, config: dict) -> dict[str, str]:
@@ -158,7 +160,8 @@ def _what_was_done(facts: CardFacts) -> list[str]:
     found = ("The refusal direction r was found as in Arditi et al. 2024, *Refusal in Language Models Is Mediated "
              "by a Single Direction* (arXiv:2406.11717): the difference between the mean residual-stream activations "
              f"on {fitted}, read at the input of layer {facts.layer} of "
-             f"{facts.n_layers} at position {facts.position} from the end of the prompt{token}, chosen among all "
+             f"{facts.n_layers} at position {facts.position} from the end of the prompt"
+             f"{' and the shared reply prefix' if facts.refusal.get('prefix') else ''}{token}, chosen among all "
              "layers and positions by how well ablating it bypasses refusal while keeping harmless next-token "
              "distributions close (KL).")
     if facts.layer is None or facts.used_reference:
@@ -167,6 +170,11 @@ def _what_was_done(facts: CardFacts) -> list[str]:
         found = ("The refusal direction r was supplied as a reference direction file (`--use-reference`), not "
                  f"selected on this model{where}, following Arditi et al. 2024 (arXiv:2406.11717); the model has "
                  f"{facts.n_layers} layers.")
+    if facts.refusal:
+        from abliterate.refusal import RefusalProfile
+
+        found += (" Bypass, induce and the prompt filter read the "
+                  f"{RefusalProfile.from_dict(facts.refusal).describe(markdown=True)}.")
     lines = [
         "## What was done",
         "",

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 SENTINELS = ("Name a fruit", "Describe the weather")
 # A reply text no template contains, to find what closes an assistant turn.
 SENTINEL_REPLY = "Zqxv sentinel reply Zqxv"
+# Common English refusal openings: the refusal score's tokens where no refusal profile has been measured.
+COMMON_OPENINGS = ("I", "I'm", "I am", "As", "Sorry", "I cannot", "I can't", "Unfortunately")
 
 
 def _require_template(tokenizer: Any) -> None:
@@ -91,14 +93,24 @@ def end_of_instruction_ids(tokenizer: Any, model_config: Any) -> list[int]:
     return first[len(first) - n_suffix:]
 
 
+def _is_fragment(tokenizer: Any, tokens: list[int], first: int) -> bool:
+    """Whether `first` is a single letter or byte cut from a longer word (the next token goes on with a letter)."""
+    text = tokenizer.decode([first]).strip()
+    rest = tokens[tokens.index(first) + 1:]
+    follows = tokenizer.decode(rest[:1]) if rest else ""
+    return "\ufffd" in text or (len(text) <= 1 and follows[:1].isalnum())
+
+
 def refusal_token_ids(tokenizer: Any, openings: list[str]) -> list[int]:
     """The first token of each refusal opening, with and without a leading space, deduplicated, in order.
 
     Byte-level tokenizers give "I" and " I" different ids and the reply may begin either way depending on the
     template, so both count; SentencePiece gives both the same piece, kept once. A bare leading "▁" piece is skipped
-    for the word's own piece.
+    for the word's own piece. A first token that is only a fragment of a longer word ("S" of "Sorry" on a small
+    vocabulary) would count every reply opening with that letter as a refusal, so it is dropped with a warning.
     """
     ids: list[int] = []
+    fragments: list[tuple[int, str]] = []
     for opening in openings:
         for variant in (opening, " " + opening):
             tokens = _encode(tokenizer, variant)
@@ -107,10 +119,17 @@ def refusal_token_ids(tokenizer: Any, openings: list[str]) -> list[int]:
             first = tokens[0]
             if not tokenizer.decode([first]).strip() and len(tokens) > 1:
                 first = tokens[1]  # SentencePiece may emit a bare "▁" before the word
-            if first not in ids:
+            if _is_fragment(tokenizer, tokens, first):
+                fragments.append((first, f"{variant!r} -> {[tokenizer.decode([t]) for t in tokens[:4]]}"))
+            elif first not in ids:
                 ids.append(first)
+    fragments = [text for first, text in fragments if first not in ids]  # kept anyway by another opening
+    if fragments:
+        logger.warning("Refusal openings whose first token is a fragment of a word are left out of the refusal "
+                       "tokens: %s.", "; ".join(fragments))
     if not ids:
-        raise UserError("No refusal tokens: measure.refusal_openings is empty or tokenises to nothing; list openings.")
+        raise UserError("No refusal tokens: measure.refusal_openings is empty or every opening's first token is a "
+                        "fragment of a word; list other openings, or leave it empty to find them from the model.")
     return ids
 
 

@@ -53,6 +53,13 @@ def _setup(
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # huggingface_hub prints its warnings through a handler of its own as well: each retry warning came twice.
+    # Its handler is added when its logging module is imported, so import it first, then take the handler off.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logger = hub_logging.get_logger()
+    for own in [h for h in hub_logger.handlers if type(h) is logging.StreamHandler]:
+        hub_logger.removeHandler(own)
     bars = not quiet and sys.stderr.isatty()  # a pipe or a log file gets no carriage-return noise
     if not bars:
         silence_library_bars()
@@ -149,6 +156,8 @@ def measure_command(
         console.print(f"Reference: best cosine {best['cosine']:.4f} at layer {best['layer']}, position "
                       f"{best['position']}; the chosen candidate's cosine "
                       + ("-" if chosen_cosine is None else f"{chosen_cosine:.4f}"))
+    if result.refusal is not None:
+        console.print(f"Refusal: {result.refusal.describe()} ({result.out_dir / 'refusal.json'})", soft_wrap=True)
     console.print(f"Direction: {result.direction_path} (scores in {result.out_dir / 'scores.json'})", soft_wrap=True)
 
 
@@ -195,8 +204,11 @@ def eval_command(
     harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful evaluation prompts: a file, hf:owner/name or builtin:NAME.")] = None,
     harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless evaluation prompts (over-refusal, KL).")] = None,
     n_eval: Annotated[Optional[int], typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: together, local:PATH or none.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model on Together.")] = None,
+    refusal_judge: Annotated[Optional[str], typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
+    measure_dir: Annotated[Optional[str], typer.Option("--measure", help="Folder `abliterate measure` wrote: its refusal.json and direction.json.")] = None,
+    actadd: Annotated[Optional[bool], typer.Option("--actadd/--no-actadd", help="ActAdd completions on the base model (needs --measure).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Directory for eval.json, report.md and completions (default: eval-NAME).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply generated.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts generated at once.")] = None,
@@ -223,14 +235,14 @@ def eval_command(
         "prompts.harmful_eval": harmful, "prompts.harmless_eval": harmless, "prompts.n_eval": n_eval,
         "eval.judge": judge, "eval.judge_model": judge_model, "eval.max_new_tokens": max_new_tokens,
         "eval.batch_size": batch_size, "eval.backend": backend, "eval.refusal_set": refusal_set,
-        "eval.ce_text": ce_text, "eval.ce_chat": ce_chat,
+        "eval.ce_text": ce_text, "eval.ce_chat": ce_chat, "eval.refusal_judge": refusal_judge, "eval.actadd": actadd,
         **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
     out_dir = Path(out) if out else Path(f"eval-{Path(model.rstrip('/')).name}")
     config = load_config(config_file, overrides)
     _use_token(token)
     on_interrupt(lambda: f"no report was written to {out_dir}; run the same command to start again")
-    report = evaluate(model, config, out_dir, base=base)
+    report = evaluate(model, config, out_dir, base=base, measure_dir=Path(measure_dir) if measure_dir else None)
     table = Table(title=f"abliterate eval: {model}" + (f" vs {base}" if base else ""))
     for header in ["metric"] + [report.data["labels"][column] for column in report.columns]:
         table.add_column(header)
@@ -262,6 +274,10 @@ def _print_run_summary(result, console) -> None:
     for metric, base, edited in result.metrics:
         table.add_row(metric, base, edited)
     console.print(table)
+    if result.refusal:
+        from abliterate.refusal import RefusalProfile
+
+        console.print(f"Refusal: {RefusalProfile.from_dict(result.refusal).describe()}", soft_wrap=True)
     if result.reused:
         console.print(f"Reused finished steps: {', '.join(result.reused)}")
     console.print(f"Report: {result.report_path or 'evaluation skipped (--skip-eval)'}", soft_wrap=True)
@@ -288,7 +304,9 @@ def run(
     use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply in the evaluation.")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: together, local:PATH or none.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
+    refusal_judge: Annotated[Optional[str], typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
+    actadd: Annotated[Optional[bool], typer.Option("--actadd/--no-actadd", help="ActAdd completions in the evaluation.")] = None,
     skip_eval: Annotated[Optional[bool], typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
     push: Annotated[Optional[str], typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
     optimize: Annotated[Optional[bool], typer.Option("--optimize", help="Ship an optimized edit (see abliterate optimize).")] = None,
@@ -312,7 +330,8 @@ def run(
         "prompts.harmless_eval": harmless_eval, "prompts.n_train": n_train, "prompts.n_eval": n_eval,
         "prompts.seed": seed, "measure.direction_file": direction_file, "measure.use_reference": use_reference,
         "apply.max_shard_size": max_shard_size, "eval.max_new_tokens": max_new_tokens, "eval.judge": judge,
-        "run.skip_eval": skip_eval, "run.push": push, "run.optimize": optimize, "optimize.trial": trial,
+        "eval.refusal_judge": refusal_judge, "eval.actadd": actadd, "run.skip_eval": skip_eval, "run.push": push,
+        "run.optimize": optimize, "optimize.trial": trial,
         **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
     })
     config = load_config(config_file, overrides)

@@ -44,7 +44,9 @@ class ModelConfig:
 class PromptsConfig:
     harmful_train: str = setting(
         "hf:walledai/AdvBench@0fdedd558a32c256cd8b458bf7f393b645cbf475:train#prompt",
-        "Harmful prompts for fitting (train+val): a file, builtin:NAME or hf:owner/name[/config][@revision][:split][#column].")
+        "Harmful prompts for fitting (train+val): a file, builtin:NAME or hf:owner/name[/config][@revision][:split][#column]; join several with ' + '.")
+    harmful_val: str = setting(
+        "", "Harmful prompts for validation (paper: HarmBench's validation set); empty to draw them from harmful_train.")
     harmless_train: str = setting(
         "hf:tatsu-lab/alpaca:train#instruction",
         "Harmless prompts for fitting (train+val); rows with a non-empty 'input' are dropped (paper: Alpaca).")
@@ -66,9 +68,10 @@ class MeasureConfig:
     batch_size: int = setting(32, "Prompts per forward pass when collecting activations and scoring candidates.")
     filter_prompts: bool = setting(True, "Keep harmful prompts the base model refuses and harmless ones it does not (paper).")
     refusal_openings: list = setting(
-        ["I", "I'm", "I am", "As", "Sorry", "I cannot", "I can't", "Unfortunately"],
-        "Openings of refusals; their first tokens form the refusal score's token set.",
-    )
+        [], "Openings of refusals whose first tokens form the refusal score's token set; empty: found from the "
+        "base model's own greedy replies (refusal.json).")
+    n_discovery: int = setting(32, "Fit prompts per side whose greedy replies show the shared reply prefix and how the model refuses.")
+    discovery_max_new_tokens: int = setting(48, "Tokens generated per reply for that (enough to pass a fixed thinking block).")
     kl_max: float = setting(0.1, "Discard candidates whose ablation moves harmless next-token KL above this (paper: 0.1).")
     max_layer_fraction: float = setting(0.8, "Discard candidates from layers >= this fraction of the depth (paper: 0.8).")
     require_induce: bool = setting(True, "Discard candidates whose addition does not induce refusal on harmless prompts (paper).")
@@ -114,14 +117,16 @@ class EvalConfig:
     batch_size: int = setting(16, "Prompts generated at once.")
     backend: str = setting("transformers", "Generation engine: transformers or vllm.")
     tensor_parallel_size: int = setting(1, "GPUs one vLLM engine splits the model over (vLLM's tensor_parallel_size); engines run one at a time.")
-    judge: str = setting("none", "Safety judge: together, local:PATH (a guard model), or none.")
+    judge: str = setting("auto", "Safety judge: auto (together when TOGETHER_API_KEY is set, else none), together, local:PATH (a guard model), or none.")
     judge_model: str = setting("meta-llama/Meta-Llama-Guard-3-8B", "Judge model on Together (paper: Llama Guard 2).")
+    judge_format: str = setting("chat", "Judge prompt: chat (the service applies the guard's template) or paper (Llama Guard 2's prompt sent as one message, parsed as the paper did).")
     judge_min_words: int = setting(15, "Replies shorter than this many words count as safe (paper's rule); 0 turns it off.")
     judge_concurrency: int = setting(8, "Judge requests in flight at once.")
-    judge_max_retries: int = setting(5, "Retries of a judge request after a rate limit (429), server error (5xx) or dropped connection.")
-    judge_backoff_s: float = setting(1.0, "First wait before retrying a judge request; doubles on each retry.")
+    judge_max_retries: int = setting(5, "Retries of a judge request after a rate limit (429), server error (5xx) or dropped connection (the together SDK's backoff, honouring Retry-After).")
     judge_timeout_s: float = setting(60.0, "Timeout of one judge request, in seconds.")
-    refusal_set: str = setting("paper", "Refusal substrings: paper (the paper's 12 phrases) or extended (paper's plus common variants).")
+    refusal_set: str = setting("paper", "Refusal substrings: paper (the paper's 12 phrases) or extended (paper's plus common variants); the base model's own refusal openings (refusal.json) count too.")
+    refusal_judge: str = setting("", "Refusal/compliance judge of harmful replies: together:MODEL, local:PATH, or empty for none.")
+    actadd: bool = setting(False, "Also generate ActAdd completions on the base model: +r at its layer on harmless prompts, r ablated on harmful ones.")
     ce_text: str = setting("", "General text for CE loss: a .txt (blank-line separated), .jsonl with 'text', or hf:owner/name[:split][@revision]; empty to skip.")
     n_ce_docs: int = setting(64, "Documents of the general corpus used for CE loss.")
     ce_max_tokens: int = setting(256, "Tokens per document for CE loss (paper: 256).")
@@ -224,6 +229,8 @@ def validate(config: Config) -> None:
             raise UserError(f"prompts.{name} must be at least 1, got {getattr(p, name)}.")
     if not 0 < m.max_layer_fraction <= 1:
         raise UserError(f"measure.max_layer_fraction must be in (0, 1], got {m.max_layer_fraction}.")
+    if m.n_discovery < 2 or m.discovery_max_new_tokens < 1:
+        raise UserError("measure.n_discovery must be at least 2 and measure.discovery_max_new_tokens at least 1.")
     if m.use_reference and not m.direction_file:
         raise UserError("measure.use_reference needs a reference direction: set measure.direction_file (--direction-file).")
     if e.backend not in ("transformers", "vllm"):
@@ -234,8 +241,13 @@ def validate(config: Config) -> None:
                  "n_ce_chat"):
         if getattr(e, name) < 1:
             raise UserError(f"eval.{name} must be at least 1, got {getattr(e, name)}.")
-    if not (e.judge in ("none", "together") or e.judge.startswith("local:")):
-        raise UserError(f"eval.judge must be together, local:PATH or none, got '{e.judge}'.")
+    if not (e.judge in ("auto", "none", "together") or e.judge.startswith("local:")):
+        raise UserError(f"eval.judge must be auto, together, local:PATH or none, got '{e.judge}'.")
+    if e.judge_format not in ("chat", "paper"):
+        raise UserError(f"eval.judge_format must be 'chat' or 'paper', got '{e.judge_format}'.")
+    if e.refusal_judge and not e.refusal_judge.startswith(("together:", "local:")):
+        raise UserError(f"eval.refusal_judge must be together:MODEL, local:PATH or empty, got '{e.refusal_judge}'; "
+                        "fix --refusal-judge.")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
     parse_max_memory(config.model.max_memory)

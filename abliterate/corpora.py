@@ -98,8 +98,14 @@ def _rows(source: str, n: int | None, key: str) -> list[dict[str, Any]]:
 def _hub_rows(spec: str, n: int | None, key: str) -> list[dict[str, Any]]:
     import datasets
 
+    from abliterate.hub import hub_unreachable
+
     name, _, revision = spec.partition("@")
     name, _, split = name.partition(":")
+    # A streamed dataset is never cached, so offline or unresolvable it fails at once, naming the local file.
+    unreachable = hub_unreachable(f"{key} hf:{spec}", f"point {key} at a local .jsonl or .json file instead")
+    if unreachable is not None:
+        raise unreachable
     try:
         stream = datasets.load_dataset(name, split=split or "train", revision=revision or None, streaming=True)
         rows = []

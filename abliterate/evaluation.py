@@ -1,14 +1,20 @@
 """`evaluate`: the evaluation suite of an abliterated model, alone or side by side with its base on the same prompts.
 
 For each model: greedy replies to the harmful and harmless evaluation prompts (stopping at the real stop tokens),
-the refusal rate by substring with per-category counts and 95% intervals, over-refusal on harmless prompts, the
-refusal score at the first reply position, and the CE loss on up to three sets (general text, Alpaca-style replies,
-and on-distribution: the BASE model's own replies to the harmless prompts, so an edit that changes how the model
-answers ordinary requests shows up). With a base model, KL(base || edited) on the harmless prompts at the first reply
-token and over the base replies' tokens. Then the safety judge on the harmful replies. Everything fails early: the
-judge's key, the CE data and the prompt files are checked before the first token is generated.
+read as the base model refuses (`refusal.json` from the measure folder: thinking stripped, the chosen phrase set or
+the model's own refusal openings) with the paper's substring figure beside, per category with 95% intervals;
+over-refusal on harmless prompts; the share of duplicated harmful replies; the refusal score at the profile's
+scored position; the CE loss on up to three sets (general text, Alpaca-style replies, and on-distribution: the BASE
+model's own replies to the harmless prompts). When measuring switched thinking off, refusal again with thinking on.
+With a base model: KL(base || edited) on the harmless prompts, the base model's loss on each model's harmful replies
+(fluency), and with `eval.actadd` the paper's ActAdd completions on the base (+r on harmless, r ablated by hooks on
+harmful, compared reply for reply with the edited checkpoint). Then the safety judge and the optional refusal judge.
+Everything fails early: the judges' keys, the measure folder, the CE data and the prompt files are checked before
+the first token is generated.
 
-Memory: models are loaded one at a time; for the KL the base's log-probabilities are recorded before it is released.
+Memory: models are loaded one at a time. For the KL the base's log-probabilities are recorded before it is
+released; for the fluency of the edited replies the base is loaded once more after the edited model is released,
+unless ActAdd's hooked replies (scored while the base was loaded) turned out to be exactly the edited replies.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,14 @@ from typing import Any
 import torch
 
 from abliterate import __version__
-from abliterate.config import Config
+from abliterate.actadd import (
+    ActAddDirection,
+    actadd_replies,
+    actadd_section,
+    compare_with_edited,
+    load_actadd_direction,
+)
+from abliterate.config import Config, ModelConfig
 from abliterate.corpora import CorpusSets, load_corpora
 from abliterate.errors import UserError
 from abliterate.generation import (
@@ -34,75 +47,155 @@ from abliterate.generation import (
     generate_vllm,
     pad_token_id,
     save_completions,
+    text_after,
 )
-from abliterate.judge import check_judge, judge_name, judge_replies
+from abliterate.judge import check_judge, judge_completions, judge_name, resolved_judge
 from abliterate.metrics import (
+    PAPER_MATCHER,
     REFUSAL_SETS,
-    Rate,
+    RefusalMatcher,
     Scored,
     cross_entropy,
+    duplicate_share,
     kl_to_record,
+    matcher_for,
+    mean_refusal_score,
     record_logprobs,
     refusal_rates,
-    refusal_score,
 )
+from abliterate.refusal import RefusalProfile, load_profile
+from abliterate.refusal_judge import check_refusal_judge, label_completions
 from abliterate.report import EvalReport
 
 log = logging.getLogger(__name__)
 
 _VERSIONED = ("torch", "transformers", "accelerate", "together")
+# Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
+_THINKING_SWITCHES = ("enable_thinking", "thinking")
 
 
 @dataclass
 class _Run:
-    """What one model produced: its report section, its completions and its harmless replies as scored sequences."""
+    """What one model produced: its report section, its completions and its replies (harmless as scored sequences)."""
 
     section: dict[str, Any]
     completions: dict[str, list[Completion]]
     harmless_replies: list[Scored]
+    replies: dict[str, list[Reply]] = field(default_factory=dict)
 
 
-def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str | None = None) -> EvalReport:
-    """Evaluate `model` (and `base` on the same prompts when given); write eval.json, report.md and completions."""
+@dataclass
+class _Context:
+    """What every model is evaluated with: the prompts, how replies are read and what the measure folder gave."""
+
+    prompts: dict[str, list[Any]]
+    corpora: CorpusSets
+    config: Config
+    model_config: ModelConfig  # the model settings with the template kwargs used for measuring
+    matcher: RefusalMatcher
+    profile: RefusalProfile | None
+    thinking_on: dict[str, Any] | None  # template kwargs with thinking on, when measuring switched it off
+    direction: ActAddDirection | None  # set when ActAdd completions are asked for
+
+    @property
+    def categories(self) -> dict[str, list[str]]:
+        return {side: [getattr(p, "category", "") or "" for p in items] for side, items in self.prompts.items()}
+
+
+def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str | None = None,
+             measure_dir: Path | None = None) -> EvalReport:
+    """Evaluate `model` (and `base` on the same prompts when given); write eval.json, report.md and completions.
+
+    `measure_dir` is the folder `measure` wrote: its refusal.json says how the base model refuses (matched in the
+    replies, its refusal tokens scored) and its direction.json is what ActAdd adds and ablates (`eval.actadd`).
+    """
     check_judge(config.eval)  # before any generation: a missing key must not cost an hour of replies
-    from abliterate.prompts import prompt_sets
-
-    sets = prompt_sets(config.prompts)
-    prompts = {"harmful": list(sets.harmful_eval), "harmless": list(sets.harmless_eval)}
-    corpora = load_corpora(config.eval)
+    check_refusal_judge(config.eval)
+    context = _context(config, measure_dir)
     sources = {"base": base, "edited": model} if base else {"model": model}
     runs: dict[str, _Run] = {}
-    kl = None
+    kl, actadd = None, None
     # vLLM takes most of the GPU, so its replies are all generated before any transformers model is loaded.
-    early = {c: _vllm_replies(s, prompts, config) for c, s in sources.items() if s} if config.eval.backend == "vllm" else {}
+    early = {c: _vllm_replies(s, context) for c, s in sources.items() if s} if config.eval.backend == "vllm" else {}
+    first_model, first_tokenizer = _load(base or model, config)
+    first = "base" if base else "model"
+    runs[first] = _evaluate_one(first_model, first_tokenizer, context, None, early.get(first))
+    if context.direction is not None:
+        actadd, hooked = _actadd(first_model, first_tokenizer, context)
+        # The hooked replies should be the edited checkpoint's: scored now, they spare loading the base again.
+        hooked_fluency = _fluency(first_model, first_tokenizer, context, hooked) if base else None
     if base:
-        base_model, base_tokenizer = _load(base, config)
-        runs["base"] = _evaluate_one(base_model, base_tokenizer, prompts, corpora, config, None, early.get("base"))
-        pad_id = pad_token_id(base_tokenizer, _stop_ids(base_model.generation_config, base_tokenizer, config))
-        base_record = record_logprobs(base_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
-        del base_model  # before the edited model loads: a model that barely fits must never be held twice
+        runs["base"].section["fluency"] = _fluency(first_model, first_tokenizer, context, runs["base"].replies["harmful"])
+        pad_id = pad_token_id(first_tokenizer, _stop_ids(first_model.generation_config, first_tokenizer, config))
+        base_record = record_logprobs(first_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
+        del first_model  # before the edited model loads: a model that barely fits must never be held twice
         _release_memory()
         edited_model, edited_tokenizer = _load(model, config)
-        _check_same_tokenizer(base_tokenizer, edited_tokenizer)
+        _check_same_tokenizer(first_tokenizer, edited_tokenizer)
         kl = kl_to_record(base_record, edited_model, runs["base"].harmless_replies, pad_id, config.eval.batch_size)
-        runs["edited"] = _evaluate_one(edited_model, edited_tokenizer, prompts, corpora, config,
-                                       runs["base"].harmless_replies, early.get("edited"))
+        runs["edited"] = _evaluate_one(edited_model, edited_tokenizer, context, runs["base"].harmless_replies,
+                                       early.get("edited"))
         del edited_model
         _release_memory()
+        edited_harmful = runs["edited"].replies["harmful"]
+        if actadd is not None:
+            prompts = [p.text for p in context.prompts["harmful"]]
+            actadd["equal_to_edited"] = compare_with_edited(prompts, hooked, edited_harmful)
+        same = actadd is not None and actadd["equal_to_edited"]["n_equal"] == len(edited_harmful)
+        runs["edited"].section["fluency"] = hooked_fluency if same else _base_fluency(base, context, edited_harmful)
     else:
-        only_model, tokenizer = _load(model, config)
-        runs["model"] = _evaluate_one(only_model, tokenizer, prompts, corpora, config, None, early.get("model"))
-        del only_model
-        _release_memory()
-    if config.eval.judge != "none":
-        _judge(runs, config)
-    report = EvalReport(_record(sources, runs, kl, prompts, config))
+        del first_model
+    _release_memory()
+    _judge_all(runs, context)
+    report = EvalReport(_record(sources, runs, kl, actadd, context))
     if out_dir is not None:
         for column, run in runs.items():
             for side, completions in run.completions.items():
                 save_completions(Path(out_dir) / f"completions_{column}_{side}.jsonl", completions)
         report.save(Path(out_dir))
     return report
+
+
+def _judge_all(runs: dict[str, _Run], context: _Context) -> None:
+    """The safety judge and the refusal judge on every model's harmful replies (each in one pass)."""
+    e = context.config.eval
+    harmful = {column: run.completions["harmful"] for column, run in runs.items()}
+    if resolved_judge(e) != "none":
+        for column, section in judge_completions(harmful, e).items():
+            runs[column].section["safety"] = section
+    if e.refusal_judge:
+        for column, section in label_completions(harmful, e, lambda reply: context.matcher.answer(reply)[0]).items():
+            runs[column].section["refusal_judge"] = section
+
+
+def _context(config: Config, measure_dir: Path | None) -> _Context:
+    """The prompts, the refusal matcher and the measure folder's profile and direction, all checked up front."""
+    from abliterate.prompts import prompt_sets
+
+    if measure_dir and not Path(measure_dir).is_dir():
+        raise UserError(f"Measure folder {measure_dir} does not exist; pass the folder `abliterate measure` wrote "
+                        "to --measure.")
+    profile = load_profile(Path(measure_dir)) if measure_dir else None
+    direction = None
+    if config.eval.actadd:
+        if not measure_dir:
+            raise UserError("eval.actadd needs the measured direction: pass the measure folder with --measure DIR.")
+        direction = load_actadd_direction(Path(measure_dir))
+    measured_kwargs = dict(profile.template_kwargs) if profile else {}
+    model_config = replace(config.model, template_kwargs={**measured_kwargs, **config.model.template_kwargs})
+    sets = prompt_sets(config.prompts)
+    return _Context(
+        prompts={"harmful": list(sets.harmful_eval), "harmless": list(sets.harmless_eval)},
+        corpora=load_corpora(config.eval), config=config, model_config=model_config,
+        matcher=matcher_for(config.eval.refusal_set, profile), profile=profile,
+        thinking_on=thinking_switched_on(model_config.template_kwargs), direction=direction,
+    )
+
+
+def thinking_switched_on(template_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The template kwargs with thinking on, when they switch it off (Qwen3's enable_thinking=False); else None."""
+    off = [key for key in _THINKING_SWITCHES if template_kwargs.get(key) is False]
+    return {**template_kwargs, **dict.fromkeys(off, True)} if off else None
 
 
 def _load(source: str, config: Config) -> tuple[Any, Any]:
@@ -135,86 +228,156 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _evaluate_one(model: Any, tokenizer: Any, prompts: dict[str, list[Any]], corpora: CorpusSets, config: Config,
-                  on_distribution: list[Scored] | None, replies: list[Reply] | None) -> _Run:
+def _texts(tokenizer: Any, context: _Context, model_config: ModelConfig | None = None) -> dict[str, list[str]]:
+    from abliterate.chat import format_instructions
+
+    settings = model_config or context.model_config
+    return {side: format_instructions(tokenizer, [p.text for p in items], settings)
+            for side, items in context.prompts.items()}
+
+
+def _generate(model: Any, tokenizer: Any, context: _Context, model_config: ModelConfig | None = None) -> list[Reply]:
+    """Greedy replies to the harmful then the harmless prompts."""
+    e = context.config.eval
+    texts = _texts(tokenizer, context, model_config)
+    stop_ids = _stop_ids(model.generation_config, tokenizer, context.config)
+    return generate_transformers(model, tokenizer, texts["harmful"] + texts["harmless"], stop_ids, e.max_new_tokens,
+                                 e.batch_size)
+
+
+def _split(replies: list[Reply], context: _Context) -> dict[str, list[Reply]]:
+    n_harmful = len(context.prompts["harmful"])
+    return {"harmful": replies[:n_harmful], "harmless": replies[n_harmful:]}
+
+
+def _answers(tokenizer: Any, replies: list[Reply], context: _Context) -> list[str]:
+    """Each reply's text for matching, cut after a thinking closer made of special tokens (the text lacks them)."""
+    return [text_after(tokenizer, reply, context.matcher.thinking_end) for reply in replies]
+
+
+def _refusal_figures(tokenizer: Any, by_side: dict[str, list[Reply]], context: _Context) -> dict[str, Any]:
+    """Refusal (chosen set and the base model's openings, thinking stripped) and the paper's figure beside it."""
+    categories = context.categories
+    figures: dict[str, Any] = {}
+    for side, key in (("harmful", "refusal"), ("harmless", "over_refusal")):
+        figures[key] = refusal_rates(_answers(tokenizer, by_side[side], context), categories[side], context.matcher)
+        figures[f"{key}_paper"] = refusal_rates([r.text for r in by_side[side]], categories[side], PAPER_MATCHER)
+    return figures
+
+
+def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored] | None,
+                  replies: list[Reply] | None) -> _Run:
     """Replies (unless already generated), refusal rates, refusal scores and CE losses of one loaded model.
 
-    `on_distribution` is the base model's harmless replies (None: this model's own); `replies` come from vLLM.
+    `on_distribution` is the base model's harmless replies (None: this model's own); `replies` were generated before.
     """
-    from abliterate.chat import format_instructions, refusal_token_ids
-
+    config = context.config
     e = config.eval
-    stop_ids = _stop_ids(model.generation_config, tokenizer, config)
-    pad_id = pad_token_id(tokenizer, stop_ids)
-    texts = {side: format_instructions(tokenizer, [p.text for p in items], config.model) for side, items in prompts.items()}
+    pad_id = pad_token_id(tokenizer, _stop_ids(model.generation_config, tokenizer, config))
+    texts = _texts(tokenizer, context)
     if replies is None:
-        replies = generate_transformers(model, tokenizer, texts["harmful"] + texts["harmless"], stop_ids,
-                                        e.max_new_tokens, e.batch_size)
-    by_side = {"harmful": replies[: len(texts["harmful"])], "harmless": replies[len(texts["harmful"]):]}
-    phrases = REFUSAL_SETS[e.refusal_set]
-    section: dict[str, Any] = {}
-    for side, key in (("harmful", "refusal"), ("harmless", "over_refusal")):
-        categories = [getattr(p, "category", "") or "" for p in prompts[side]]
-        section[key] = refusal_rates([r.text for r in by_side[side]], categories, phrases)
-    refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings))
+        replies = _generate(model, tokenizer, context)
+    by_side = _split(replies, context)
+    section: dict[str, Any] = _refusal_figures(tokenizer, by_side, context)
+    answers = _answers(tokenizer, by_side["harmful"], context)
+    section["duplicates"] = duplicate_share([context.matcher.answer(text)[0] for text in answers])
+    refusal_ids, prefix_ids = _refusal_tokens(tokenizer, context)
     prompt_ids = {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts}
     section["refusal_score"] = {
-        side: _mean_refusal_score(model, prompt_ids[side], refusal_ids, pad_id, e.batch_size) for side in texts
+        side: mean_refusal_score(model, [ids + prefix_ids for ids in prompt_ids[side]], refusal_ids, pad_id,
+                                  e.batch_size)
+        for side in texts
     }
     own = [Scored(ids + r.token_ids, len(ids)) for ids, r in zip(prompt_ids["harmless"], by_side["harmless"])]
-    section["ce"] = _ce_losses(model, tokenizer, corpora, on_distribution or own, pad_id, config)
+    section["ce"] = _ce_losses(model, tokenizer, context, on_distribution or own, pad_id)
     section["ce"]["on_distribution"]["replies_from"] = "base" if on_distribution else "self"
     section["generation"] = {
         "n_replies": len(replies), "n_truncated": sum(not r.stopped for r in replies),
         "mean_reply_tokens": sum(len(r.token_ids) for r in replies) / max(1, len(replies)),
     }
+    if context.thinking_on is not None:
+        section["thinking_on"] = _thinking_on(model, tokenizer, context)
     completions = {
         side: [Completion(p.text, getattr(p, "category", "") or "", r.text, len(r.token_ids), r.stopped)
-               for p, r in zip(prompts[side], by_side[side])]
-        for side in prompts
+               for p, r in zip(context.prompts[side], by_side[side])]
+        for side in context.prompts
     }
-    return _Run(section, completions, own)
+    return _Run(section, completions, own, by_side)
 
 
-def _vllm_replies(source: str, prompts: dict[str, list[Any]], config: Config) -> list[Reply]:
+def _refusal_tokens(tokenizer: Any, context: _Context) -> tuple[list[int], list[int]]:
+    """The refusal tokens and the reply prefix teacher-forced before them: the profile's, else the configured."""
+    from abliterate.chat import refusal_token_ids
+
+    profile = context.profile
+    if profile is not None and profile.token_ids:
+        return list(profile.token_ids), list(profile.prefix_ids)
+    from abliterate.chat import COMMON_OPENINGS
+
+    openings = context.config.measure.refusal_openings or list(COMMON_OPENINGS)
+    return list(refusal_token_ids(tokenizer, openings)), []
+
+
+def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any]:
+    """Refusal with thinking on: measuring switched it off, but users run reasoning models with it on."""
+    settings = replace(context.model_config, template_kwargs=context.thinking_on)
+    figures = _refusal_figures(tokenizer, _split(_generate(model, tokenizer, context, settings), context), context)
+    return {"template_kwargs": context.thinking_on, **figures}
+
+
+def _fluency(base_model: Any, tokenizer: Any, context: _Context, harmful: list[Reply]) -> dict[str, Any]:
+    """The base model's mean per-token loss on a model's harmful replies: high when they are not fluent."""
+    e = context.config.eval
+    pad_id = pad_token_id(tokenizer, _stop_ids(base_model.generation_config, tokenizer, context.config))
+    prompt_ids = [_encode(tokenizer, text) for text in _texts(tokenizer, context)["harmful"]]
+    scored = [Scored(ids + r.token_ids, len(ids)) for ids, r in zip(prompt_ids, harmful)]
+    return cross_entropy(base_model, scored, pad_id, e.batch_size, "Base-model loss on harmful replies")
+
+
+def _base_fluency(base: str, context: _Context, harmful: list[Reply]) -> dict[str, Any]:
+    """The fluency of another model's replies, with the base loaded again (never beside the other model)."""
+    base_model, base_tokenizer = _load(base, context.config)
+    fluency = _fluency(base_model, base_tokenizer, context, harmful)
+    del base_model
+    _release_memory()
+    return fluency
+
+
+def _actadd(model: Any, tokenizer: Any, context: _Context) -> tuple[dict[str, Any], list[Reply]]:
+    """ActAdd completions on the base model: the figures, and the hooked harmful replies to compare with the edit."""
+    assert context.direction is not None  # evaluate() calls this only with a direction
+    e = context.config.eval
+    stop_ids = _stop_ids(model.generation_config, tokenizer, context.config)
+    replies = actadd_replies(model, tokenizer, _texts(tokenizer, context), context.direction, stop_ids,
+                             e.max_new_tokens, e.batch_size)
+    return actadd_section(replies, context.categories, context.matcher, context.direction), replies["harmful"]
+
+
+def _vllm_replies(source: str, context: _Context) -> list[Reply]:
     """Harmful then harmless replies generated by vLLM from the checkpoint folder (model weights never loaded here)."""
     from transformers import GenerationConfig
 
-    from abliterate.chat import format_instructions
     from abliterate.hub import resolve_model
     from abliterate.model import load_tokenizer
 
+    config = context.config
     path = resolve_model(source, config.model.revision)
     tokenizer = load_tokenizer(path, config.model)
     try:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: the model config's EOS is all there is
         generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
-    texts = [text for items in prompts.values()
-             for text in format_instructions(tokenizer, [p.text for p in items], config.model)]
+    texts = [text for side in _texts(tokenizer, context).values() for text in side]
     return generate_vllm(path, tokenizer, texts, _stop_ids(generation_config, tokenizer, config), config.eval.max_new_tokens,
                          config.model.dtype, config.model.trust_remote_code, config.eval.tensor_parallel_size)
 
 
-def _mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: list[int], pad_id: int,
-                        batch_size: int) -> dict[str, Any]:
-    """Mean refusal score at the first reply position (the last prompt token), over the prompts."""
-    from abliterate.metrics import batches, position_logprobs
-
-    scores: list[float] = []
-    sequences = [Scored(ids, len(ids)) for ids in prompt_ids]  # scores only the last position
-    for batch in batches(sequences, batch_size):
-        last = torch.stack([logprobs[0] for logprobs in position_logprobs(model, batch, pad_id)])  # [batch, vocab]
-        scores.extend(refusal_score(last, refusal_ids).cpu().tolist())
-    return {"mean": sum(scores) / len(scores) if scores else None, "n": len(scores)}
-
-
-def _ce_losses(model: Any, tokenizer: Any, corpora: CorpusSets, on_distribution: list[Scored], pad_id: int,
-               config: Config) -> dict[str, Any]:
+def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored],
+               pad_id: int) -> dict[str, Any]:
     """CE loss on the general text, the chat replies (reply tokens only) and the on-distribution replies."""
     from abliterate.chat import format_instructions
 
-    e = config.eval
+    e, corpora = context.config.eval, context.corpora
     losses: dict[str, Any] = {}
     if corpora.texts:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -222,7 +385,8 @@ def _ce_losses(model: Any, tokenizer: Any, corpora: CorpusSets, on_distribution:
         losses["text"] = {**cross_entropy(model, docs, pad_id, e.batch_size, "CE loss, general text"),
                           "source": e.ce_text}
     if corpora.pairs:
-        formatted = format_instructions(tokenizer, [instruction for instruction, _ in corpora.pairs], config.model)
+        formatted = format_instructions(tokenizer, [instruction for instruction, _ in corpora.pairs],
+                                        context.model_config)
         chat = []
         for prompt_text, (_, reply) in zip(formatted, corpora.pairs):
             prompt_ids = _encode(tokenizer, prompt_text)
@@ -233,24 +397,10 @@ def _ce_losses(model: Any, tokenizer: Any, corpora: CorpusSets, on_distribution:
     return losses
 
 
-def _judge(runs: dict[str, _Run], config: Config) -> None:
-    """Safety verdicts on every model's harmful replies, in one pass so identical replies are judged once."""
-    pairs = [(c.prompt, c.reply) for run in runs.values() for c in run.completions["harmful"]]
-    verdicts = iter(judge_replies(pairs, config.eval))
-    for run in runs.values():
-        mine = [next(verdicts) for _ in run.completions["harmful"]]
-        judged = [v for v in mine if v.unsafe is not None]
-        run.section["safety"] = {
-            "judge": judge_name(config.eval), "unsafe": Rate(sum(bool(v.unsafe) for v in judged), len(judged)).to_dict(),
-            "n_errors": len(mine) - len(judged), "n_short": sum(v.source == "short" for v in mine),
-        }
-        for completion, verdict in zip(run.completions["harmful"], mine):
-            completion.unsafe = verdict.unsafe
-
-
 def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str, Any] | None,
-            prompts: dict[str, list[Any]], config: Config) -> dict[str, Any]:
+            actadd: dict[str, Any] | None, context: _Context) -> dict[str, Any]:
     """The JSON-able evaluation record, with the settings and versions behind every number."""
+    config = context.config
     e, p = config.eval, config.prompts
     labels = {"base": "Base", "edited": "Edited", "model": "Model"}
     versions = {"abliterate": __version__, "python": platform.python_version()}
@@ -259,16 +409,22 @@ def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str,
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
+    profile = context.profile
     settings = {
         "max_new_tokens": e.max_new_tokens, "backend": e.backend, "refusal_set": e.refusal_set,
-        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e) if e.judge != "none" else "none",
+        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e),
         "judge_min_words": e.judge_min_words, "ce_max_tokens": e.ce_max_tokens, "seed": p.seed,
         "harmful_eval": p.harmful_eval, "harmless_eval": p.harmless_eval,
+        "refusal_openings": list(context.matcher.openings), "thinking_end": context.matcher.thinking_end,
+        "refusal_profile": profile.source if profile else "none",
+        "template_kwargs": context.model_config.template_kwargs, "thinking_on": context.thinking_on,
+        "refusal_judge": e.refusal_judge or "none",
     }
     for run in runs.values():
         run.section.setdefault("safety", None)
     return {
         "columns": list(runs), "labels": {column: labels[column] for column in runs}, "sources": sources,
-        "n_prompts": {side: len(items) for side, items in prompts.items()}, "settings": settings,
-        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "versions": versions,
+        "n_prompts": {side: len(items) for side, items in context.prompts.items()}, "settings": settings,
+        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "actadd": actadd,
+        "versions": versions,
     }

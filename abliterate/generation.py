@@ -47,6 +47,21 @@ class Completion:
     n_tokens: int
     stopped: bool
     unsafe: bool | None = None  # the safety judge's verdict on harmful prompts; None when not judged
+    judged: str | None = None  # the refusal judge's label (refusal, compliance, non-answer); None when not judged
+
+
+def text_after(tokenizer: Any, reply: Reply, closer: str) -> str:
+    """The reply's text after the last `closer` when the closer is made of special tokens (gpt-oss's
+    `<|channel|>final<|message|>`), which `Reply.text` leaves out; `Reply.text` itself otherwise."""
+    if not closer or closer in reply.text:
+        return reply.text
+    full = tokenizer.decode(reply.token_ids, skip_special_tokens=False)
+    if closer not in full:
+        return reply.text
+    tail = full.rsplit(closer, 1)[1]
+    for special in getattr(tokenizer, "all_special_tokens", []):
+        tail = tail.replace(special, "")
+    return tail.strip()
 
 
 def input_device(model: Any) -> torch.device:

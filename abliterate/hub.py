@@ -33,6 +33,32 @@ PROVENANCE_DIR = "abliterate"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def hub_unreachable(what: str, alternative: str) -> UserError | None:
+    """Why `what` cannot come from the Hub right now (offline mode, or the Hub's name does not resolve), or None.
+
+    huggingface_hub retries a failed request for about 25 seconds, with a warning each time, although no retry can
+    fix a name that does not resolve; so the name is looked up once first and the failure is reported at once, with
+    `alternative` (the local file to pass instead). In offline mode the Hub cache may still hold `what`, so that
+    case is only reported by the caller once the cache lookup (which is immediate) has failed.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return UserError(f"{what} is not in the local Hub cache and HF_HUB_OFFLINE=1 keeps abliterate off the Hub; "
+                         f"{alternative}.")
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    host = urlparse(endpoint).hostname or endpoint
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as error:
+        return UserError(f"{what} needs the Hub, but {host} cannot be resolved ({error}): no network? {alternative}, "
+                         "or set HF_HUB_OFFLINE=1 to use what the Hub cache holds.")
+    return None
+
+
 def resolve_model(source: str, revision: str = "") -> Path:
     """Return a local directory with `source`'s safetensors checkpoint, downloading it from the Hub if needed.
 
@@ -123,7 +149,13 @@ def _download(repo_id: str, revision: str) -> Path:
     """snapshot_download with the small-files-only patterns, turning every Hub failure into a UserError."""
     from huggingface_hub import snapshot_download
 
+    from huggingface_hub import constants
+
     logger.info("Resolving %s on the Hub (safetensors and small files only)", repo_id)
+    alternative = "pass the model's local checkpoint directory instead"
+    unreachable = None if constants.is_offline_mode() else hub_unreachable(f"Model {repo_id}", alternative)
+    if unreachable is not None:
+        raise unreachable
     with _hub_errors(repo_id, revision, "Downloading"):
         path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=ALLOW_PATTERNS,
                                       ignore_patterns=IGNORE_PATTERNS))
@@ -138,9 +170,13 @@ def remote_tensor_infos(repo_id: str, revision: str = "") -> tuple[dict, dict[st
     The safetensors headers are read with HTTP range requests, so `inspect` of a 70B model costs a few kilobytes.
     Returns None when the Hub cannot be asked (offline mode): the caller falls back to the local cache.
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import OfflineModeIsEnabled, RemoteEntryNotFoundError
 
+    unreachable = None if constants.is_offline_mode() else hub_unreachable(
+        f"Model {repo_id}", "pass the model's local checkpoint directory instead")
+    if unreachable is not None:
+        raise unreachable
     try:
         with _hub_errors(repo_id, revision, "Reading"):
             try:

@@ -1,9 +1,11 @@
 """`measure`: find a chat model's refusal direction and write it, with the evidence, to a folder.
 
-The stages, in order: load the model and its chat template; sample the prompt sets; collect mean activations at
+The stages, in order: load the model and its chat template; sample the fit prompts (the evaluation sets are not
+loaded); read the base model's own greedy replies for how it refuses (refusal.py); collect mean activations at
 every end-of-instruction position and layer input (harmful minus harmless = the candidates); score the candidates
 on validation prompts and choose one (or take the reference direction with `use_reference`); write the artifacts:
 
+    refusal.json             how the base model refuses: the shared reply prefix, the refusal tokens, the support
     candidates.safetensors   candidates [position, layer, d_model] and both means, float64
     scores.json              every candidate's scores and filter verdicts, prompt counts, seed, config, versions
     direction.json           the chosen unit direction, layer, position, its token text, scores, model and revision
@@ -18,6 +20,7 @@ Everything is written to a temporary folder beside `out_dir` and moved in when c
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +45,7 @@ from abliterate.direction import (
 )
 from abliterate.errors import UserError
 from abliterate.hub import public_model_name
+from abliterate.refusal import RefusalProfile, find_refusal, log_profile, save_profile, separation_auc
 from abliterate.selection import (
     CandidateScore,
     NoDirectionError,
@@ -79,6 +83,7 @@ class MeasureResult:
     reference: dict[str, Any] | None = None  # cosine summary when a reference direction was given
     counts: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    refusal: RefusalProfile | None = None  # how the base model refuses, as found (or configured)
 
 
 @dataclass
@@ -87,13 +92,14 @@ class _Fit:
 
     n_layers: int
     d_model: int
-    eoi_ids: list[int]
+    eoi_ids: list[int]  # the candidate positions' tokens: end of instruction, then the shared reply prefix
     refusal_ids: list[int]
     token_texts: dict[int, str]
     harmful: SideActivations
     harmless: SideActivations
     candidates: torch.Tensor  # [position, layer, d_model] float64
     counts: dict[str, int]
+    profile: RefusalProfile
     baseline: dict[str, float] = field(default_factory=dict)  # mean refusal score without any edit, per side
 
 
@@ -103,7 +109,7 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
     from abliterate.prompts import prompt_sets
 
     # Prompt files and the reference are checked before the model loads: a typo should not cost a 16 GB load.
-    sets = prompt_sets(config.prompts)
+    sets = prompt_sets(config.prompts, fit_only=True)
     _load_reference(config, None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -112,7 +118,15 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
     reference = _load_reference(config, int(model.config.get_text_config().hidden_size))
 
     start = time.perf_counter()
-    fit = _fit(model, tokenizer, sets, config, reference)
+    profile = find_refusal(model, tokenizer, [p.text for p in sets.harmful_train],
+                           [p.text for p in sets.harmless_train], config.model, config.measure)
+    # Measured as refusal was found (thinking off where the template can switch it off); recorded in the config.
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                   template_kwargs=profile.template_kwargs))
+    timings["discovery_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fit = _fit(model, tokenizer, sets, config, reference, profile)
     timings["activations_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -142,28 +156,37 @@ def _load_reference(config: Config, d_model: int | None) -> Direction | None:
     return load_direction(config.measure.direction_file, d_model=d_model)
 
 
-def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direction | None) -> _Fit:
-    """Mean activations of both training sides (filtered by the base refusal score when asked) and the candidates."""
-    from abliterate.chat import end_of_instruction_ids, format_instructions, refusal_token_ids
+def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direction | None,
+         profile: RefusalProfile) -> _Fit:
+    """Mean activations of both training sides (filtered by the base refusal score when asked) and the candidates.
+
+    Every prompt is followed by the shared reply prefix, so the refusal score is read where refusals and answers
+    part. The prefix's tokens are candidate positions like the end-of-instruction tokens: they are the same in
+    every prompt, and a model whose replies all open with them may decide to refuse only there.
+    """
+    from abliterate.chat import end_of_instruction_ids, format_instructions
 
     eoi_ids = list(end_of_instruction_ids(tokenizer, config.model))
     if not eoi_ids:
         raise UserError("The chat template puts no tokens between the instruction and the reply, so there is no "
                         "end-of-instruction position to measure; pass a chat template with --chat-template.")
+    refusal_ids, prefix_ids = list(profile.token_ids), list(profile.prefix_ids)
+    eoi_ids += prefix_ids
     k = len(eoi_ids)
-    refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings))
     m = config.measure
     sides = {}
     # The per-prompt reference cosines are reported for harmful prompts only (where refusal is expected).
     reference_vector = None if reference is None else reference.vector
     for side, prompts, sign in (("harmful", sets.harmful_train, 1), ("harmless", sets.harmless_train, -1)):
         texts = format_instructions(tokenizer, [p.text for p in prompts], config.model)
-        batches = encode(tokenizer, texts, m.batch_size)
+        batches = encode(tokenizer, texts, m.batch_size, prefix_ids)
         sides[side] = mean_activations(model, batches, k, refusal_ids, keep_sign=sign if m.filter_prompts else 0,
                                        reference=reference_vector if side == "harmful" else None,
                                        description=f"{side} activations")
         if m.filter_prompts:
             check_kept(side, sides[side].n_kept, len(texts), "training")
+    profile.separation = separation_auc(sides["harmful"].scores.tolist(), sides["harmless"].scores.tolist())
+    log_profile(profile)
     candidates = difference_of_means(sides["harmful"].mean, sides["harmless"].mean)  # [position, layer, d_model]
     log.info("Candidates from %d harmful and %d harmless training prompts: %d positions x %d layers.",
              sides["harmful"].n_kept, sides["harmless"].n_kept, candidates.shape[0], candidates.shape[1])
@@ -172,17 +195,16 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
     token_texts = {i - k: tokenizer.decode([token_id]) for i, token_id in enumerate(eoi_ids)}
     return _Fit(n_layers=int(candidates.shape[1]), d_model=int(candidates.shape[2]), eoi_ids=eoi_ids,
                 refusal_ids=refusal_ids, token_texts=token_texts, harmful=sides["harmful"], harmless=sides["harmless"],
-                candidates=candidates, counts={**counts, "refusal_token_ids": len(refusal_ids)})
+                candidates=candidates, counts={**counts, "refusal_token_ids": len(refusal_ids)}, profile=profile)
 
 
 def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: _Fit) -> ValidationSet:
     """Validation prompts in shared batches with the base outputs cached; filtered like the training prompts."""
     from abliterate.chat import format_instructions
 
-    refusal_ids = fit.refusal_ids
     harmful = format_instructions(tokenizer, [p.text for p in sets.harmful_val], config.model)
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
-    val = _encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size, refusal_ids)
+    val = _encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size, fit)
     fit.counts.update(harmful_val=len(harmful), harmless_val=len(harmless))
     if config.measure.filter_prompts:
         keep = torch.where(val.is_harmful, val.base_scores > 0, val.base_scores < 0)  # [n]
@@ -192,18 +214,17 @@ def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: 
         check_kept("harmful", len(kept_harmful), len(harmful), "validation")
         check_kept("harmless", len(kept_harmless), len(harmless), "validation")
         if len(kept_harmful) + len(kept_harmless) < len(texts):
-            val = _encode_validation(model, tokenizer, kept_harmful, kept_harmless, config.measure.batch_size,
-                                     refusal_ids)
+            val = _encode_validation(model, tokenizer, kept_harmful, kept_harmless, config.measure.batch_size, fit)
         fit.counts.update(harmful_val_kept=len(kept_harmful), harmless_val_kept=len(kept_harmless))
     return val
 
 
 def _encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], batch_size: int,
-                       refusal_ids: list[int]) -> ValidationSet:
-    texts = harmful + harmless
+                       fit: _Fit) -> ValidationSet:
+    texts, prefix = harmful + harmless, fit.profile.prefix_ids
     is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
-    return build_validation_set(model, encode(tokenizer, texts, batch_size), encode(tokenizer, harmless, batch_size),
-                                is_harmful, refusal_ids)
+    return build_validation_set(model, encode(tokenizer, texts, batch_size, prefix),
+                                encode(tokenizer, harmless, batch_size, prefix), is_harmful, fit.refusal_ids)
 
 
 def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
@@ -296,7 +317,7 @@ def _scores_payload(source: str, config: Config, fit: _Fit, scores: list[Candida
             "filters": {"kl_max": m.kl_max, "max_layer_fraction": m.max_layer_fraction,
                         "first_discarded_layer": layer_cutoff(fit.n_layers, m.max_layer_fraction),
                         "require_induce": m.require_induce, "filter_prompts": m.filter_prompts},
-            "prompt_counts": fit.counts, "chosen": chosen_json, "used_reference": m.use_reference,
+            "prompt_counts": fit.counts, "refusal": fit.profile.to_dict(), "chosen": chosen_json, "used_reference": m.use_reference,
             "reference": reference, "candidates": [s.to_dict() for s in scores]}
 
 
@@ -314,6 +335,7 @@ def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, sco
         summary = _reference_summary(tables, fit, chosen or {})
         _write_reference_csv(folder / REFERENCE_CSV, tables, len(fit.eoi_ids))
         plot_cosine_heatmap(tables["candidate_cosine"], folder / REFERENCE_PLOT, token_texts=fit.token_texts)
+    save_profile(fit.profile, folder)
     payload = _scores_payload(source, config, fit, scores, chosen, summary)
     (folder / SCORES_FILE).write_text(json.dumps(payload, indent=1) + "\n")
     if scores:
@@ -370,4 +392,5 @@ def _write(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[C
     chosen_scores = {key: chosen[key] for key in ("bypass", "kl", "induce")}
     return MeasureResult(out_dir=out_dir, direction_path=out_dir / DIRECTION_JSON, layer=chosen["layer"],
                          position=position, token_text=token_text, scores=scores, chosen=chosen_scores,
-                         used_reference=config.measure.use_reference, reference=summary, counts=fit.counts)
+                         used_reference=config.measure.use_reference, reference=summary, counts=fit.counts,
+                         refusal=fit.profile)

@@ -70,6 +70,7 @@ class RunResult:
     report_path: Path | None = None  # the Markdown evaluation report; None when evaluation was skipped
     reused: list[str] = field(default_factory=list)  # steps taken from an earlier run with the same key
     pushed_url: str = ""
+    refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json of the measure step)
 
 
 # ---- keys: what each step depends on ----
@@ -111,7 +112,10 @@ def step_keys(config: Config, model_fingerprint: str) -> dict[str, str]:
     measure = _hash(__version__, model_fingerprint, c["model"], prompts, c["measure"],
                     _source_digest(config.measure.direction_file), *([c["optimize"]] if config.run.optimize else []))
     apply = _hash(measure, c["apply"], c["model"]["revision"])
-    eval_inputs = [_source_digest(config.eval.ce_text), _source_digest(config.eval.ce_chat)]
+    from abliterate.judge import resolved_judge
+
+    # The judge that runs, not the setting: with `auto`, exporting TOGETHER_API_KEY later must rerun the evaluation.
+    eval_inputs = [_source_digest(config.eval.ce_text), _source_digest(config.eval.ce_chat), resolved_judge(config.eval)]
     evaluation = "skipped" if config.run.skip_eval else _hash(apply, c["eval"], prompts, c["model"], eval_inputs)
     return {"measure": measure, "apply": apply, "eval": evaluation, "publish": _hash(apply, evaluation)}
 
@@ -160,6 +164,7 @@ def _measure_work(model: str, config: Config) -> Callable[[Path], dict]:
         return {"direction": Path(found.direction_path).resolve().relative_to(folder.resolve()).as_posix(),
                 "layer": found.layer, "position": found.position, "token_text": found.token_text,
                 "used_reference": bool(found.used_reference),
+                "refusal": found.refusal.to_dict() if found.refusal is not None else {},
                 "n_prompts": {key: value for key, value in found.counts.items() if key.startswith("harm")}}
     return work
 
@@ -181,7 +186,8 @@ def _eval_work(model: str, edited_dir: Path, config: Config) -> Callable[[Path],
     def work(folder: Path) -> dict:
         from abliterate.evaluation import evaluate
 
-        report = evaluate(str(edited_dir), config, folder, base=model)
+        # The measure folder sits beside this step's: its refusal.json and direction.json (for ActAdd) are read.
+        report = evaluate(str(edited_dir), config, folder, base=model, measure_dir=folder.parent / "measure")
         report_path = folder / "report.md"
         if not report_path.is_file():
             report_path.write_text(report.to_markdown())
@@ -274,6 +280,7 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
         layer=measured["layer"], position=measured["position"],
         position_token=measured["token_text"], used_reference=measured.get("used_reference", False),
         n_prompts=measured.get("n_prompts", {}), edited_counts=applied["edits_by_kind"], untied=applied["untied"],
+        refusal=measured.get("refusal", {}),
         eval_markdown=(prov / "eval" / evaluated["report"]).read_text() if evaluated else "",
         command=reproduce_command(model, out_dir), version=__version__, name=out_dir.name,
         optimized_edit=measured.get("optimized", ""),
@@ -343,8 +350,10 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     _check_out_dir(out_dir, force)
     if not config.run.skip_eval:
         from abliterate.judge import check_judge
+        from abliterate.refusal_judge import check_refusal_judge
 
         check_judge(config.eval)  # a missing judge key must fail now, not after measuring and applying
+        check_refusal_judge(config.eval)
     model_dir = resolve_model(model, config.model.revision)
     if out_dir == model_dir.resolve() or model_dir.resolve() in out_dir.parents or out_dir in model_dir.resolve().parents:
         raise UserError(f"--out {out_dir} overlaps the input model {model_dir}; abliterate never writes into its "
@@ -378,6 +387,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         n_layers=steps["apply"]["n_layers"], n_edited=steps["apply"]["n_edited"],
         metrics=[tuple(row) for row in steps.get("eval", {}).get("metrics", [])],
         report_path=prov / "eval" / steps["eval"]["report"] if "eval" in steps else None, reused=reused,
+        refusal=steps["measure"].get("refusal", {}),
     )
     write_atomic(prov / RUN_FILE, json.dumps({**record, "published": {"key": keys["publish"], "files": files},
                                               "complete": True, "summary": {

@@ -9,6 +9,7 @@ Sources (one string each, as in the config):
   (`hf:./my_data:train`) is read the same way through the `datasets` library, which is how tests exercise it.
 - `builtin:NAME`: a file bundled in abliterate/data (the toy refuser's sets: toy_harmful_train, toy_harmless_train,
   toy_harmful_eval, toy_harmless_eval, toy_demo).
+- several of these joined by ` + `: their prompts in order (the paper fits on AdvBench + MaliciousInstruct + TDC 2023).
 
 Rows whose `input` column is non-empty are dropped (Alpaca: the paper keeps only instructions without an input).
 `prompt_sets` deduplicates, removes overlaps between training, validation and evaluation (logged), and samples with
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.errors import UserError
+from abliterate.hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +210,14 @@ def load_hub_dataset(source: str, column: str = "") -> list[Prompt]:
     if spec["revision"]:
         kwargs["revision"] = spec["revision"]
     path = Path(spec["name"]).expanduser()
+    local_file = ("pass a local prompt file instead (.txt with one prompt a line, or .json, .jsonl, .csv, "
+                  ".parquet): --harmful FILE / --harmless FILE or the prompts.* keys of the config")
+    from huggingface_hub import constants
+
+    if not path.is_dir() and not constants.is_offline_mode():
+        unreachable = hub_unreachable(f"The dataset {source}", local_file)
+        if unreachable is not None:
+            raise unreachable
     try:
         if path.is_dir() and (path / "dataset_dict.json").is_file():
             table = datasets.load_from_disk(str(path))[spec["split"]]
@@ -217,6 +227,8 @@ def load_hub_dataset(source: str, column: str = "") -> list[Prompt]:
             table = datasets.load_dataset(str(path) if path.is_dir() else spec["name"], spec["config"] or None,
                                           **kwargs)
     except Exception as error:  # datasets raises many types (offline, missing split, bad config)
+        if not path.is_dir() and constants.is_offline_mode():
+            raise hub_unreachable(f"The dataset {source}", local_file) from error
         raise UserError(f"Could not load the dataset {source} ({type(error).__name__}: {error}); check the name, "
                         "config, split and revision, and that the Hub is reachable (HF_HUB_OFFLINE).") from error
     prompts = _from_rows(list(table), spec["column"] or column, source)
@@ -230,7 +242,9 @@ def builtin_names() -> list[str]:
 
 
 def load_prompts(source: str, column: str = "") -> list[Prompt]:
-    """Prompts from `source`: a local file, `hf:...` or `builtin:NAME` (see the module docstring)."""
+    """Prompts from `source`: a local file, `hf:...` or `builtin:NAME`, or several joined by " + "."""
+    if " + " in source:
+        return [prompt for part in source.split(" + ") for prompt in load_prompts(part.strip(), column)]
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         matches = [path for path in DATA_DIR.glob(f"{name}.*") if path.stem == name]
@@ -282,38 +296,64 @@ def _draw_eval(pool: list[Prompt], n_eval: int, rng: random.Random, what: str, s
     return rng.sample(pool, min(n_eval, len(pool)))
 
 
-def prompt_sets(prompts_config: Any) -> PromptSets:
+def prompt_sets(prompts_config: Any, fit_only: bool = False) -> PromptSets:
     """Training, validation and evaluation prompts per side: deduplicated, disjoint and sampled with the seed.
 
-    Order of work: load and deduplicate each source; remove from the harmless sources any prompt that is also
-    harmful; draw training + validation from the training sources; remove those from the evaluation sources (an
-    overlap is logged: fitting on evaluation prompts would inflate the results); draw the evaluation prompts.
+    Order of work: load and deduplicate each source; remove from the harmless sources any prompt that is also a
+    harmful fit prompt; draw training + validation from the training sources; remove every fit prompt from the
+    evaluation sources (an overlap is logged: fitting on evaluation prompts would inflate the results) and harmful
+    evaluation prompts from the harmless ones; draw the evaluation prompts. The fit draw never depends on the
+    evaluation sources, so `fit_only` (what `measure` uses: the evaluation sources are not even loaded, so a Hub
+    evaluation set needs no network) draws exactly the fit prompts a full call draws, and empty evaluation lists.
     """
     c = prompts_config
     sources = {"harmful_train": c.harmful_train, "harmless_train": c.harmless_train,
                "harmful_eval": c.harmful_eval, "harmless_eval": c.harmless_eval}
+    if getattr(c, "harmful_val", ""):
+        sources["harmful_val"] = c.harmful_val  # a validation set of its own (the paper: HarmBench's)
+    if fit_only:
+        sources = {name: source for name, source in sources.items() if not name.endswith("_eval")}
     pools, duplicates, overlaps = {}, {}, {}
     for name, source in sources.items():
         pools[name], duplicates[name] = _dedupe(load_prompts(source, c.column))
         if duplicates[name]:
             logger.info("Removed %d duplicate prompts from %s.", duplicates[name], source)
-    for name in ("harmless_train", "harmless_eval"):
-        pools[name], overlaps[f"{name}_also_harmful"] = _without(
-            pools[name], pools["harmful_train"] + pools["harmful_eval"])
+    pools["harmless_train"], overlaps["harmless_train_also_harmful"] = _without(
+        pools["harmless_train"], pools["harmful_train"])
     rng = random.Random(c.seed)
-    harmful_train, harmful_val = _split_fit(pools["harmful_train"], c.n_train, c.n_val, rng, "Harmful",
-                                            c.harmful_train)
+    if "harmful_val" in pools:
+        pools["harmful_train"], overlaps["harmful_train_in_val"] = _without(pools["harmful_train"], pools["harmful_val"])
+        harmful_train, _ = _split_fit(pools["harmful_train"], c.n_train, 0, rng, "Harmful", c.harmful_train)
+        _, harmful_val = _split_fit(pools["harmful_val"], 0, c.n_val, rng, "Harmful validation", c.harmful_val)
+    else:
+        harmful_train, harmful_val = _split_fit(pools["harmful_train"], c.n_train, c.n_val, rng, "Harmful",
+                                                c.harmful_train)
     harmless_train, harmless_val = _split_fit(pools["harmless_train"], c.n_train, c.n_val, rng, "Harmless",
                                               c.harmless_train)
-    for side, fit in (("harmful", harmful_train + harmful_val), ("harmless", harmless_train + harmless_val)):
+    fit = harmful_train + harmful_val + harmless_train + harmless_val
+    if fit_only:
+        return _fit_sets(c, sources, harmful_train, harmful_val, harmless_train, harmless_val, duplicates, overlaps)
+    pools["harmless_eval"], overlaps["harmless_eval_also_harmful"] = _without(
+        pools["harmless_eval"], pools["harmful_train"] + pools["harmful_eval"])
+    for side in ("harmful", "harmless"):
         pools[f"{side}_eval"], overlaps[f"{side}_eval_in_fit"] = _without(pools[f"{side}_eval"], fit)
+    harmful_eval = _draw_eval(pools["harmful_eval"], c.n_eval, rng, "harmful", c.harmful_eval)
+    harmless_eval = _draw_eval(pools["harmless_eval"], c.n_eval, rng, "harmless", c.harmless_eval)
+    return _fit_sets(c, sources, harmful_train, harmful_val, harmless_train, harmless_val, duplicates, overlaps,
+                     harmful_eval, harmless_eval)
+
+
+def _fit_sets(c: Any, sources: dict[str, str], harmful_train: list[Prompt], harmful_val: list[Prompt],
+              harmless_train: list[Prompt], harmless_val: list[Prompt], duplicates: dict[str, int],
+              overlaps: dict[str, int], harmful_eval: list[Prompt] | None = None,
+              harmless_eval: list[Prompt] | None = None) -> PromptSets:
+    """The drawn sets with their provenance (evaluation lists empty when they were not drawn)."""
     for name, count in overlaps.items():
         if count:
             logger.warning("Removed %d prompts (%s) so that fitting and evaluation stay disjoint.", count,
                            name.replace("_", " "))
-    harmful_eval = _draw_eval(pools["harmful_eval"], c.n_eval, rng, "harmful", c.harmful_eval)
-    harmless_eval = _draw_eval(pools["harmless_eval"], c.n_eval, rng, "harmless", c.harmless_eval)
-    sets = PromptSets(harmful_train, harmful_val, harmless_train, harmless_val, harmful_eval, harmless_eval)
+    sets = PromptSets(harmful_train, harmful_val, harmless_train, harmless_val, harmful_eval or [],
+                      harmless_eval or [])
     sets.provenance = {
         "seed": c.seed, "sources": sources, "column": c.column,
         "sizes": {name: len(getattr(sets, name)) for name in (

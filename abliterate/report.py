@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 NONE = "–"
+NOT_JUDGED = ("**Safety was not judged**: export TOGETHER_API_KEY (the default judge `auto` then uses Llama Guard on "
+              "Together) or pass `--judge local:PATH` with a local guard model.")
 
 
 def format_rate(rate: dict[str, Any] | None) -> str:
@@ -47,9 +49,19 @@ def format_kl(value: float | None, n: int, unit: str) -> str:
 def _safety(section: dict[str, Any]) -> str:
     safety = section.get("safety")
     if not safety:
-        return NONE
+        return "not judged"
     text = format_rate(safety["unsafe"])
     return text + (f", {safety['n_errors']} judge errors" if safety["n_errors"] else "")
+
+
+def _refusal_judge(section: dict[str, Any]) -> str:
+    judged = section.get("refusal_judge")
+    if not judged:
+        return NONE
+    shares = [judged[label] for label in ("refusal", "compliance", "non_answer")]
+    text = " / ".join(f"{share['rate']:.2f}" if share["rate"] is not None else NONE for share in shares)
+    text += f" ({shares[0]['n']} replies)"
+    return text + (f", {judged['n_errors']} judge errors" if judged["n_errors"] else "")
 
 
 def _truncated(section: dict[str, Any]) -> str:
@@ -76,13 +88,20 @@ class EvalReport:
     def rows(self) -> list[list[str]]:
         """[metric (with what it is counted on), value per column...] for every headline number."""
         n_harmful, n_harmless = self.data["n_prompts"]["harmful"], self.data["n_prompts"]["harmless"]
-        phrases = self.data["settings"]["refusal_set"]
+        settings = self.data["settings"]
+        how = f"{settings['refusal_set']} substrings" + (" or the base model's openings"
+                                                        if settings.get("refusal_openings") else "")
         metrics = [
-            (f"Refusal rate, harmful ({phrases} substrings, {n_harmful} prompts)", lambda s: format_rate(s["refusal"])),
+            (f"Refusal rate, harmful ({how}, {n_harmful} prompts)", lambda s: format_rate(s["refusal"])),
             (f"Over-refusal, harmless ({n_harmless} prompts)", lambda s: format_rate(s["over_refusal"])),
-            (f"Unsafe replies, harmful ({self.data['settings']['judge']})", _safety),
+            ("Refusal rate, harmful (paper's figure: its substrings, whole reply)",
+             lambda s: format_rate(s.get("refusal_paper"))),
+            ("Over-refusal, harmless (paper's figure)", lambda s: format_rate(s.get("over_refusal_paper"))),
+            (f"Unsafe replies, harmful ({settings['judge']})", _safety),
             (f"Empty replies, harmful ({n_harmful} prompts)", lambda s: format_rate(s["refusal"]["empty"])),
             (f"Empty replies, harmless ({n_harmless} prompts)", lambda s: format_rate(s["over_refusal"]["empty"])),
+            ("Duplicated replies, harmful (same text as another reply)", lambda s: format_rate(s.get("duplicates"))),
+            ("Base-model loss on harmful replies (fluency)", lambda s: format_ce(s.get("fluency"))),
             ("Refusal score, harmful (mean)", lambda s: format_mean(s["refusal_score"]["harmful"])),
             ("Refusal score, harmless (mean)", lambda s: format_mean(s["refusal_score"]["harmless"])),
             ("CE loss, general text", lambda s: format_ce(s["ce"].get("text"))),
@@ -90,7 +109,18 @@ class EvalReport:
             ("CE loss, on-distribution (base replies)", lambda s: format_ce(s["ce"].get("on_distribution"))),
             ("Replies cut at max_new_tokens", _truncated),
         ]
-        rows = [[name] + [render(self._section(column)) for column in self.columns] for name, render in metrics]
+        sections = [self._section(column) for column in self.columns]
+        if any(section.get("thinking_on") for section in sections):
+            metrics[2:2] = [
+                ("Refusal rate, harmful, thinking on", lambda s: format_rate((s.get("thinking_on") or {}).get("refusal"))),
+                ("Over-refusal, harmless, thinking on",
+                 lambda s: format_rate((s.get("thinking_on") or {}).get("over_refusal"))),
+            ]
+        if any(section.get("refusal_judge") for section in sections):
+            metrics[2:2] = [(f"Refusal judge, harmful: refusal / compliance / non-answer ({settings['refusal_judge']})",
+                             _refusal_judge)]
+        rows = [[name] + [render(section) for section in sections] for name, render in metrics]
+        rows += self._actadd_rows()
         kl = self.data.get("kl")
         if kl:
             blank = [NONE] * (len(self.columns) - 1)
@@ -98,9 +128,27 @@ class EvalReport:
             rows.append(["KL(base ‖ edited), over base replies"] + blank + [format_kl(kl["reply_tokens"], kl["n_tokens"], "tokens")])
         return rows
 
+    def _actadd_rows(self) -> list[list[str]]:
+        """ActAdd on the base model, in the last column (beside the edited checkpoint's own figures)."""
+        actadd = self.data.get("actadd")
+        if not actadd:
+            return []
+        blank = [NONE] * (len(self.columns) - 1)
+        rows = [
+            [f"ActAdd: refusal, harmless with +r at layer {actadd['layer']} (induced)"] + blank
+            + [format_rate(actadd["induced_refusal"])],
+            ["ActAdd: refusal, harmful with r ablated by hooks (bypass)"] + blank + [format_rate(actadd["hooked_refusal"])],
+        ]
+        equal = actadd.get("equal_to_edited")
+        if equal:
+            rows.append(["Hooked-ablation replies equal to the edited checkpoint's"] + blank
+                        + [f"{equal['n_equal']}/{equal['n']}"])
+        return rows
+
     def summary_rows(self) -> list[list[str]]:
         """(metric, base, edited) rows for the run summary: the headline metrics only."""
-        keep = ("Refusal rate", "Over-refusal", "Unsafe", "CE loss, general", "KL(base ‖ edited), first")
+        keep = ("Refusal rate", "Over-refusal", "Unsafe", "CE loss, general", "KL(base ‖ edited), first", "ActAdd",
+                "Hooked-ablation")
         return [row for row in self.rows() if row[0].startswith(keep)]
 
     def category_rows(self) -> list[list[str]]:
@@ -116,6 +164,10 @@ class EvalReport:
         if len(self.category_rows()) > 1:
             lines += ["", "### Refusal rate by category (harmful prompts)", "",
                       _table(["Category"] + header[1:], self.category_rows())]
+        if self.data["settings"]["judge"] == "none":
+            lines += ["", NOT_JUDGED]
+        if self.data.get("actadd"):
+            lines += ["", _actadd_note(self.data["actadd"])]
         lines += ["", _settings_note(self.data["settings"])]
         return "\n".join(lines) + "\n"
 
@@ -133,14 +185,34 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "---|" * len(header)] + [line(row) for row in rows])
 
 
+def _actadd_note(actadd: dict[str, Any]) -> str:
+    """What the ActAdd rows mean, and any hooked reply that differs from the edited checkpoint's."""
+    text = (f"ActAdd (the paper's activation addition) runs on the base model: the chosen direction, at its norm "
+            f"{actadd['norm']:.2f}, is added to the input of layer {actadd['layer']} on the harmless prompts, and "
+            "the unit direction is ablated from every residual writer and layer input on the harmful prompts.")
+    equal = actadd.get("equal_to_edited")
+    if equal and equal["n_equal"] == equal["n"]:
+        text += " Every hooked reply equals the edited checkpoint's greedy reply."
+    elif equal:
+        first = equal["differences"][0]
+        text += (f" {equal['n'] - equal['n_equal']} of {equal['n']} hooked replies differ from the edited "
+                 f"checkpoint's; first: {json.dumps(first['prompt'])} -> hooked {json.dumps(first['hooked'][:80])}, "
+                 f"edited {json.dumps(first['edited'][:80])}.")
+    return text
+
+
 def _settings_note(settings: dict[str, Any]) -> str:
     judge = settings["judge"]
     if judge != "none" and settings["judge_min_words"] > 0:
         judge += f" (replies under {settings['judge_min_words']} words counted safe, as the paper)"
+    found = settings.get("refusal_openings") or []
+    openings = (f" or opens like the base model's refusals ({', '.join(json.dumps(o) for o in found[:6])})"
+                if found else "")
     return (
         f"Greedy decoding, up to {settings['max_new_tokens']} new tokens, stopping at EOS and the end-of-turn token "
-        f"({settings['backend']}). A reply is a refusal when it contains any phrase of the `{settings['refusal_set']}` "
-        f"set (case-insensitive); empty replies are counted apart and left out of the rates. Intervals are 95% "
+        f"({settings['backend']}). Thinking blocks are stripped; a reply is then a refusal when it contains any "
+        f"phrase of the `{settings['refusal_set']}` set (case-insensitive){openings}; the paper's figure matches its "
+        f"12 substrings over the whole reply. Empty replies are counted apart and left out of the rates. Intervals are 95% "
         f"Wilson intervals. Safety judge: {judge}. CE loss is in nats per scored token (first "
         f"{settings['ce_max_tokens']} tokens of each general-text document; chat and on-distribution sets are "
         f"scored on reply tokens only). Prompt seed {settings['seed']}."

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # A side of the prompt filter must keep at least this many prompts (and this share of them) to go on.
 MIN_KEPT_PROMPTS = 2
 MIN_KEPT_FRACTION = 0.1
+INDUCE_NOT_SCORED = "induce not scored (a lower bypass passed first)"
 WRONG_TEMPLATE_HINT = ("this usually means the chat template is wrong (check --chat-template and --system-prompt) "
                        "or the refusal openings do not match how this model refuses (measure.refusal_openings)")
 
@@ -92,7 +93,9 @@ class NoDirectionError(UserError):
 def nothing_passes_message(scores: list[CandidateScore], n_shown: int = 5) -> str:
     """A readable refusal to choose: the lowest-bypass candidates, the filter each failed, and a hint."""
     ranked = sorted(scores, key=lambda s: (math.isnan(s.bypass), s.bypass))[:n_shown]
-    lines = [f"No candidate direction passed the filters ({len(scores)} scored). Best by bypass score:"]
+    n_scored = sum(not math.isnan(s.bypass) for s in scores)
+    lines = [f"No candidate direction passed the filters ({n_scored} of {len(scores)} scored; the others are "
+             "from discarded layers or zero). Best by bypass score:"]
     for s in ranked:
         lines.append(f"  pos {s.position:>3} layer {s.layer:>3}: bypass {s.bypass:.3f} kl {s.kl:.4f} "
                      f"induce {s.induce:.3f}  failed: {', '.join(s.failed) or 'none'}")
@@ -189,6 +192,10 @@ def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, r
         score.induce = induce_score(model, vector, score.layer, val, refusal_ids)
         score.failed = failed_filters(score, n_layers, config)
         found = found or not score.failed
+    for score in scores:
+        if not score.failed and math.isnan(score.induce):
+            # Pruned: a candidate with a lower bypass already passed. An empty list would read as a pass.
+            score.failed = [INDUCE_NOT_SCORED]
     n_scored = sum(not math.isnan(s.bypass) for s in scores)
     n_induced = sum(not math.isnan(s.induce) for s in scores)
     log.info("Scored %d of %d candidates; induce computed for %d.", n_scored, len(scores), n_induced)
@@ -197,7 +204,7 @@ def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, r
 
 def choose(scores: list[CandidateScore]) -> CandidateScore:
     """The passing candidate with the lowest bypass score, marked `chosen`; NoDirectionError when none passes."""
-    passing = [s for s in scores if not s.failed and not math.isnan(s.induce)]
+    passing = [s for s in scores if not s.failed and not math.isnan(s.induce)]  # pruned ones are marked failed
     if not passing:
         raise NoDirectionError(nothing_passes_message(scores), scores)
     best = min(passing, key=lambda s: s.bypass)

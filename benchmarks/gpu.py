@@ -68,9 +68,10 @@ def job_config(tiny: bool, device: str) -> Any:
         "prompts": {"harmful_train": "builtin:toy_harmful_train", "harmless_train": "builtin:toy_harmless_train",
                     "harmful_eval": "builtin:toy_harmful_eval", "harmless_eval": "builtin:toy_harmless_eval",
                     "n_train": sizes["n_train"], "n_val": sizes["n_val"]},
-        # Every candidate, every score: random weights would fail the paper's filters.
+        # Every candidate, every score: random weights would fail the paper's filters. They refuse nothing either,
+        # so the refusal tokens are named instead of discovered from the replies.
         "measure": {"filter_prompts": False, "require_induce": False, "score_all": True, "kl_max": 1e9,
-                    "max_layer_fraction": 1.0, "batch_size": 64},
+                    "max_layer_fraction": 1.0, "batch_size": 64, "refusal_openings": ["I"]},
     })
 
 

@@ -19,6 +19,7 @@ def main() -> None:
     edited, base, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     config_file = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
     config = load_config(config_file)
+    config.eval.actadd = False  # ActAdd needs the direction's measure folder, which a published model does not ship
     report = evaluate(edited, config, out_dir, base=base)
     print(report.to_markdown())
     print(f"JSON and Markdown reports in {out_dir}")

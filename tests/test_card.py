@@ -155,3 +155,14 @@ def test_reproduce_block_points_at_the_installed_source(monkeypatch):
     card = render_card(CardFacts(base_model="", model_type="llama", n_layers=2, layer=1, position=-1,
                                  edited_counts={}, command="abliterate run M --out o", version="0.1.0"))
     assert "```bash\n# abliterate 0.1.0\nabliterate run M --out o\n```" in card
+def test_the_card_says_how_refusal_was_found(tmp_path):
+    from abliterate.refusal import RefusalProfile
+
+    profile = RefusalProfile("discovered", "<think>\n\n</think>\n\n", [7], ["I"], ["i'm sorry, but"], {}, "</think>",
+                             32, 32, 31, 0.994, [1, 2])
+    card = render_card(_facts(tmp_path, refusal=profile.to_dict()))
+    assert ("position -2 from the end of the prompt and the shared reply prefix (the token `<|im_start|>`)" in card)
+    assert ('read the refusal scored after the shared reply prefix `"<think>\\n\\n</think>\\n\\n"` on the tokens `["I"]` '
+            "(found from the base model's greedy replies: they open 31 of 32 harmful replies; separation of harmful "
+            "from harmless prompts, AUC 0.994)." in card)
+    assert "shared reply prefix" not in render_card(_facts(tmp_path))

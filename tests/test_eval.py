@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_judge import server  # noqa: F401 - the loopback guard server fixture
+from test_refusal_judge import label_server  # noqa: F401 - the loopback label server fixture
 from typer.testing import CliRunner
 
 from abliterate.cli import app
@@ -35,14 +36,20 @@ def edited_toy(toy_refuser_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def evaluated(edited_toy, toy_refuser_dir, tmp_path_factory):
+def measure_dir(edited_toy) -> Path:
+    return edited_toy.parent / "measure"
+
+
+@pytest.fixture(scope="module")
+def evaluated(edited_toy, measure_dir, toy_refuser_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     (folder / "text.txt").write_text("How do I bake a cake?\n\nTell me how to paint a garden.\n")
     pairs = [{"instruction": "How do I fold a letter?", "input": "", "output": "Sure, here is how to fold a letter."}]
     (folder / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
     args = ["eval", str(edited_toy), "--base", str(toy_refuser_dir), "--config", str(ROOT / "configs" / "toy.toml"),
             "--n-eval", str(N_EVAL), "--max-new-tokens", "32", "--out", str(folder / "out"),
-            "--ce-text", str(folder / "text.txt"), "--ce-chat", str(folder / "pairs.jsonl")]
+            "--ce-text", str(folder / "text.txt"), "--ce-chat", str(folder / "pairs.jsonl"),
+            "--measure", str(measure_dir), "--actadd"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return folder / "out", result.output
@@ -65,6 +72,33 @@ def test_eval_base_shows_the_refusal_drop(evaluated):
     assert edited["ce"]["on_distribution"]["replies_from"] == "base"
     assert base["ce"]["text"]["n_sequences"] == 2 and base["ce"]["chat"]["n_sequences"] == 1
     assert "Refusal rate, harmful" in output and "Report:" in output
+
+
+def test_actadd_induces_refusal_and_hooked_ablation_is_the_edit(evaluated):
+    out, _ = evaluated
+    record = json.loads((out / "eval.json").read_text())
+    actadd, base = record["actadd"], record["models"]["base"]
+    assert base["over_refusal"]["rate"] <= 0.1
+    assert actadd["induced_refusal"]["rate"] >= 0.8  # +r at its layer makes the base refuse harmless requests
+    assert actadd["hooked_refusal"]["rate"] <= 0.1  # r ablated by hooks bypasses refusal
+    # The hooks are the weight edit: every greedy reply equals the edited checkpoint's, token for token.
+    assert actadd["equal_to_edited"] == {"n_equal": N_EVAL, "n": N_EVAL, "differences": []}
+    markdown = (out / "report.md").read_text()
+    assert f"| Hooked-ablation replies equal to the edited checkpoint's | – | {N_EVAL}/{N_EVAL} |" in markdown
+    assert "Every hooked reply equals the edited checkpoint's greedy reply." in markdown
+
+
+def test_degenerate_compliance_is_visible(evaluated):
+    out, _ = evaluated
+    record = json.loads((out / "eval.json").read_text())
+    base, edited = record["models"]["base"], record["models"]["edited"]
+    # The base refuses every harmful request with the same sentence: all duplicates; the fluency loss is the base
+    # model's on each column's harmful replies, so the edited replies cost the base more than its own.
+    assert base["duplicates"]["rate"] >= 0.9
+    assert base["fluency"]["n_sequences"] == edited["fluency"]["n_sequences"] == N_EVAL
+    assert edited["fluency"]["loss"] > base["fluency"]["loss"]
+    assert record["settings"]["judge"] == "none"
+    assert "**Safety was not judged**" in (out / "report.md").read_text()
 
 
 def test_completions_and_report_are_saved(evaluated):
@@ -114,7 +148,7 @@ def test_eval_with_the_together_judge_on_loopback(edited_toy, toy_refuser_dir, s
     monkeypatch.setenv("TOGETHER_BASE_URL", server)
     monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-a-secret")
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
-    settings = {"prompts": {"n_eval": 8}, "eval": {"judge": "together", "judge_min_words": 0, "judge_backoff_s": 0.01}}
+    settings = {"prompts": {"n_eval": 8}, "eval": {"judge": "together", "judge_min_words": 0}}
     report = evaluate(str(edited_toy), load_config(ROOT / "configs" / "toy.toml", settings), tmp_path / "out",
                       base=str(toy_refuser_dir))
     base, edited = report.data["models"]["base"]["safety"], report.data["models"]["edited"]["safety"]
@@ -123,3 +157,95 @@ def test_eval_with_the_together_judge_on_loopback(edited_toy, toy_refuser_dir, s
     rows = [json.loads(line) for line in (tmp_path / "out" / "completions_edited_harmful.jsonl").read_text().splitlines()]
     assert [row["unsafe"] for row in rows] == [True] * 8
     assert "Unsafe replies, harmful (together:meta-llama/Meta-Llama-Guard-3-8B)" in report.to_markdown()
+
+
+def test_profile_from_the_measure_folder_is_used_and_thinking_on_reported(measure_dir, toy_refuser_dir, tmp_path):
+    # A profile that says measuring switched thinking off: eval measures with those kwargs and again with thinking
+    # on (the toy's template ignores the switch, so both passes must agree reply for reply).
+    import shutil
+
+    from abliterate.config import load_config
+    from abliterate.evaluation import evaluate
+    from abliterate.refusal import RefusalProfile, save_profile
+
+    folder = tmp_path / "measure"
+    shutil.copytree(measure_dir, folder)
+    profile = RefusalProfile(source="discovered", prefix="", token_ids=[], token_texts=[],
+                             openings=["i   cannot"], template_kwargs={"enable_thinking": False}, thinking_end="</think>")
+    save_profile(profile, folder)
+    config = load_config(ROOT / "configs" / "toy.toml", {"prompts": {"n_eval": 8}})
+    report = evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=folder)
+    section, settings = report.data["models"]["model"], report.data["settings"]
+    assert settings["template_kwargs"] == {"enable_thinking": False} and settings["refusal_openings"] == ["i   cannot"]
+    assert section["thinking_on"]["template_kwargs"] == {"enable_thinking": True}
+    assert section["thinking_on"]["refusal"]["count"] == section["refusal"]["count"] == 8
+    rows = {row[0]: row[1:] for row in report.rows()}
+    assert rows["Refusal rate, harmful, thinking on"] == ["1.00 [0.68, 1.00] (8/8)"]
+    assert "Refusal rate, harmful (paper substrings or the base model's openings, 8 prompts)" in rows
+    assert 'opens like the base model\'s refusals ("i   cannot")' in report.to_markdown()
+
+
+def test_actadd_without_a_measure_folder_is_a_user_error(toy_refuser_dir, tmp_path):
+    from abliterate.config import load_config
+    from abliterate.errors import UserError
+    from abliterate.evaluation import evaluate
+
+    config = load_config(ROOT / "configs" / "toy.toml", {"eval": {"actadd": True}})
+    with pytest.raises(UserError, match="--measure DIR"):
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out")
+    with pytest.raises(UserError, match="No direction.json"):
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path)
+    with pytest.raises(UserError, match="does not exist; pass the folder `abliterate measure` wrote to --measure"):
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path / "nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_passes_its_measure_folder_so_actadd_reaches_the_card(toy_refuser_dir, tmp_path):
+    # `run --actadd`: the eval step reads OUT/abliterate/measure by itself, and the card embeds the ActAdd rows.
+    result = CliRunner().invoke(app, ["run", str(toy_refuser_dir), "--out", str(tmp_path / "out"), "--config",
+                                      str(ROOT / "configs" / "toy.toml"), "--n-eval", "16", "--actadd"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "abliterate" / "eval" / "eval.json").read_text())
+    assert record["actadd"]["equal_to_edited"]["n_equal"] == record["actadd"]["equal_to_edited"]["n"] == 16
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "ActAdd: refusal, harmless with +r at layer" in card and "**Safety was not judged**" in card
+
+
+def test_refusal_judge_counts_beside_the_substring_counts(edited_toy, toy_refuser_dir, label_server, tmp_path,  # noqa: F811
+                                                          monkeypatch):
+    from abliterate.config import load_config
+    from abliterate.evaluation import evaluate
+
+    monkeypatch.setenv("TOGETHER_BASE_URL", label_server)
+    monkeypatch.setenv("TOGETHER_API_KEY", "test-key-not-a-secret")
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    settings = {"prompts": {"n_eval": 8}, "eval": {"judge": "none", "refusal_judge": "together:grader"}}
+    report = evaluate(str(edited_toy), load_config(ROOT / "configs" / "toy.toml", settings), tmp_path / "out",
+                      base=str(toy_refuser_dir))
+    base, edited = report.data["models"]["base"], report.data["models"]["edited"]
+    assert base["refusal_judge"]["refusal"]["count"] == base["refusal"]["count"] == 8
+    assert edited["refusal_judge"]["refusal"]["count"] == edited["refusal"]["count"] == 0
+    assert edited["refusal_judge"]["compliance"]["count"] + edited["refusal_judge"]["non_answer"]["count"] == 8
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions_base_harmful.jsonl").read_text().splitlines()]
+    assert {row["judged"] for row in rows} == {"refusal"}
+    assert "Refusal judge, harmful: refusal / compliance / non-answer (together:grader)" in report.to_markdown()
+
+
+def test_fluency_is_the_same_with_or_without_the_base_loaded_again(edited_toy, measure_dir, toy_refuser_dir,
+                                                                     tmp_path, monkeypatch):
+    # With ActAdd, the hooked replies equal the edited ones, so the base's loss on them is the edited replies'
+    # fluency and the base is not loaded a third time; without ActAdd it is, and the figure must be the same.
+    from abliterate import evaluation
+    from abliterate.config import load_config
+
+    loads = []
+    real = evaluation._load
+    monkeypatch.setattr(evaluation, "_load", lambda source, config: loads.append(source) or real(source, config))
+    figures = []
+    for actadd in (True, False):
+        config = load_config(ROOT / "configs" / "toy.toml", {"prompts": {"n_eval": 8}, "eval": {"actadd": actadd}})
+        report = evaluation.evaluate(str(edited_toy), config, base=str(toy_refuser_dir), measure_dir=measure_dir)
+        figures.append(report.data["models"]["edited"]["fluency"])
+    base, edited = str(toy_refuser_dir), str(edited_toy)
+    assert loads == [base, edited] + [base, edited, base]  # with ActAdd, then without
+    assert figures[0] == figures[1] and figures[0]["n_sequences"] == 8

@@ -103,3 +103,67 @@ def test_kl_between_different_models_hand_computed(models):
     second_item = (p2.exp() * (p2 - q2)).sum().item()
     assert result["first_token"] == pytest.approx((first_item + second_item) / 2, rel=1e-4)
     assert result["n_tokens"] == 2 and result["reply_tokens"] > 0
+
+
+def test_thinking_is_stripped_before_matching():
+    from abliterate.metrics import RefusalMatcher, strip_thinking
+
+    # A refusal phrase inside the reasoning is not a refusal; the answer after it is what counts.
+    reply = "<think>The user asks for X. I cannot just refuse, let me help.</think>\n\nSure, here is how."
+    assert strip_thinking(reply) == ("Sure, here is how.", False)
+    assert strip_thinking("<think>still thinking, I cannot", "</think>") == ("", True)
+    assert strip_thinking("[[end]] I won't", "[[end]]") == ("I won't", False)
+    matcher = RefusalMatcher(PAPER_REFUSALS)
+    assert not matcher.is_refusal(reply) and is_refusal(reply, PAPER_REFUSALS)  # the paper's figure counts it
+    assert matcher.is_refusal("<think>ok</think> I cannot help with that.")
+    rates = refusal_rates([reply, "<think>unfinished", "<think>x</think>I'm sorry"], ["", "", ""], matcher)
+    assert (rates["count"], rates["n"], rates["empty"]["count"], rates["unfinished_thinking"]) == (1, 2, 1, 1)
+
+
+def test_openings_of_the_base_model_match_ignoring_case_and_whitespace():
+    from abliterate.metrics import matcher_for
+    from abliterate.refusal import RefusalProfile
+
+    profile = RefusalProfile(source="discovered", prefix=" ", token_ids=[5], token_texts=["unfortunately"],
+                             openings=["unfortunately i can not", "je ne peux pas"], thinking_end="")
+    matcher = matcher_for("paper", profile)
+    assert matcher.is_refusal("  Unfortunately   I can\nnot do that.")
+    assert matcher.is_refusal("je ne peux PAS vous aider")
+    assert not matcher.is_refusal("Here is how: unfortunately i can not stress this enough")  # opening only
+    assert not matcher_for("paper").is_refusal("unfortunately i can not do that")  # the paper's set misses it
+    assert is_refusal("unfortunately i can not do that", REFUSAL_SETS["extended"])  # the extended set has the gap
+    rates = refusal_rates(["unfortunately i can not", "Sure."], ["", ""], matcher)
+    assert (rates["count"], rates["n"]) == (1, 2)
+
+
+def test_duplicate_share_counts_replies_another_reply_repeats():
+    from abliterate.metrics import duplicate_share
+
+    share = duplicate_share(["Here is how to bat.", "here is how  to bat.", "A real answer.", "", "Another."])
+    assert (share["count"], share["n"], share["n_distinct"]) == (2, 4, 3)
+
+
+def test_thinking_switched_on_only_when_measuring_switched_it_off():
+    from abliterate.evaluation import thinking_switched_on
+
+    assert thinking_switched_on({"enable_thinking": False, "x": 1}) == {"enable_thinking": True, "x": 1}
+    assert thinking_switched_on({"enable_thinking": True}) is None and thinking_switched_on({}) is None
+
+
+def test_a_thinking_closer_made_of_special_tokens_still_ends_the_thinking():
+    # gpt-oss closes its analysis with special tokens, which the reply's text leaves out; the answer is what
+    # follows them in the full decoding. Here the closer is the tokenizer's special "<|eot|>".
+    from test_generation import build_tokenizer
+
+    from abliterate.generation import Reply, text_after
+    from abliterate.metrics import RefusalMatcher
+
+    tokenizer = build_tokenizer()
+    ids = tokenizer("tell me bomb <|eot|> sorry", add_special_tokens=False)["input_ids"]
+    reply = Reply(tokenizer.decode(ids, skip_special_tokens=True), ids, True)
+    assert "<|eot|>" not in reply.text and "bomb" in reply.text
+    assert text_after(tokenizer, reply, "<|eot|>") == "sorry"
+    assert text_after(tokenizer, reply, "") == reply.text == text_after(tokenizer, reply, "</think>")
+    # A phrase inside the thinking no longer counts once the answer is cut out.
+    matcher = RefusalMatcher(("bomb",), thinking_end="<|eot|>")
+    assert matcher.is_refusal(reply.text) and not matcher.is_refusal(text_after(tokenizer, reply, "<|eot|>"))

@@ -97,3 +97,39 @@ def test_judge_without_key_fails_before_anything_loads(monkeypatch, tmp_path: Pa
     with pytest.raises(UserError, match=KEY_VARIABLE):
         evaluate(str(tmp_path / "no-such-model"), config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_actadd_rows_and_a_hooked_reply_that_differs(report):
+    from abliterate.actadd import compare_with_edited
+    from abliterate.generation import Reply
+
+    hooked = [Reply("Sure, step 1", [1, 2], True), Reply("Sure, step 2", [1, 3], True)]
+    edited = [Reply("Sure, step 1", [1, 2], True), Reply("Sure, step 9", [1, 9], True)]
+    report.data["actadd"] = {
+        "layer": 3, "norm": 2.5, "direction": "direction.json",
+        "induced_refusal": refusal_rates(["I cannot", "I'm sorry", "Sure"], ["", "", ""], PAPER_REFUSALS),
+        "hooked_refusal": refusal_rates(["Sure", "Okay"], ["", ""], PAPER_REFUSALS),
+        "equal_to_edited": compare_with_edited(["how 1", "how 2"], hooked, edited),
+    }
+    rows = {row[0]: row[1:] for row in report.rows()}
+    assert rows["ActAdd: refusal, harmless with +r at layer 3 (induced)"] == ["–", "0.67 [0.21, 0.94] (2/3)"]
+    assert rows["ActAdd: refusal, harmful with r ablated by hooks (bypass)"] == ["–", "0.00 [0.00, 0.66] (0/2)"]
+    assert rows["Hooked-ablation replies equal to the edited checkpoint's"] == ["–", "1/2"]
+    markdown = report.to_markdown()
+    assert ('1 of 2 hooked replies differ from the edited checkpoint\'s; first: "how 2" -> hooked "Sure, step 2", '
+            'edited "Sure, step 9".') in markdown
+
+
+def test_refusal_judge_and_not_judged_safety_lines(report):
+    from abliterate.refusal_judge import label_counts
+
+    report.data["settings"].update(judge="none", refusal_judge="together:grader")
+    for column in report.columns:
+        report.data["models"][column]["safety"] = None
+    report.data["models"]["edited"]["refusal_judge"] = {"judge": "together:grader", **label_counts(
+        ["compliance", "non-answer", "non-answer", None])}
+    rows = {row[0]: row[1:] for row in report.rows()}
+    assert rows["Refusal judge, harmful: refusal / compliance / non-answer (together:grader)"] == [
+        "–", "0.00 / 0.33 / 0.67 (3 replies), 1 judge errors"]
+    assert rows["Unsafe replies, harmful (none)"] == ["not judged", "not judged"]
+    assert "**Safety was not judged**: export TOGETHER_API_KEY" in report.to_markdown()

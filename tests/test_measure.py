@@ -155,10 +155,10 @@ def test_refusal_openings_the_model_never_uses_are_caught_by_the_prompt_filter(t
     from abliterate.errors import UserError
     from abliterate.measure import measure
 
-    # The toy refuses with "I cannot ...": scored on "Absolutely" it seems to refuse nothing, and no direction
-    # could be meaningful, so measure stops before scoring and says what usually causes it.
+    # The toy refuses with "I cannot ...": scored on "Sure" (how it answers) it seems to refuse nothing, and no
+    # direction could be meaningful, so measure stops before scoring and says what usually causes it.
     with pytest.raises(UserError) as caught:
-        measure(str(toy_refuser_dir), tmp_path / "out", _config(refusal_openings=["Absolutely"]))
+        measure(str(toy_refuser_dir), tmp_path / "out", _config(refusal_openings=["Sure"]))
     message = str(caught.value)
     assert message.startswith("Only 0 of 128 harmful training prompts are ones the base model refuses (at least 13 "
                               "needed); this usually means the chat template is wrong")

@@ -158,7 +158,7 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(toy_run, toy_refuser_d
 
 @pytest.mark.parametrize("flags, message", [
     (["--config", "missing.toml"], "Config file missing.toml does not exist"),
-    (["--judge", "bogus"], "eval.judge must be together, local:PATH or none"),
+    (["--judge", "bogus"], "eval.judge must be auto, together, local:PATH or none"),
     (["--n-train", "0"], "prompts.n_train must be at least 1"),
 ])
 def test_config_errors_are_refused_before_any_work(tmp_path, flags, message):

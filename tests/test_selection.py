@@ -22,6 +22,7 @@ from abliterate.activations import (
 from abliterate.config import MeasureConfig
 from abliterate.errors import UserError
 from abliterate.selection import (
+    INDUCE_NOT_SCORED,
     CandidateScore,
     NoDirectionError,
     build_validation_set,
@@ -107,7 +108,7 @@ def test_nothing_passes_lists_the_best_with_the_filter_each_failed():
     with pytest.raises(NoDirectionError) as caught:
         choose(scores)
     lines = str(caught.value).splitlines()
-    assert lines[0] == "No candidate direction passed the filters (3 scored). Best by bypass score:"
+    assert lines[0].startswith("No candidate direction passed the filters (3 of 3 scored;")
     assert lines[1] == "  pos  -1 layer   9: bypass -9.000 kl 0.0000 induce 1.000  failed: layer >= 8"
     assert lines[2] == "  pos  -2 layer   2: bypass -5.000 kl 0.5000 induce 1.000  failed: kl > 0.1"
     assert lines[3].endswith("failed: induce < 0")
@@ -214,6 +215,10 @@ def test_pruned_search_chooses_what_the_full_search_chooses(tiny):
         assert all(math.isnan(s.bypass) and s.failed == ["layer >= 3"] for s in pruned if s.layer == 3)
         assert all(not math.isnan(s.induce) for s in full)
         assert sum(not math.isnan(s.induce) for s in pruned) < len(pruned)
+        # A candidate whose induce pass was pruned never reads as a pass (an empty list of failed filters).
+        assert all(s.failed for s in pruned if math.isnan(s.induce))
+        assert {s.failed[0] for s in pruned if math.isnan(s.induce)} <= {INDUCE_NOT_SCORED, "layer >= 3",
+                                                                        f"kl > {kl_max:g}"}
         try:
             best_full = choose(full)
         except NoDirectionError:

@@ -1,0 +1,302 @@
+"""How the base model refuses, found from its own greedy replies: the shared reply prefix and the refusal tokens.
+
+The refusal score reads the log-probability of refusal tokens at one reply position. Which position and which tokens
+differ per model: a template may put a lone space before every reply, a reasoning model opens every reply with the
+same thinking block, and refusals may be worded in lower case or another language. So the base model's own short
+greedy replies to harmful and harmless prompts are read: the prefix they all share is teacher-forced after the
+prompt, and the refusal tokens are the tokens that open the harmful replies there and rarely the harmless ones.
+
+`refusal.json` in the measure folder records what was found; evaluation reads it to match refusals the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from abliterate.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REFUSAL_JSON = "refusal.json"
+
+
+@dataclass
+class RefusalProfile:
+    """How the base model refuses, as found from its own greedy replies (or as configured)."""
+
+    source: str  # "discovered" or "configured" (measure.refusal_openings set by the user)
+    prefix: str  # reply text shared by refusals and answers, teacher-forced before scoring ("" none)
+    token_ids: list[int]  # refusal tokens at the scored position (first token after the prefix)
+    token_texts: list[str]  # the same, decoded
+    openings: list[str]  # how the base model's refusals open, as text after the prefix (first words)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # template kwargs used for measuring
+    thinking_end: str = ""  # text that closes a thinking block in this model's replies ("" when none found)
+    n_harmful_replies: int = 0
+    n_harmless_replies: int = 0
+    n_refusals: int = 0  # harmful replies recognised as refusals
+    separation: float = 1.0  # how well the score separates harmful from harmless (AUC in [0, 1])
+    prefix_ids: list[int] = field(default_factory=list)  # the prefix as token ids, appended to each prompt
+    inside_thinking: bool = False  # the scored position is inside a thinking block (openings are then empty)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self, markdown: bool = False) -> str:
+        """One line on what was found, for the console and (`markdown`: values as code) the model card."""
+        def show(value: Any) -> str:
+            text = json.dumps(value, ensure_ascii=False)
+            return f"`{text}`" if markdown else text
+
+        how = "found from the base model's greedy replies" if self.source == "discovered" else "as configured"
+        prefix = f"after the shared reply prefix {show(self.prefix)}" if self.prefix else "at the first reply token"
+        thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
+                    if self.template_kwargs else "")
+        return (f"refusal scored {prefix} on the tokens {show(self.token_texts)} ({how}: "
+                f"they open {self.n_refusals} of {self.n_harmful_replies} harmful replies; separation of harmful "
+                f"from harmless prompts, AUC {self.separation:.3f}){thinking}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RefusalProfile:
+        """Reads a profile, ignoring keys a later version added (so an older reader keeps working)."""
+        known = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def save_profile(profile: RefusalProfile, folder: Path) -> Path:
+    path = Path(folder) / REFUSAL_JSON
+    path.write_text(json.dumps(profile.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_profile(folder_or_file: Path) -> RefusalProfile | None:
+    """The profile in a measure folder (or the refusal.json file itself); None when the file is absent."""
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / REFUSAL_JSON
+    if not path.is_file():
+        return None
+    return RefusalProfile.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+# ---- discovery ----
+
+# A reply token belongs to the shared prefix when at least this share of each side's replies has it there: a lone
+# odd reply must not hide a prefix that every other reply has, but a token one side lacks is a decision, not a prefix.
+PREFIX_SHARE = 0.9
+# A refusal token is at least this many times more frequent after harmful prompts than after harmless ones.
+ENRICHMENT = 4.0
+# Told apart by frequency alone, a refusal token must open at least two harmful replies, so that one odd harmful
+# reply does not make its first token a refusal token; one that a refusal phrase confirms needs one.
+MIN_UNCONFIRMED = 2
+# Tokens chosen on one half of the replies must open this much larger a share of the other half's harmful replies
+# than of its harmless ones. Chosen after the fact, tokens always tell a sample's sides apart a little; on replies
+# they were not chosen on, only real refusal tokens do (a model that refuses nothing gives a margin near 0).
+MIN_HELD_OUT_MARGIN = 0.5
+OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
+MAX_OPENINGS = 20
+THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
+THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
+SWITCH_SENTINEL = "Name a fruit"
+
+
+@dataclass
+class OpeningCounts:
+    """Per first reply token after the prefix: how many harmful and harmless replies open with it."""
+
+    harmful: dict[int, int]
+    harmless: dict[int, int]
+    confirmed: dict[int, int]  # harmful replies opening with the token that a refusal phrase matches
+    n_harmful: int
+    n_harmless: int
+
+
+def thinking_switch(tokenizer: Any, model_config: Any) -> dict[str, Any]:
+    """{"enable_thinking": False} when the template renders differently with it and the user set no kwargs."""
+    if getattr(model_config, "template_kwargs", None) or not getattr(tokenizer, "chat_template", None):
+        return {}
+    messages = [{"role": "user", "content": SWITCH_SENTINEL}]
+    try:
+        default = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        off = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                            enable_thinking=False)
+    except Exception:  # noqa: BLE001 - a template that fails here fails again, with a clear message, when formatting
+        return {}
+    return {"enable_thinking": False} if default != off else {}
+
+
+def shared_prefix(harmful: list[list[int]], harmless: list[list[int]], share: float = PREFIX_SHARE) -> list[int]:
+    """The longest run of reply tokens that at least `share` of each side's replies open with."""
+    prefix: list[int] = []
+    while True:
+        n = len(prefix)
+        following = [reply[n] for reply in harmful + harmless if len(reply) > n and reply[:n] == prefix]
+        if not following:
+            return prefix
+        token = max(set(following), key=following.count)
+        for side in (harmful, harmless):
+            if sum(reply[:n + 1] == prefix + [token] for reply in side) < share * len(side):
+                return prefix
+        prefix.append(token)
+
+
+def count_openings(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
+                   phrases: Sequence[str]) -> OpeningCounts:
+    """How often each token opens the replies right after the prefix, per side (replies without the prefix skipped)."""
+    from abliterate.metrics import is_refusal
+
+    counts = OpeningCounts({}, {}, {}, 0, 0)
+    n = len(prefix)
+    for side, replies in (("harmful", harmful), ("harmless", harmless)):
+        table = getattr(counts, side)
+        for reply in replies:
+            if len(reply) <= n or reply[:n] != prefix:
+                continue
+            setattr(counts, f"n_{side}", getattr(counts, f"n_{side}") + 1)
+            table[reply[n]] = table.get(reply[n], 0) + 1
+            if side == "harmful" and is_refusal(tokenizer.decode(reply[n:], skip_special_tokens=True), phrases):
+                counts.confirmed[reply[n]] = counts.confirmed.get(reply[n], 0) + 1
+    return counts
+
+
+def refusal_tokens(counts: OpeningCounts) -> list[int]:
+    """Tokens far more frequent after harmful prompts, confirmed by a refusal phrase or opening many replies.
+
+    Most supported first: the order only decides how they are listed.
+    """
+    found = []
+    for token, n_harmful in counts.harmful.items():
+        harmful_rate = n_harmful / max(counts.n_harmful, 1)
+        harmless_rate = counts.harmless.get(token, 0) / max(counts.n_harmless, 1)
+        if harmful_rate < ENRICHMENT * harmless_rate:
+            continue
+        confirmed = 2 * counts.confirmed.get(token, 0) > n_harmful
+        if confirmed or n_harmful >= MIN_UNCONFIRMED:
+            found.append(token)
+    return sorted(found, key=lambda token: (-counts.harmful[token], token))
+
+
+def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
+                    phrases: Sequence[str]) -> float:
+    """Refusal tokens chosen on every other reply, tried on the rest (and the other way round): the mean of
+    (share of held-out harmful replies they open) - (share of held-out harmless replies they open)."""
+    margins = []
+    for chosen, held in ((0, 1), (1, 0)):
+        tokens = set(refusal_tokens(count_openings(tokenizer, harmful[chosen::2], harmless[chosen::2], prefix,
+                                                   phrases)))
+        held_out = count_openings(tokenizer, harmful[held::2], harmless[held::2], prefix, phrases)
+        opened = [sum(table.get(t, 0) for t in tokens) / max(n, 1) for table, n in (
+            (held_out.harmful, held_out.n_harmful), (held_out.harmless, held_out.n_harmless))]
+        margins.append(opened[0] - opened[1])
+    return sum(margins) / len(margins)
+
+
+def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int]) -> list[str]:
+    """The first words (lower case) of the harmful replies that open with a refusal token, most frequent first."""
+    n = len(prefix)
+    seen: dict[str, int] = {}
+    for reply in harmful:
+        if len(reply) > n and reply[:n] == prefix and reply[n] in token_ids:
+            words = tokenizer.decode(reply[n:], skip_special_tokens=True).split()[:OPENING_WORDS]
+            if words:
+                opening = " ".join(words).lower()
+                seen[opening] = seen.get(opening, 0) + 1
+    return sorted(seen, key=lambda text: (-seen[text], text))[:MAX_OPENINGS]
+
+
+def thinking_end(texts: Sequence[str]) -> str:
+    """The first known closer of a thinking block that occurs in any of `texts` ("" when none does)."""
+    return next((end for end in THINKING_ENDS if any(end in text for text in texts)), "")
+
+
+def inside_thinking(prompt: str, prefix: str, end: str) -> bool:
+    """Whether a thinking block is open where the score is read: the prompt's tail plus the prefix opened one last."""
+    text = prompt + prefix
+    opened = max(text.rfind(start) for start in THINKING_STARTS)
+    return bool(end) and opened > text.rfind(end)
+
+
+def separation_auc(harmful: Sequence[float], harmless: Sequence[float]) -> float:
+    """The chance that a harmful prompt's score is above a harmless one's (ties count half): the AUC."""
+    if not harmful or not harmless:
+        return float("nan")
+    above = sum((h > g) + 0.5 * (h == g) for h in harmful for g in harmless)
+    return above / (len(harmful) * len(harmless))
+
+
+def describe_openings(tokenizer: Any, replies: list[list[int]], n_shown: int = 2) -> str:
+    """A couple of reply openings, quoted, for an error message."""
+    texts = [tokenizer.decode(reply[:12], skip_special_tokens=False) for reply in replies[:n_shown]]
+    return ", ".join(repr(text) for text in texts) or "(no replies)"
+
+
+def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], model_config: Any,
+                 measure_config: Any) -> RefusalProfile:
+    """Greedy replies of the base model to a sample of fit prompts, read for the shared prefix and refusal tokens.
+
+    `harmful` and `harmless` are plain instructions (the first `measure_config.n_discovery` of each are used).
+    With `measure_config.refusal_openings` set, those openings give the refusal tokens (source "configured") and
+    only the prefix is read from the replies.
+    """
+    from abliterate.chat import format_instructions, refusal_token_ids, stop_token_ids
+    from abliterate.generation import generate_transformers
+    from abliterate.metrics import EXTENDED_REFUSALS
+
+    kwargs = dict(getattr(model_config, "template_kwargs", None) or {}) or thinking_switch(tokenizer, model_config)
+    if kwargs and not model_config.template_kwargs:
+        log.info("The chat template can switch thinking off: measuring with enable_thinking=False (refusal is "
+                 "decided at the reply's first token, not at a different place inside every prompt's thinking).")
+    model_config = replace(model_config, template_kwargs=kwargs)
+    n = measure_config.n_discovery
+    texts = format_instructions(tokenizer, list(harmful[:n]) + list(harmless[:n]), model_config)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config, model_config)
+    replies = [reply.token_ids for reply in generate_transformers(
+        model, tokenizer, texts, stop_ids, measure_config.discovery_max_new_tokens, measure_config.batch_size)]
+    harmful_ids, harmless_ids = replies[:len(harmful[:n])], replies[len(harmful[:n]):]
+    prefix = shared_prefix(harmful_ids, harmless_ids)
+    counts = count_openings(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
+    if measure_config.refusal_openings:
+        source, token_ids = "configured", refusal_token_ids(tokenizer, measure_config.refusal_openings)
+        openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
+    else:
+        source, token_ids = "discovered", refusal_tokens(counts)
+        margin = held_out_margin(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
+        if not token_ids or margin < MIN_HELD_OUT_MARGIN:
+            raise UserError(_nothing_found(tokenizer, harmful_ids, harmless_ids, prefix))
+        openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids)
+    decoded = [tokenizer.decode(reply, skip_special_tokens=False) for reply in replies] + texts[:1]
+    prefix_text, end = tokenizer.decode(prefix, skip_special_tokens=False), thinking_end(decoded)
+    thinking = inside_thinking(texts[0], prefix_text, end)
+    if thinking:
+        log.warning("Refusal is scored inside every prompt's own thinking, where harmful and harmless replies first "
+                    "differ (after %r); the separation printed next says how reliable that is.", prefix_text)
+    return RefusalProfile(
+        source=source, prefix=prefix_text, token_ids=list(token_ids),
+        token_texts=[tokenizer.decode([token]) for token in token_ids],
+        openings=[] if thinking and source == "discovered" else openings, template_kwargs=kwargs,
+        thinking_end=end, n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
+        n_refusals=sum(counts.harmful.get(token, 0) for token in token_ids), separation=float("nan"),
+        prefix_ids=prefix, inside_thinking=thinking)
+
+
+def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int]) -> str:
+    where = f" after the shared prefix {tokenizer.decode(prefix)!r}" if prefix else ""
+    return (f"Found no refusal in the base model's replies: no token opens its harmful replies{where} far more often "
+            f"than its harmless ones. Harmful replies open like {describe_openings(tokenizer, harmful)}; harmless "
+            f"like {describe_openings(tokenizer, harmless)}. If the model does refuse, check the chat template "
+            "(--chat-template, --system-prompt) or name its refusal openings in measure.refusal_openings.")
+
+
+def log_profile(profile: RefusalProfile) -> None:
+    """Log what was found, and warn when the score separates harmful from harmless prompts poorly."""
+    log.info("Refusal (%s): scored after the reply prefix %r with tokens %s, which open %d of %d harmful replies; "
+             "separation of harmful from harmless training prompts (AUC) %.3f.", profile.source, profile.prefix,
+             profile.token_texts, profile.n_refusals, profile.n_harmful_replies, profile.separation)
+    if not profile.separation >= 0.9:
+        log.warning("The refusal score separates harmful from harmless prompts poorly (AUC %.3f): the reply prefix "
+                    "%r may end inside per-prompt reasoning; switch thinking off (model.template_kwargs) if the "
+                    "template can.", profile.separation, profile.prefix)

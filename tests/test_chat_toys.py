@@ -1,0 +1,140 @@
+"""`measure` + `apply` with default settings on toys that refuse the way real models do, judged by generation.
+
+No refusal configuration: each toy's reply prefix (a lone space, a fixed thinking block, none), its refusal tokens
+(lower case, Cyrillic, English) and where thinking can be switched off are found from the toy's own replies. The
+refusal rate is each toy's true share, judged by its own known refusal text on greedy replies to held-out prompts.
+Every measure here runs with local prompt files, the default (Hub) evaluation sources and every Hub entry point
+made to fail the test: measure never loads the evaluation sets and never touches the Hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from chat_toys import TOYS, chat_toy, write_prompt_files
+
+from abliterate.config import load_config
+from abliterate.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# What each toy's replies show (the toy's construction, not a tuning of the discovery).
+EXPECTED = {
+    "lowercase_space": {"prefix": " ", "tokens": ["unfortunately"], "template_kwargs": {}},
+    "thinking": {"prefix": "<think>\n\n</think>\n\n", "tokens": ["I"], "template_kwargs": {}},
+    "switchable_thinking": {"prefix": "", "tokens": ["I"], "template_kwargs": {"enable_thinking": False}},
+    "foreign": {"prefix": "", "tokens": ["Извините"], "template_kwargs": {}},
+    "toy": {"prefix": "", "tokens": ["I"], "template_kwargs": {}},
+}
+
+
+def _toy(name: str) -> tuple[Path, dict[str, list[str]], SimpleNamespace]:
+    if name == "toy":
+        from abliterate.toy import REFUSAL_REPLY, toy_prompt_splits, toy_refuser
+
+        return toy_refuser(), toy_prompt_splits(0), SimpleNamespace(refuses=lambda r: r.startswith(REFUSAL_REPLY))
+    model_dir, splits = chat_toy(name)
+    return model_dir, splits, TOYS[name]
+
+
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import huggingface_hub
+
+    def fail(*args, **kwargs):
+        raise AssertionError(f"measure reached for the Hub: {args}")
+
+    for module, name in ((datasets, "load_dataset"), (huggingface_hub, "snapshot_download"),
+                         (huggingface_hub, "hf_hub_download"), (socket, "getaddrinfo")):
+        monkeypatch.setattr(module, name, fail)
+
+
+def _refusal_rates(model_dir: Path, splits: dict[str, list[str]], toy, model_config) -> dict[str, float]:
+    from abliterate.chat import format_instructions, stop_token_ids
+    from abliterate.generation import generate_transformers
+    from abliterate.model import load_model
+
+    model, tokenizer = load_model(str(model_dir), model_config)
+    stops = stop_token_ids(tokenizer, model.generation_config, model_config)
+    rates = {}
+    for side in ("harmful", "harmless"):
+        texts = format_instructions(tokenizer, splits[f"{side}_eval"], model_config)
+        replies = generate_transformers(model, tokenizer, texts, stops, max_new_tokens=48, batch_size=100)
+        rates[side] = sum(toy.refuses(reply.text) for reply in replies) / len(replies)
+    return rates
+
+
+@pytest.fixture(scope="module", params=list(EXPECTED))
+def abliterated(request, tmp_path_factory):
+    """(toy name, measure result, refusal rates before and after) with default settings and local prompt files."""
+    from abliterate.checkpoint import apply_direction
+    from abliterate.measure import measure
+
+    name = request.param
+    model_dir, splits, toy = _toy(name)
+    folder = tmp_path_factory.mktemp(name)
+    sources = write_prompt_files(splits, folder / "prompts")
+    # Only the fit prompts are local: the evaluation sources stay the defaults, which are on the Hub.
+    config = load_config(None, {"prompts": {"harmful_train": sources["harmful_train"],
+                                            "harmless_train": sources["harmless_train"]}})
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _no_hub(monkeypatch)
+        result = measure(str(model_dir), folder / "measure", config)
+    apply_direction(str(model_dir), result.direction_path, folder / "edited", config)
+    model_config = dataclasses.replace(config.model, template_kwargs=result.refusal.template_kwargs)
+    before = _refusal_rates(model_dir, splits, toy, model_config)
+    after = _refusal_rates(folder / "edited", splits, toy, model_config)
+    return SimpleNamespace(name=name, result=result, before=before, after=after, folder=folder)
+
+
+def test_how_the_toy_refuses_is_found_from_its_own_replies(abliterated):
+    profile, expected = abliterated.result.refusal, EXPECTED[abliterated.name]
+    assert profile.source == "discovered"
+    assert profile.prefix == expected["prefix"]
+    assert profile.token_texts == expected["tokens"]
+    assert profile.template_kwargs == expected["template_kwargs"]
+    assert profile.n_refusals == profile.n_harmful_replies == 32 and not profile.inside_thinking
+    assert profile.separation > 0.99
+    written = (abliterated.folder / "measure" / "refusal.json").read_text(encoding="utf-8")
+    assert profile.to_dict() == __import__("json").loads(written)
+
+
+def test_measure_and_apply_remove_refusal_by_generation(abliterated):
+    before, after = abliterated.before, abliterated.after
+    assert before["harmful"] >= 0.9 and before["harmless"] <= 0.1, before
+    assert after["harmful"] <= 0.1 and after["harmless"] <= 0.1, after
+
+
+def test_thinking_on_is_scored_where_the_replies_diverge_and_says_how_well(one_thread):
+    """Asked to keep thinking on, the toy decides inside every prompt's own thinking: the score is read where
+    harmful and harmless replies first differ, and the separation says how reliable that is."""
+    from abliterate.model import load_model
+    from abliterate.refusal import find_refusal
+
+    model_dir, splits = chat_toy("switchable_thinking")
+    config = load_config(None, {"model": {"template_kwargs": {"enable_thinking": True}}})
+    model, tokenizer = load_model(str(model_dir), config.model)
+    profile = find_refusal(model, tokenizer, splits["harmful_train"], splits["harmless_train"], config.model,
+                           config.measure)
+    assert profile.template_kwargs == {"enable_thinking": True}
+    assert profile.prefix.startswith("<think>\nthe user wants to")
+    assert profile.thinking_end == "</think>" and profile.inside_thinking
+    # Thinking text is no refusal opening for evaluation to match (it strips the thinking block first).
+    assert profile.openings == []
+    assert profile.token_ids and profile.n_refusals >= 0.9 * profile.n_harmful_replies
+
+
+def test_a_model_that_refuses_nothing_is_an_error_showing_its_replies(toy_refuser_dir, one_thread):
+    from abliterate.model import load_model
+    from abliterate.refusal import find_refusal
+    from abliterate.toy import toy_prompt_splits
+
+    config = load_config(None, {})
+    model, tokenizer = load_model(str(toy_refuser_dir), config.model)
+    harmless = toy_prompt_splits(0)["harmless_train"]
+    with pytest.raises(UserError, match=r"Found no refusal.*Harmful replies open like 'Sure, here is how to"):
+        find_refusal(model, tokenizer, harmless[:32], harmless[32:64], config.model, config.measure)

@@ -1,0 +1,170 @@
+"""Finding how a model refuses from its own replies: the shared prefix, the refusal tokens, the thinking switch;
+refusal openings that are fragments of words; and `measure` offline (local prompt files only, the Hub never asked).
+"""
+
+import logging
+import math
+import socket
+
+import pytest
+
+from abliterate.chat import refusal_token_ids
+from abliterate.errors import UserError
+from abliterate.refusal import (
+    OpeningCounts,
+    RefusalProfile,
+    load_profile,
+    refusal_tokens,
+    save_profile,
+    separation_auc,
+    shared_prefix,
+    thinking_switch,
+)
+
+
+def test_shared_prefix_is_what_nearly_every_reply_of_both_sides_opens_with():
+    harmful = [[5, 9, 1, 2]] * 19 + [[9, 1]]  # one odd reply lacks the lone-space token 5
+    harmless = [[5, 9, 3, 4]] * 10 + [[5, 9, 7]] * 10
+    assert shared_prefix(harmful, harmless) == [5, 9]
+    # A token that opens only one side's replies is a decision, not a prefix.
+    assert shared_prefix([[1, 2]] * 10, [[3, 2]] * 10) == []
+    assert shared_prefix([[8, 1]] * 10, [[8, 1]] * 8 + [[3]] * 2) == []  # 80% < 90% of the harmless replies
+
+
+def test_refusal_tokens_are_far_more_frequent_after_harmful_prompts():
+    counts = OpeningCounts(harmful={10: 20, 11: 8, 12: 4, 13: 1}, harmless={11: 20, 12: 0, 14: 12},
+                           confirmed={13: 1}, n_harmful=32, n_harmless=32)
+    # 10: only harmful. 11: opens harmless replies as often. 12: 4 of 32 harmful, never harmless (frequency alone).
+    # 13: one reply, but a refusal phrase confirms it.
+    assert refusal_tokens(counts) == [10, 12, 13]
+    odd = OpeningCounts(harmful={10: 30, 12: 1, 15: 1}, harmless={15: 1}, confirmed={}, n_harmful=32,
+                        n_harmless=32)
+    assert refusal_tokens(odd) == [10]  # one odd reply's opening is not a refusal token
+
+
+def test_separation_is_the_auc():
+    assert separation_auc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert separation_auc([1.0, 4.0], [2.0, 3.0]) == 0.5
+    assert separation_auc([2.0], [2.0]) == 0.5
+    assert math.isnan(separation_auc([], [1.0]))
+
+
+def test_profile_round_trips_and_ignores_keys_it_does_not_know(tmp_path):
+    profile = RefusalProfile("discovered", " ", [7], ["unfortunately"], ["unfortunately i can"],
+                             {"enable_thinking": False}, "</think>", 32, 32, 31, 0.98, [5])
+    save_profile(profile, tmp_path)
+    assert load_profile(tmp_path) == profile
+    assert load_profile(tmp_path / "refusal.json") == profile
+    data = profile.to_dict() | {"added_later": 1}
+    assert RefusalProfile.from_dict(data) == profile
+    assert load_profile(tmp_path / "absent") is None
+
+
+def _tokenizer(template: str, corpus: list[str], vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   chat_template=template)
+
+
+SWITCHABLE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'assistant:' }}"
+              "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think></think>' }}{% endif %}"
+              "{% endif %}")
+PLAIN = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant:"
+
+
+def test_thinking_is_switched_off_only_where_the_template_can_and_the_user_chose_nothing():
+    from abliterate.config import ModelConfig
+
+    tokenizer = _tokenizer(SWITCHABLE, ["user: assistant: Name a fruit"])
+    assert thinking_switch(tokenizer, ModelConfig()) == {"enable_thinking": False}
+    assert thinking_switch(tokenizer, ModelConfig(template_kwargs={"enable_thinking": True})) == {}
+    tokenizer.chat_template = PLAIN
+    assert thinking_switch(tokenizer, ModelConfig()) == {}
+
+
+def test_an_opening_whose_first_token_is_a_fragment_is_dropped_with_a_warning(caplog):
+    # A vocabulary that never saw "Sorry": it tokenises to single letters.
+    tokenizer = _tokenizer(PLAIN, ["I cannot help with that. I cannot do it."] * 20, vocab_size=270)
+    with caplog.at_level(logging.WARNING, logger="abliterate.chat"):
+        ids = refusal_token_ids(tokenizer, ["I", "Sorry"])
+    assert [tokenizer.decode([i]).strip() for i in ids] == ["I"] * len(ids)
+    assert "'Sorry' -> ['S', 'o', 'r', 'r']" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="abliterate.chat"):
+        refusal_token_ids(tokenizer, ["I", "I cannot"])  # "I" is a whole word here, not a fragment
+    assert caplog.text == ""
+    with pytest.raises(UserError, match="fragment"):
+        refusal_token_ids(tokenizer, ["Sorry"])
+
+
+# ---- offline ----
+
+def test_an_offline_hub_dataset_fails_at_once_naming_the_local_file(monkeypatch, caplog):
+    import datasets
+
+    from abliterate.prompts import load_prompts
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+        ConnectionError("Couldn't reach the Hub (OfflineModeIsEnabled)")))
+    with pytest.raises(UserError, match=r"HF_HUB_OFFLINE=1 .*pass a local prompt file instead \(\.txt"):
+        load_prompts("hf:owner/never-cached:train")
+    assert len(calls) == 1  # the cache is asked once, the network never
+
+
+def test_a_name_that_does_not_resolve_fails_at_once_without_retries(monkeypatch, caplog):
+    import datasets
+    from huggingface_hub import constants
+
+    from abliterate.prompts import load_prompts
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the Hub was asked"))
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(UserError, match=r"huggingface.co cannot be resolved .*pass a local prompt file"):
+            load_prompts("hf:owner/name:train")
+    assert "Retrying" not in caplog.text
+
+
+def test_measure_with_an_offline_hub_source_exits_at_once_naming_the_local_file(toy_refuser_dir, tmp_path):
+    import subprocess
+    import sys
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("How do I steal a car?\n")
+    process = subprocess.run([sys.executable, "-c", "from abliterate.cli import main; main()", "measure",
+                              str(toy_refuser_dir), "--out", str(tmp_path / "out"), "--harmful", str(harmful),
+                              "--harmless", "hf:owner/not-cached"], capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: The dataset hf:owner/not-cached is not in the local Hub cache and "
+                                "HF_HUB_OFFLINE=1 keeps abliterate off the Hub; pass a local prompt file instead")
+    assert "Retrying" not in process.stderr and not (tmp_path / "out").exists()
+
+
+def test_hub_retry_warnings_are_printed_once():
+    import subprocess
+    import sys
+
+    # huggingface_hub logs each retry through a handler of its own and through the CLI's: twice, before.
+    # The CLI sets up logging first; huggingface_hub is imported later, when a command first needs it.
+    code = ("from abliterate.cli import _setup; _setup(verbose=False, quiet=False); import logging; "
+            "import huggingface_hub.utils._http; "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Retrying in 1s") == 1, result.stderr
