@@ -117,6 +117,8 @@ def test_use_reference_reproduces_the_direction_through_the_cli(measured, toy_re
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"{measured.layer}" in result.output and "Reference: best cosine 1.0000" in result.output
+    assert 'Refusal: refusal scored at the first reply token on the tokens ["I"] (found from the base model' in \
+        result.output
 
     first, again = load_direction(measured.direction_path), load_direction(out / "direction.json")
     assert torch.allclose(first.vector, again.vector, atol=1e-7)

@@ -85,8 +85,8 @@ def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_di
     assert run["complete"] and run["seed"] == 42 and run["base_model"] == str(toy_refuser_dir)
     assert {"torch", "transformers", "abliterate"} <= set(run["versions"])
     assert load_config(prov / "config.toml") == load_config(TOY_CONFIG)
-    for artifact in ("measure/direction.json", "measure/direction.safetensors", "eval/report.md",
-                     "eval/eval.json"):
+    for artifact in ("measure/direction.json", "measure/direction.safetensors", "measure/refusal.json",
+                     "eval/report.md", "eval/eval.json"):
         assert (prov / artifact).is_file(), artifact
     top, kept = out / "model.safetensors", prov / "apply" / "checkpoint" / "model.safetensors"
     assert top.stat().st_ino == kept.stat().st_ino  # published as a hard link: no second copy on disk
@@ -94,6 +94,9 @@ def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_di
     assert "- abliterated" in card and "library_name: transformers" in card
     assert str(out) not in card and str(toy_refuser_dir) not in card and "/tmp/" not in card
     assert f"input of layer {run['summary']['layer']} of {run['summary']['n_layers']}" in card
+    # How refusal was found, in the card and in the run's own output.
+    assert 'read the refusal scored at the first reply token on the tokens `["I"]`' in card
+    assert 'Refusal: refusal scored at the first reply token on the tokens ["I"]' in toy_run[1]
 
 
 def test_rerun_with_the_same_settings_reuses_every_step(toy_run, toy_refuser_dir):
