@@ -148,7 +148,8 @@ def _evaluate_one(model: Any, tokenizer: Any, prompts: dict[str, list[Any]], cor
         section[key] = refusal_rates([r.text for r in by_side[side]], categories, phrases)
     from abliterate.chat import COMMON_OPENINGS
 
-    refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings or list(COMMON_OPENINGS)))
+    openings = config.measure.refusal_openings
+    refusal_ids = list(refusal_token_ids(tokenizer, openings or list(COMMON_OPENINGS), warn=bool(openings)))
     prompt_ids = {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts}
     section["refusal_score"] = {
         side: _mean_refusal_score(model, prompt_ids[side], refusal_ids, pad_id, e.batch_size) for side in texts
