@@ -94,8 +94,8 @@ def nothing_passes_message(scores: list[CandidateScore], n_shown: int = 5) -> st
     """A readable refusal to choose: the lowest-bypass candidates, the filter each failed, and a hint."""
     ranked = sorted(scores, key=lambda s: (math.isnan(s.bypass), s.bypass))[:n_shown]
     n_scored = sum(not math.isnan(s.bypass) for s in scores)
-    lines = [f"No candidate direction passed the filters ({n_scored} of {len(scores)} scored; the others are "
-             "from discarded layers or zero). Best by bypass score:"]
+    lines = [(f"No candidate direction passed the filters ({n_scored} of {len(scores)} scored; the others are "
+              "from discarded layers or zero). Best by bypass score:")]
     for s in ranked:
         lines.append(f"  pos {s.position:>3} layer {s.layer:>3}: bypass {s.bypass:.3f} kl {s.kl:.4f} "
                      f"induce {s.induce:.3f}  failed: {', '.join(s.failed) or 'none'}")
