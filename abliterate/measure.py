@@ -117,7 +117,10 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
     timings["discovery_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    fit = _fit(model, tokenizer, sets, config, reference, profile)
+    try:
+        fit = _fit(model, tokenizer, sets, config, reference, profile)
+    except UserError as error:  # the prompt filter kept too few: say how refusal was read
+        raise UserError(f"{error} (How refusal was read: {profile.describe()}.)") from None
     timings["activations_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
