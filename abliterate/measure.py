@@ -216,7 +216,8 @@ def _encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless:
     texts, prefix = harmful + harmless, fit.profile.prefix_ids
     is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
     return build_validation_set(model, encode(tokenizer, texts, batch_size, prefix),
-                                encode(tokenizer, harmless, batch_size, prefix), is_harmful, fit.refusal_ids)
+                                encode(tokenizer, harmless, batch_size, prefix), is_harmful, fit.refusal_ids,
+                                kl_positions=len(prefix) + 1)
 
 
 def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
