@@ -114,18 +114,23 @@ def _accepts_logits_to_keep(model: Any) -> bool:
 
 
 @torch.inference_mode()
-def forward_last(model: Any, batch: Batch) -> torch.Tensor:
-    """One forward pass returning the last position's logits `[batch, vocab]`.
+def forward_tail(model: Any, batch: Batch, n_positions: int) -> torch.Tensor:
+    """One forward pass returning the logits of the last `n_positions` positions `[batch, n_positions, vocab]`.
 
-    Only the last position's logits are ever needed, so the output layer is run on that position alone where the
-    model supports `logits_to_keep` (a 128k-token vocabulary otherwise dominates the cost of short prompts).
+    Only the last positions' logits are ever needed, so the output layer is run on those alone where the model
+    supports `logits_to_keep` (a 128k-token vocabulary otherwise dominates the cost of short prompts).
     """
     device = input_device(model)
     kwargs: dict[str, Any] = {"use_cache": False}
     if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = 1
+        kwargs["logits_to_keep"] = n_positions
     output = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), **kwargs)
-    return output.logits[:, -1, :]
+    return output.logits[:, -n_positions:, :]
+
+
+def forward_last(model: Any, batch: Batch) -> torch.Tensor:
+    """One forward pass returning the last position's logits `[batch, vocab]`."""
+    return forward_tail(model, batch, 1)[:, -1, :]
 
 
 # ---- accumulation ----

@@ -53,6 +53,7 @@ class CardFacts:
     eval_results: list[dict] = field(default_factory=list)  # see `eval_results`: one per headline metric
     figure: str = ""  # path of the candidate scores figure relative to the card, when there is one
     install: str = ""  # the command that installs this abliterate (empty: no public source to point at)
+    refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json), empty when unknown
 
 
 def hub_dataset(source: str) -> str:
@@ -98,7 +99,6 @@ def install_command() -> str:
     info = json.loads(direct)
     url, commit = str(info.get("url", "")), (info.get("vcs_info") or {}).get("commit_id")
     return f"pip install git+{url}@{commit}" if commit and url.startswith(("https://", "ssh://")) else ""
-    refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json), empty when unknown
 
 
 def base_license(model_dir: Path, config: dict) -> dict[str, str]:

@@ -101,13 +101,14 @@ def _is_fragment(tokenizer: Any, tokens: list[int], first: int) -> bool:
     return "\ufffd" in text or (len(text) <= 1 and follows[:1].isalnum())
 
 
-def refusal_token_ids(tokenizer: Any, openings: list[str]) -> list[int]:
+def refusal_token_ids(tokenizer: Any, openings: list[str], warn: bool = True) -> list[int]:
     """The first token of each refusal opening, with and without a leading space, deduplicated, in order.
 
     Byte-level tokenizers give "I" and " I" different ids and the reply may begin either way depending on the
     template, so both count; SentencePiece gives both the same piece, kept once. A bare leading "▁" piece is skipped
     for the word's own piece. A first token that is only a fragment of a longer word ("S" of "Sorry" on a small
-    vocabulary) would count every reply opening with that letter as a refusal, so it is dropped with a warning.
+    vocabulary) would count every reply opening with that letter as a refusal, so it is dropped with a warning
+    (`warn=False`: silently, for a built-in list rather than the user's openings).
     """
     ids: list[int] = []
     fragments: list[tuple[int, str]] = []
@@ -124,7 +125,7 @@ def refusal_token_ids(tokenizer: Any, openings: list[str]) -> list[int]:
             elif first not in ids:
                 ids.append(first)
     fragments = [text for first, text in fragments if first not in ids]  # kept anyway by another opening
-    if fragments:
+    if fragments and warn:
         logger.warning("Refusal openings whose first token is a fragment of a word are left out of the refusal "
                        "tokens: %s.", "; ".join(fragments))
     if not ids:

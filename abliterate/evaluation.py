@@ -314,8 +314,9 @@ def _refusal_tokens(tokenizer: Any, context: _Context) -> tuple[list[int], list[
         return list(profile.token_ids), list(profile.prefix_ids)
     from abliterate.chat import COMMON_OPENINGS
 
-    openings = context.config.measure.refusal_openings or list(COMMON_OPENINGS)
-    return list(refusal_token_ids(tokenizer, openings)), []
+    configured = context.config.measure.refusal_openings
+    # Stand-in openings are not the user's words: their fragments are dropped without a warning.
+    return list(refusal_token_ids(tokenizer, configured or list(COMMON_OPENINGS), warn=bool(configured))), []
 
 
 def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any]:

@@ -147,9 +147,7 @@ _NO_SAFETENSORS = ("{repo_id} has no .safetensors weights (only pickle weights, 
 
 def _download(repo_id: str, revision: str) -> Path:
     """snapshot_download with the small-files-only patterns, turning every Hub failure into a UserError."""
-    from huggingface_hub import snapshot_download
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants, snapshot_download
 
     logger.info("Resolving %s on the Hub (safetensors and small files only)", repo_id)
     alternative = "pass the model's local checkpoint directory instead"

@@ -126,7 +126,10 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
     timings["discovery_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    fit = _fit(model, tokenizer, sets, config, reference, profile)
+    try:
+        fit = _fit(model, tokenizer, sets, config, reference, profile)
+    except UserError as error:  # the prompt filter kept too few: say how refusal was read
+        raise UserError(f"{error} (How refusal was read: {profile.describe()}.)") from None
     timings["activations_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -224,7 +227,8 @@ def _encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless:
     texts, prefix = harmful + harmless, fit.profile.prefix_ids
     is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
     return build_validation_set(model, encode(tokenizer, texts, batch_size, prefix),
-                                encode(tokenizer, harmless, batch_size, prefix), is_harmful, fit.refusal_ids)
+                                encode(tokenizer, harmless, batch_size, prefix), is_harmful, fit.refusal_ids,
+                                kl_positions=len(prefix) + 1)
 
 
 def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -56,9 +57,10 @@ class RefusalProfile:
         prefix = f"after the shared reply prefix {show(self.prefix)}" if self.prefix else "at the first reply token"
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
                     if self.template_kwargs else "")
+        separation = "" if math.isnan(self.separation) else \
+            f"; separation of harmful from harmless prompts, AUC {self.separation:.3f}"
         return (f"refusal scored {prefix} on the tokens {show(self.token_texts)} ({how}: "
-                f"they open {self.n_refusals} of {self.n_harmful_replies} harmful replies; separation of harmful "
-                f"from harmless prompts, AUC {self.separation:.3f}){thinking}")
+                f"they open {self.n_refusals} of {self.n_harmful_replies} harmful replies{separation}){thinking}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefusalProfile:

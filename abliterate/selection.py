@@ -2,7 +2,8 @@
 
 For every candidate r (one per end-of-instruction position and layer):
 - bypass: mean refusal score on harmful validation prompts with r ablated at every layer (lower is better);
-- KL: mean KL(base || ablated) of the harmless validation prompts' next-token distribution;
+- KL: mean KL(base || ablated) of the harmless validation prompts' next-token distribution (at the scored
+  position and at each position that predicts a token of a teacher-forced reply prefix);
 - induce: mean refusal score on harmless validation prompts with the raw r added at its own layer's input.
 Candidates from the last layers, with KL above the limit, with induce < 0 or with any NaN are discarded
 (MeasureConfig), and the lowest bypass that passes is chosen.
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from abliterate import progress
-from abliterate.activations import Batch, forward_last, in_text_order, kl_divergence, refusal_score
+from abliterate.activations import Batch, forward_last, forward_tail, in_text_order, kl_divergence, refusal_score
 from abliterate.config import MeasureConfig
 from abliterate.errors import UserError
 from abliterate.hooks import ablate_direction, add_direction
@@ -94,8 +95,8 @@ def nothing_passes_message(scores: list[CandidateScore], n_shown: int = 5) -> st
     """A readable refusal to choose: the lowest-bypass candidates, the filter each failed, and a hint."""
     ranked = sorted(scores, key=lambda s: (math.isnan(s.bypass), s.bypass))[:n_shown]
     n_scored = sum(not math.isnan(s.bypass) for s in scores)
-    lines = [f"No candidate direction passed the filters ({n_scored} of {len(scores)} scored; the others are "
-             "from discarded layers or zero). Best by bypass score:"]
+    lines = [(f"No candidate direction passed the filters ({n_scored} of {len(scores)} scored; the others are "
+              "from discarded layers or zero). Best by bypass score:")]
     for s in ranked:
         lines.append(f"  pos {s.position:>3} layer {s.layer:>3}: bypass {s.bypass:.3f} kl {s.kl:.4f} "
                      f"induce {s.induce:.3f}  failed: {', '.join(s.failed) or 'none'}")
@@ -124,8 +125,12 @@ class ValidationSet:
     batches: list[Batch]  # harmful and harmless rows mixed, so a candidate costs one pass over them
     harmless_batches: list[Batch]  # harmless rows only, for the induce pass
     is_harmful: torch.Tensor  # [n] bool, per text of `batches`
-    base_log_probs: torch.Tensor  # [n_harmless, vocab] float32, harmless rows in text order
+    base_log_probs: torch.Tensor  # [n_harmless, kl_positions, vocab] float32, harmless rows in text order
     base_scores: torch.Tensor  # [n] float64 refusal score of every validation text without any edit
+    # The KL is taken over the next-token distributions of the last `kl_positions` positions: the scored position
+    # and, with a teacher-forced reply prefix, every position that predicts a prefix token. An edit that keeps the
+    # scored position's distribution but stops the model from opening its reply with the prefix is not harmless.
+    kl_positions: int = 1
 
 
 @torch.inference_mode()
@@ -136,12 +141,20 @@ def last_log_probs(model: Any, batches: list[Batch], description: str = "") -> t
     return in_text_order(batches, per_batch)
 
 
+@torch.inference_mode()
+def tail_log_probs(model: Any, batches: list[Batch], n_positions: int, description: str = "") -> torch.Tensor:
+    """Log-probabilities of the last `n_positions` positions `[n, n_positions, vocab]` (float32, CPU), text order."""
+    items = progress.track(batches, description) if description else batches
+    per_batch = [torch.log_softmax(forward_tail(model, b, n_positions).float(), dim=-1).cpu() for b in items]
+    return in_text_order(batches, per_batch)
+
+
 def build_validation_set(model: Any, batches: list[Batch], harmless_batches: list[Batch], is_harmful: torch.Tensor,
-                         refusal_ids: Sequence[int]) -> ValidationSet:
+                         refusal_ids: Sequence[int], kl_positions: int = 1) -> ValidationSet:
     """Run the base model once over the validation prompts and cache what every candidate is compared with."""
-    log_probs = last_log_probs(model, batches, "base validation pass")  # [n, vocab]
-    base_scores = refusal_score(log_probs, refusal_ids)  # [n]
-    return ValidationSet(batches, harmless_batches, is_harmful, log_probs[~is_harmful], base_scores)
+    log_probs = tail_log_probs(model, batches, kl_positions, "base validation pass")  # [n, kl_positions, vocab]
+    base_scores = refusal_score(log_probs[:, -1], refusal_ids)  # [n]
+    return ValidationSet(batches, harmless_batches, is_harmful, log_probs[~is_harmful], base_scores, kl_positions)
 
 
 # ---- scoring ----
@@ -150,9 +163,9 @@ def bypass_and_kl(model: Any, direction: torch.Tensor, val: ValidationSet,
                   refusal_ids: Sequence[int]) -> tuple[float, float]:
     """Mean harmful refusal score and mean harmless KL(base || ablated) with `direction` ablated everywhere."""
     with ablate_direction(model, direction):
-        log_probs = last_log_probs(model, val.batches)  # [n, vocab]
-    bypass = refusal_score(log_probs[val.is_harmful], refusal_ids).mean()
-    kl = kl_divergence(val.base_log_probs, log_probs[~val.is_harmful]).mean()
+        log_probs = tail_log_probs(model, val.batches, val.kl_positions)  # [n, kl_positions, vocab]
+    bypass = refusal_score(log_probs[val.is_harmful][:, -1], refusal_ids).mean()
+    kl = kl_divergence(val.base_log_probs, log_probs[~val.is_harmful]).mean()  # over rows and positions
     return float(bypass), float(kl)
 
 

@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from chat_toys import TOYS, chat_toy, write_prompt_files  # noqa: E402
+from chat_toys import TOYS, chat_toy, write_prompt_files
 
-from abliterate.config import load_config  # noqa: E402
+from abliterate.config import load_config
 
 NAMES = [*TOYS, "toy"]
 

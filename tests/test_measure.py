@@ -117,6 +117,8 @@ def test_use_reference_reproduces_the_direction_through_the_cli(measured, toy_re
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"{measured.layer}" in result.output and "Reference: best cosine 1.0000" in result.output
+    assert 'Refusal: refusal scored at the first reply token on the tokens ["I"] (found from the base model' in \
+        result.output
 
     first, again = load_direction(measured.direction_path), load_direction(out / "direction.json")
     assert torch.allclose(first.vector, again.vector, atol=1e-7)
@@ -163,6 +165,8 @@ def test_refusal_openings_the_model_never_uses_are_caught_by_the_prompt_filter(t
     assert message.startswith("Only 0 of 128 harmful training prompts are ones the base model refuses (at least 13 "
                               "needed); this usually means the chat template is wrong")
     assert "(measure.refusal_openings)" in message and "measure.filter_prompts = false" in message
+    assert message.endswith('(How refusal was read: refusal scored at the first reply token on the tokens ["Sure"] '
+                            "(as configured: they open 0 of 32 harmful replies).)")
     assert not (tmp_path / "out").exists()
 
 

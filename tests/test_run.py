@@ -84,7 +84,8 @@ def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_di
     assert {"torch", "transformers", "abliterate"} <= set(run["versions"])
     assert load_config(prov / "config.toml") == load_config(TOY_CONFIG)
     for artifact in ("measure/direction.json", "measure/direction.safetensors", "eval/report.md",
-                     "eval/eval.json", "apply/step.json", "apply/checkpoint/abliterate/toy_refuser.json"):
+                     "eval/eval.json", "apply/step.json", "apply/checkpoint/abliterate/toy_refuser.json",
+                     "measure/refusal.json"):
         assert (prov / artifact).is_file(), artifact
     card = (out / "README.md").read_text()
     assert "- abliterated" in card and "library_name: transformers" in card
@@ -107,6 +108,9 @@ def test_the_root_holds_only_what_runtimes_load_and_the_weights_once(toy_run):
     below = [p for p in (out / "abliterate").rglob("*") if p.is_file()]
     assert not any(p.name.startswith("model") and p.suffix == ".safetensors" for p in below)
     assert sum(p.stat().st_size for p in (out / "abliterate" / "apply").rglob("*") if p.is_file()) < 100_000
+    # How refusal was found, in the card and in the run's own output.
+    assert 'read the refusal scored at the first reply token on the tokens `["I"]`' in card
+    assert 'Refusal: refusal scored at the first reply token on the tokens ["I"]' in toy_run[1]
 
 
 def test_rerun_with_the_same_settings_reuses_every_step(toy_run, toy_refuser_dir):

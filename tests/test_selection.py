@@ -254,3 +254,26 @@ def test_activations_are_layer_inputs_on_other_families(family):
     with ablate_direction(model, direction), _last_positions(model, 7) as captured, torch.no_grad():
         model(input_ids=ids)
     assert max(float((captured[i] @ unit).abs().max()) for i in range(n_layers)) < 1e-4
+
+
+def test_kl_covers_the_positions_of_a_teacher_forced_reply_prefix(tiny):
+    """With a reply prefix, the KL also reads the positions that predict the prefix's tokens: an edit that keeps the
+    scored position but changes how the reply opens is not harmless."""
+    from abliterate.hooks import ablate_direction
+    from abliterate.selection import bypass_and_kl, tail_log_probs
+
+    torch.manual_seed(4)
+    direction = torch.randn(32, dtype=torch.float64)
+    batches = _batches([6, 5, 7, 6], batch_size=4, seed=5)
+    harmless = _batches([6, 7], batch_size=4, seed=5)
+    is_harmful = torch.tensor([True, True, False, False])
+    last = build_validation_set(tiny, batches, harmless, is_harmful, [3, 4])
+    tail = build_validation_set(tiny, batches, harmless, is_harmful, [3, 4], kl_positions=3)
+    assert tail.base_log_probs.shape[1] == 3 and torch.equal(tail.base_scores, last.base_scores)
+    (bypass_last, kl_last), (bypass_tail, kl_tail) = (bypass_and_kl(tiny, direction, v, [3, 4]) for v in (last, tail))
+    assert bypass_tail == pytest.approx(bypass_last, rel=1e-6)
+    with ablate_direction(tiny, direction):
+        edited = tail_log_probs(tiny, batches, 3)[~is_harmful]  # [n_harmless, 3, vocab]
+    per_position = [float(kl_divergence(tail.base_log_probs[:, p], edited[:, p]).mean()) for p in range(3)]
+    assert kl_last == pytest.approx(per_position[-1], rel=1e-6)
+    assert kl_tail == pytest.approx(sum(per_position) / 3, rel=1e-6)
