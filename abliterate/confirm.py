@@ -10,7 +10,7 @@ greedy replies, computed once:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,7 @@ import torch
 
 from abliterate.activations import kl_divergence
 from abliterate.generation import Reply, generate_transformers
-from abliterate.metrics import Scored, batches, is_refusal, position_logprobs
+from abliterate.metrics import RefusalMatcher, Scored, batches, position_logprobs
 
 
 @dataclass
@@ -32,13 +32,13 @@ class HeldOut:
     scored: list[Scored]  # prompt + base reply (+ its stop token), scored on the reply
     stop_ids: list[int]
     pad_id: int
-    phrases: Sequence[str]
+    matcher: RefusalMatcher  # how a reply is read as a refusal (phrases and the base model's own openings)
     max_new_tokens: int
     batch_size: int
 
 
 def held_out(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], stop_ids: list[int],
-             pad_id: int, phrases: Sequence[str], max_new_tokens: int, batch_size: int) -> HeldOut:
+             pad_id: int, matcher: RefusalMatcher, max_new_tokens: int, batch_size: int) -> HeldOut:
     """Generate the base model's harmless replies once and build the teacher-forced sequences from them."""
     base = generate_transformers(model, tokenizer, harmless, stop_ids, max_new_tokens, batch_size)
     scored = []
@@ -46,7 +46,7 @@ def held_out(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str]
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = [*prompt_ids, *reply.token_ids] + ([stop_ids[0]] if reply.stopped and stop_ids else [])
         scored.append(Scored(ids=ids, first_target=len(prompt_ids)))
-    return HeldOut(harmful, harmless, base, scored, stop_ids, pad_id, phrases, max_new_tokens, batch_size)
+    return HeldOut(harmful, harmless, base, scored, stop_ids, pad_id, matcher, max_new_tokens, batch_size)
 
 
 @torch.inference_mode()
@@ -73,9 +73,9 @@ def confirm(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManage
                                         held.batch_size)
         harmless = generate_transformers(model, tokenizer, held.harmless, held.stop_ids, held.max_new_tokens,
                                          held.batch_size)
-    refusals = sum(is_refusal(reply.text, held.phrases) for reply in harmful)
+    refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmful)
     identical = sum(a.token_ids == b.token_ids for a, b in zip(harmless, held.base_harmless))
-    harmless_refusals = sum(is_refusal(reply.text, held.phrases) for reply in harmless)
+    harmless_refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmless)
     return {"harmful_refusal": refusals / max(1, len(harmful)), "harmless_refusal": harmless_refusals / max(1, len(harmless)),
             "identical_share": identical / max(1, len(harmless)), "reply_kl": reply_kl(model, edit, held),
             "n_harmful": len(harmful), "n_harmless": len(harmless), "max_new_tokens": held.max_new_tokens}

@@ -35,9 +35,26 @@ def on_interrupt(note: Callable[[], str]) -> None:
     _interrupt_note[0] = note
 
 
+# Set once SIGINT arrived: Python drops an exception raised where it cannot propagate (a weakref callback, a
+# __del__), so the interrupt is raised again at the next progress step and checked once more at the end.
+_signalled: list[bool] = [False]
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C during cleanup stops at once
+    _signalled[0] = True
     raise Interrupted
+
+
+def _raise_if_signalled() -> None:
+    if _signalled[0]:
+        raise Interrupted
+
+
+def _unraisable(info: Any) -> None:
+    """Python's report of an exception it had to drop: silent for Ctrl-C, which `_signalled` raises again."""
+    if not isinstance(info.exc_value, (Interrupted, KeyboardInterrupt)):
+        sys.__unraisablehook__(info)
 
 
 def _value_options(app: typer.Typer, name: str) -> set[str]:
@@ -81,9 +98,14 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run `app` on `argv` (default: sys.argv) and exit with the code the module docstring lists."""
     args = hoist_global_flags(app, list(sys.argv[1:] if argv is None else argv))
     signal.signal(signal.SIGINT, _raise_interrupted)
+    from abliterate import progress
+
+    progress.set_checkpoint(_raise_if_signalled)
+    sys.unraisablehook = _unraisable
     debug = os.environ.get("ABLITERATE_DEBUG") == "1"
     try:
         code = app(args=args, prog_name="abliterate", standalone_mode=False)
+        _raise_if_signalled()  # a swallowed Ctrl-C after the last progress step is still not a success
     except UserError as error:
         if debug:
             raise

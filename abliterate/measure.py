@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ from abliterate.selection import (
     layer_cutoff,
     score_candidates,
 )
+from abliterate.staging import Staging, make_staging, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +359,10 @@ def _publish(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
-def _staging(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.measuring-", dir=out_dir.parent))
+def _staging(out_dir: Path) -> Staging:
+    """A locked staging folder beside `out_dir`, after sweeping the ones an interrupted measure left there."""
+    remove_stale(out_dir)
+    return make_staging(out_dir)
 
 
 def _write_failure(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
@@ -371,17 +372,19 @@ def _write_failure(out_dir: Path, source: str, config: Config, fit: _Fit, scores
         (out_dir / stale).unlink(missing_ok=True)
     staging = _staging(out_dir)
     try:
-        _write_diagnostics(staging, source, config, fit, scores, None, reference)
-        _publish(staging, out_dir)
+        _write_diagnostics(staging.path, source, config, fit, scores, None, reference)
+        staging.release()
+        _publish(staging.path, out_dir)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.release()
+        shutil.rmtree(staging.path, ignore_errors=True)
 
 
 def _write(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
            chosen: dict[str, Any], reference: Direction | None) -> MeasureResult:
     staging = _staging(out_dir)
     try:
-        summary = _write_diagnostics(staging, source, config, fit, scores, chosen, reference)
+        summary = _write_diagnostics(staging.path, source, config, fit, scores, chosen, reference)
         position = chosen["position"]
         token_text = fit.token_texts.get(position, "") if position is not None else ""
         meta = {"layer": chosen["layer"], "position": position, "token_text": token_text,
@@ -389,10 +392,12 @@ def _write(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[C
                 "candidate_norm": chosen["norm"], "n_layers": fit.n_layers, "model": source,
                 "revision": config.model.revision, "seed": config.prompts.seed,
                 "method": "reference direction" if config.measure.use_reference else "difference of means"}
-        save_direction(staging, chosen["vector"], {key: value for key, value in meta.items() if value is not None})
-        _publish(staging, out_dir)
+        save_direction(staging.path, chosen["vector"], {key: value for key, value in meta.items() if value is not None})
+        staging.release()
+        _publish(staging.path, out_dir)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.release()
+        shutil.rmtree(staging.path, ignore_errors=True)
     chosen_scores = {key: chosen[key] for key in ("bypass", "kl", "induce")}
     return MeasureResult(out_dir=out_dir, direction_path=out_dir / DIRECTION_JSON, layer=chosen["layer"],
                          position=position, token_text=token_text, scores=scores, chosen=chosen_scores,

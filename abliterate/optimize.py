@@ -19,6 +19,7 @@ timings and trials per second), pareto.png, edit.json + edit_directions.safetens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from abliterate.activations import encode, refusal_score
 from abliterate.config import Config, OptimizeConfig
 from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
+from abliterate.refusal import RefusalProfile, load_profile
 from abliterate.search import (
     ReplySet,
     SearchState,
@@ -135,9 +137,13 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
         raise UserError("optimize starts from a measured direction with a layer and position; a reference direction "
                         "without them (measure.use_reference) cannot seed the search. Drop --use-reference.")
     tables = load_file(str(out_dir / CANDIDATES_FILE))
+    profile = load_profile(out_dir)  # how measure read refusal: the search and its confirmation read it the same way
+    if profile is not None and profile.template_kwargs:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                       template_kwargs=profile.template_kwargs))
     start = time.perf_counter()
     model, tokenizer = load_model(source, config.model)
-    state, held = _prepare(model, tokenizer, config, tables["candidates"], tables["harmless_mean"])
+    state, held = _prepare(model, tokenizer, config, tables["candidates"], tables["harmless_mean"], profile)
     timings["prepare_s"] = time.perf_counter() - start
     n_positions, n_layers, _ = state.candidates.shape
     study = load_study(out_dir, config.optimize)
@@ -188,21 +194,32 @@ def _confirm_trial(state: SearchState, tokenizer: Any, held: Any, trial: Any) ->
             "validation_refusing_share": trial.user_attrs.get("refusing_share")}
 
 
-def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tensor,
-             harmless_mean: torch.Tensor) -> tuple[SearchState, Any]:
+def _refusal_reading(tokenizer: Any, config: Config, profile: RefusalProfile | None) -> tuple[list[int], list[int]]:
+    """The refusal tokens and the reply prefix teacher-forced before them: measure's profile, else the configured."""
+    from abliterate.chat import COMMON_OPENINGS, refusal_token_ids
+
+    if profile is not None and profile.token_ids:
+        return list(profile.token_ids), list(profile.prefix_ids)
+    configured = config.measure.refusal_openings
+    return list(refusal_token_ids(tokenizer, configured or list(COMMON_OPENINGS), warn=bool(configured))), []
+
+
+def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tensor, harmless_mean: torch.Tensor,
+             profile: RefusalProfile | None) -> tuple[SearchState, Any]:
     """The validation set (filtered like measure's) with the base replies, and the held-out prompts."""
-    from abliterate.chat import format_instructions, refusal_token_ids, stop_token_ids
+    from abliterate.chat import format_instructions, stop_token_ids
     from abliterate.confirm import held_out
     from abliterate.generation import pad_token_id
-    from abliterate.metrics import REFUSAL_SETS, batches
+    from abliterate.metrics import batches, matcher_for
     from abliterate.prompts import prompt_sets
 
     sets = prompt_sets(config.prompts)
-    refusal_ids = list(refusal_token_ids(tokenizer, config.measure.refusal_openings))
+    refusal_ids, prefix_ids = _refusal_reading(tokenizer, config, profile)
     harmful = format_instructions(tokenizer, [p.text for p in sets.harmful_val], config.model)
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
     size = config.measure.batch_size
-    scores = refusal_score(last_log_probs(model, encode(tokenizer, harmful + harmless, size)), refusal_ids)  # [n]
+    scores = refusal_score(last_log_probs(model, encode(tokenizer, harmful + harmless, size, prefix_ids)),
+                           refusal_ids)  # [n]
     harmful_scores = scores[:len(harmful)]  # [n_harmful] base refusal scores
     if config.measure.filter_prompts:  # as measure: harmful prompts the base refuses, harmless ones it answers
         harmless = [t for t, score in zip(harmless, scores[len(harmful):]) if score < 0]
@@ -211,20 +228,22 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
         if not harmful or not harmless:
             raise UserError("No validation prompt is left after the refusal filter; set measure.filter_prompts = "
                             "false or check the chat template (--chat-template).")
-    harmful_batches, harmless_batches = encode(tokenizer, harmful, size), encode(tokenizer, harmless, size)
+    harmful_batches = encode(tokenizer, harmful, size, prefix_ids)
+    harmless_batches = encode(tokenizer, harmless, size, prefix_ids)
     # `batches` holds the harmful rows only: the harmless side is scored on whole replies (`abliterate.search`).
     val = ValidationSet(harmful_batches, harmless_batches, torch.ones(len(harmful), dtype=torch.bool),
                         last_log_probs(model, harmless_batches), harmful_scores)
     stop_ids = list(stop_token_ids(tokenizer, model.generation_config))
     pad_id = pad_token_id(tokenizer, stop_ids)
-    phrases, tokens, gen_size = REFUSAL_SETS[config.eval.refusal_set], config.optimize.confirm_tokens, config.eval.batch_size
-    replies = held_out(model, tokenizer, [], harmless, stop_ids, pad_id, phrases, tokens, gen_size)
+    matcher = matcher_for(config.eval.refusal_set, profile)
+    tokens, gen_size = config.optimize.confirm_tokens, config.eval.batch_size
+    replies = held_out(model, tokenizer, [], harmless, stop_ids, pad_id, matcher, tokens, gen_size)
     reply_batches = [ReplySet.build(model, list(batch), pad_id) for batch in batches(replies.scored, size)]
     state = SearchState(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
                     config.optimize, reply_batches)
     held = held_out(model, tokenizer, format_instructions(tokenizer, [p.text for p in sets.harmful_eval], config.model),
                     format_instructions(tokenizer, [p.text for p in sets.harmless_eval], config.model), stop_ids,
-                    pad_id, phrases, tokens, gen_size)
+                    pad_id, matcher, tokens, gen_size)
     return state, held
 
 

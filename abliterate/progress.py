@@ -20,6 +20,9 @@ def _silent(items: Iterable, description: str, total: int | None) -> Iterator:
 
 
 _reporter: Reporter = _silent
+# Called before every item: the CLI re-raises a Ctrl-C there that Python swallowed (an interrupt that lands in a
+# weakref callback or a __del__ is printed as "Exception ignored" and dropped).
+_checkpoint: Callable[[], None] = lambda: None
 
 
 def set_reporter(reporter: Reporter | None) -> None:
@@ -28,8 +31,20 @@ def set_reporter(reporter: Reporter | None) -> None:
     _reporter = reporter or _silent
 
 
+def set_checkpoint(checkpoint: Callable[[], None] | None) -> None:
+    """Install a function called before each tracked item (None restores the no-op)."""
+    global _checkpoint
+    _checkpoint = checkpoint or (lambda: None)
+
+
+def _checked(items: Iterable[T]) -> Iterator[T]:
+    for item in items:
+        _checkpoint()
+        yield item
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate over `items`, letting the installed reporter show `description` and counts."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    return _reporter(items, description, total)
+    return _reporter(_checked(items), description, total)

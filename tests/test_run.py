@@ -93,6 +93,9 @@ def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_di
     assert f"input of layer {run['summary']['layer']} of {run['summary']['n_layers']}" in card
     assert "](abliterate/measure/scores.png)" in card and (out / "abliterate/measure/scores.png").is_file()
     assert "model-index:" in card and "type: refusal_rate" in card and "pip install abliterate==" not in card
+    # How refusal was found, in the card and in the run's own output.
+    assert 'read the refusal scored at the first reply token on the tokens `["I"]`' in card
+    assert 'Refusal: refusal scored at the first reply token on the tokens ["I"]' in toy_run[1]
 
 
 def test_the_root_holds_only_what_runtimes_load_and_the_weights_once(toy_run):
@@ -108,9 +111,6 @@ def test_the_root_holds_only_what_runtimes_load_and_the_weights_once(toy_run):
     below = [p for p in (out / "abliterate").rglob("*") if p.is_file()]
     assert not any(p.name.startswith("model") and p.suffix == ".safetensors" for p in below)
     assert sum(p.stat().st_size for p in (out / "abliterate" / "apply").rglob("*") if p.is_file()) < 100_000
-    # How refusal was found, in the card and in the run's own output.
-    assert 'read the refusal scored at the first reply token on the tokens `["I"]`' in card
-    assert 'Refusal: refusal scored at the first reply token on the tokens ["I"]' in toy_run[1]
 
 
 def test_rerun_with_the_same_settings_reuses_every_step(toy_run, toy_refuser_dir):
