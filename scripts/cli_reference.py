@@ -23,7 +23,7 @@ def help_text(command: str | None) -> str:
     env = {**os.environ, "COLUMNS": str(WIDTH), "TERM": "dumb", "NO_COLOR": "1"}
     args = [sys.executable, "-m", "abliterate.cli", *([command] if command else []), "--help"]
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
-    return "\n".join(line.rstrip() for line in done.stdout.strip("\n").splitlines())
+    return "\n".join(line.rstrip() for line in done.stdout.splitlines()).strip("\n")
 
 
 def section() -> str:
