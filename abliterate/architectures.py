@@ -401,6 +401,6 @@ _ALTUP = ("its residual stream is not a single stream (Gemma 3n AltUp keeps seve
 for _model_type in ("gemma3n", "gemma3n_text"):
     register(_model_type, Architecture(_model_type, CAUSAL_LM, (), refuse=_ALTUP))
 
-# The dense entries (engineer B) and the MoE, hybrid and multimodal entries (engineer C) live in their own modules,
+# The dense entries and the MoE, hybrid and multimodal entries live in their own modules,
 # registered on import; the building blocks above are shared by both.
 from abliterate import architectures_dense, architectures_moe  # noqa: F401

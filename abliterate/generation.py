@@ -1,8 +1,8 @@
 """Greedy replies to chat-formatted prompts, stopping at the model's real stop tokens.
 
 The paper's code stopped only at EOS and ran past Llama 3's end-of-turn token on 95 of 100 replies, so every
-generation here stops at the generation config's EOS *and* the chat template's end-of-turn token (D's
-`chat.stop_token_ids`). Prompts are batched with left padding so the last prompt token sits at the same position in
+generation here stops at the generation config's EOS *and* the chat template's end-of-turn token
+(`chat.stop_token_ids`). Prompts are batched with left padding so the last prompt token sits at the same position in
 every row. Two backends: transformers (default, works with an accelerate `device_map`) and vLLM when installed and
 asked for. Replies come back without the stop token, with the reply's token ids (the on-distribution CE loss and the
 KL over the base model's reply are teacher-forced on them) and whether the reply stopped or hit `max_new_tokens`.

@@ -9,7 +9,7 @@ on validation prompts and choose one (or take the reference direction with `use_
     candidates.safetensors   candidates [position, layer, d_model] and both means, float64
     scores.json              every candidate's scores and filter verdicts, prompt counts, seed, config, versions
     direction.json           the chosen unit direction, layer, position, its token text, scores, model and revision
-    direction.safetensors    the same vector, exact float32 (A's `save_direction`)
+    direction.safetensors    the same vector, exact float32 (`direction.save_direction`)
     scores.png               bypass, induce and KL against layer, one line per position (the paper's figure)
     reference_cosines.csv    with a reference direction: cosine of every candidate, and per position and layer the
     reference_cosines.png    mean cosine of single harmful activations and the cosine of their normalized mean

@@ -196,7 +196,7 @@ def _eval_work(model: str, edited_dir: Path, config: Config) -> Callable[[Path],
 
 
 def summary_rows(report: Any) -> list[list[str]]:
-    """(metric with its prompt count, base, edited) rows for the final summary table, from F's EvalReport."""
+    """(metric with its prompt count, base, edited) rows for the final summary table, from an EvalReport."""
     rows = report.summary_rows() if hasattr(report, "summary_rows") else []
     return [[str(cell) for cell in row] for row in rows]
 

@@ -1,6 +1,6 @@
 """Per-architecture correctness of the weight edit, end to end through `checkpoint.apply_direction`.
 
-For every tiny model in tests/tiny_models.py (dense families here, C's MoE/hybrid/multimodal ones too): save it
+For every tiny model in tests/tiny_models.py (dense, MoE, hybrid and multimodal families): save it
 (single file and several shards), apply a random direction, and check that (1) the edited model's residual stream has
 no component along r at every layer input and the final norm's input, on a left-padded batch; (2) in every family,
 sandwich norms included, the edited logits equal the original model under selection's ablation hooks (the model

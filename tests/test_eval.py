@@ -1,4 +1,4 @@
-"""`abliterate eval --base` end to end on the toy refuser before and after a real edit (E's measure, A's apply).
+"""`abliterate eval --base` end to end on the toy refuser before and after a real edit (measure, then apply).
 
 The toy refuser refuses held-out harmful requests and answers harmless ones; after its measured direction is
 removed from the weights it should stop refusing, without starting to refuse harmless requests. The test drives
