@@ -30,9 +30,10 @@ from abliterate.config import Config, parse_size
 from abliterate.direction import Direction, load_direction, save_direction
 from abliterate.edit_params import ParameterizedEdit, read_edit
 from abliterate.errors import UserError
+from abliterate.files import check_out_dir
 from abliterate.hub import PROVENANCE_DIR, is_hub_id, remote_tensor_infos, resolve_model
 from abliterate.shards import FLOAT_DTYPES, OutputTensor, StoredTensor, read_header, read_tensor, write_shards
-from abliterate.staging import make_staging, remove_stale
+from abliterate.staging import fresh_staging, replace_dir
 from abliterate.weights import edit_tensor
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     """
     max_shard_bytes = parse_size(config.apply.max_shard_size)
     model_dir = resolve_model(source, config.model.revision)
-    out_dir = _check_out_dir(model_dir, Path(out_dir), force)
+    out_dir = check_out_dir(Path(out_dir), force, model_dir=model_dir)
     checkpoint = read_checkpoint(model_dir)
     plan = build_plan(checkpoint.config, _infos(checkpoint))
     # An optimized edit's recorded parameter set (edit.json) stands where a direction file would.
@@ -153,13 +154,12 @@ def apply_direction(source: str, direction_path: Path, out_dir: Path, config: Co
     for name in plan.edits:
         _check_editable(checkpoint.tensors[name])
     shards = layout_shards(checkpoint, plan, max_shard_bytes)
-    remove_stale(out_dir)
-    staging = make_staging(out_dir)
+    staging = fresh_staging(out_dir)
     try:
         record = _write_output(staging.path, checkpoint, plan, direction, shards, public_source(source, model_dir),
                                parameterized)
         staging.release()
-        _move_into_place(staging.path, out_dir)
+        replace_dir(staging.path, out_dir)
     except BaseException:
         shutil.rmtree(staging.path, ignore_errors=True)
         raise
@@ -297,37 +297,3 @@ def _edit_record(checkpoint: Checkpoint, plan: EditPlan, direction: Direction,
         "n_copied": sum(len(group) for group in shards.values()) - len(edited),
         "shards": list(shards), "copied_files": copied,
     }
-
-
-def _check_out_dir(model_dir: Path, out_dir: Path, force: bool) -> Path:
-    """Refuse an output that overlaps the input, is a file, or is non-empty without --force."""
-    out_dir = out_dir.expanduser().resolve()
-    model_dir = model_dir.resolve()
-    if out_dir == model_dir or model_dir in out_dir.parents:
-        raise UserError(f"--out {out_dir} is inside the input model {model_dir}; abliterate never writes into its "
-                        "input. Choose another --out.")
-    if out_dir in model_dir.parents:
-        raise UserError(f"--out {out_dir} contains the input model {model_dir}; choose another --out.")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; choose a directory for --out.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"--out {out_dir} is not empty; pass --force to replace it or choose another --out.")
-    return out_dir
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished temporary directory in; an old output is moved aside first and removed last."""
-    old = None
-    if out_dir.exists():
-        aside = make_staging(out_dir, "abliterate-old")  # stays locked until removed: never swept as stale
-        old = aside.path
-        out_dir.rename(old / out_dir.name)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old is not None:
-            (old / out_dir.name).rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

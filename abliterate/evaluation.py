@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import platform
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from abliterate import __version__
 from abliterate.actadd import (
     ActAddDirection,
     actadd_replies,
@@ -40,6 +37,7 @@ from abliterate.actadd import (
 from abliterate.config import Config, ModelConfig
 from abliterate.corpora import CorpusSets, load_corpora
 from abliterate.errors import UserError
+from abliterate.files import versions
 from abliterate.generation import (
     Completion,
     Reply,
@@ -69,7 +67,6 @@ from abliterate.report import EvalReport
 
 log = logging.getLogger(__name__)
 
-_VERSIONED = ("torch", "transformers", "accelerate", "together")
 # Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
 _THINKING_SWITCHES = ("enable_thinking", "thinking")
 
@@ -404,12 +401,6 @@ def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str,
     config = context.config
     e, p = config.eval, config.prompts
     labels = {"base": "Base", "edited": "Edited", "model": "Model"}
-    versions = {"abliterate": __version__, "python": platform.python_version()}
-    for package in _VERSIONED:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     profile = context.profile
     settings = {
         "max_new_tokens": e.max_new_tokens, "backend": e.backend, "refusal_set": e.refusal_set,
@@ -427,5 +418,5 @@ def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str,
         "columns": list(runs), "labels": {column: labels[column] for column in runs}, "sources": sources,
         "n_prompts": {side: len(items) for side, items in context.prompts.items()}, "settings": settings,
         "models": {column: run.section for column, run in runs.items()}, "kl": kl, "actadd": actadd,
-        "versions": versions,
+        "versions": versions(),
     }

@@ -13,8 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from abliterate import progress
 from abliterate.errors import UserError
+from abliterate.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +178,7 @@ def _shut_down_vllm(engine: Any) -> None:
 def save_completions(path: Path, completions: Sequence[Completion]) -> Path:
     """Write completions as JSONL (one object per line), to a temporary file first, then moved into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        for completion in completions:
-            file.write(json.dumps(asdict(completion), ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_atomic(path, "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in completions))
 
 
 def load_completions(path: Path) -> list[Completion]:

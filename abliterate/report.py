@@ -9,11 +9,11 @@ prompts; without one it has a single column. `save` writes eval.json and report.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from abliterate.files import write_atomic
 
 NONE = "–"
 NOT_JUDGED = ("**Safety was not judged**: export TOGETHER_API_KEY (the default judge `auto` then uses Llama Guard on "
@@ -174,8 +174,8 @@ class EvalReport:
     def save(self, out_dir: Path) -> tuple[Path, Path]:
         """Write eval.json and report.md into `out_dir`, each to a temporary file first."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        json_path = _write_atomic(out_dir / "eval.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
-        return json_path, _write_atomic(out_dir / "report.md", self.to_markdown())
+        json_path = write_atomic(out_dir / "eval.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
+        return json_path, write_atomic(out_dir / "report.md", self.to_markdown())
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -218,10 +218,3 @@ def _settings_note(settings: dict[str, Any]) -> str:
         f"scored on reply tokens only). Prompt seed {settings['seed']}."
     )
 
-
-def _write_atomic(path: Path, text: str) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
-    return path
