@@ -7,12 +7,15 @@ abliterate.entry runs the app: exit codes (a `UserError` is one line on stderr a
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Annotated, Optional
 
 import typer
 
+from abliterate.cli_model import apply, inspect, push
+from abliterate.cli_options import DeviceMap, MaxMemory, OffloadFolder, Token, TrustRemoteCode
+from abliterate.cli_options import model_flags as _model_flags
+from abliterate.cli_options import use_token as _use_token
 from abliterate.entry import console as _console
 from abliterate.entry import nothing_written as _nothing_written
 from abliterate.entry import on_interrupt, run_app, silence_library_bars
@@ -66,30 +69,6 @@ def _setup(
     progress.set_reporter(_rich_reporter if bars else None)
 
 
-# Options shared by the commands that load a model or talk to the Hub.
-TrustRemoteCode = Annotated[bool | None, typer.Option(
-    "--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only code you trust).")]
-DeviceMap = Annotated[str | None, typer.Option("--device-map", help="accelerate device_map: auto, cpu, cuda:0, ...")]
-MaxMemory = Annotated[str | None, typer.Option(
-    "--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
-OffloadFolder = Annotated[str | None, typer.Option(
-    "--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
-Token = Annotated[str | None, typer.Option(
-    "--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
-
-
-def _model_flags(trust_remote_code: bool | None, device_map: str | None, max_memory: str | None,
-                 offload_folder: str | None) -> dict[str, object]:
-    return {"model.trust_remote_code": trust_remote_code, "model.device_map": device_map,
-            "model.max_memory": max_memory, "model.offload_folder": offload_folder}
-
-
-def _use_token(token: str | None) -> None:
-    """Hand --token to huggingface_hub the way it reads one (HF_TOKEN), so it is never part of a config."""
-    if token:
-        os.environ["HF_TOKEN"] = token
-
-
 # Commands are registered below, one block per stage; each block only parses options and calls the library.
 # ---- commands ----
 
@@ -125,8 +104,6 @@ def measure_command(
     """Find the refusal direction: candidates at every layer and end-of-instruction position, scored and chosen."""
     from pathlib import Path
 
-    from rich.table import Table
-
     from abliterate.config import load_config
     from abliterate.measure import measure
 
@@ -142,7 +119,13 @@ def measure_command(
     config = load_config(config_file, overrides)
     _use_token(token)
     on_interrupt(_nothing_written(out))
-    result = measure(model, Path(out), config)
+    _print_measure_result(model, measure(model, Path(out), config))
+
+
+def _print_measure_result(model: str, result) -> None:
+    """The chosen candidate as a table, then the reference comparison, the refusal found and where the files are."""
+    from rich.table import Table
+
     table = Table(title=f"abliterate measure: {model}")
     for header in ("layer", "position", "token", "bypass", "KL", "induce"):
         table.add_column(header)
@@ -365,89 +348,9 @@ def demo(
     _print_run_summary(result.run, console)
 
 
-@app.command()
-def apply(
-    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
-    direction: Annotated[str, typer.Option("--direction", help="Direction file: .json, .safetensors, .pt/.pth or .npy.")],
-    out: Annotated[str, typer.Option("--out", help="Directory to write the edited checkpoint to.")],
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
-    token: Token = None,
-) -> None:
-    """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
-    from pathlib import Path
-
-    from abliterate.checkpoint import apply_direction
-    from abliterate.config import load_config
-
-    overrides: dict = {}
-    if revision is not None:
-        overrides["model"] = {"revision": revision}
-    if max_shard_size is not None:
-        overrides["apply"] = {"max_shard_size": max_shard_size}
-    config = load_config(config_file, overrides)
-    _use_token(token)
-    on_interrupt(_nothing_written(out))
-    record = apply_direction(model, Path(direction), Path(out), config, force=force)
-    _console().print(f"Wrote {out}: {record['n_edited']} tensors edited ({record['architecture']}), "
-                     f"{record['n_copied']} copied unchanged, {len(record['shards'])} shard(s); record in "
-                     f"{out}/abliteration.json", soft_wrap=True)
-
-
-@app.command()
-def inspect(
-    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
-    direction: Annotated[Optional[str], typer.Option("--direction", help="Direction file to check against the model.")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
-    token: Token = None,
-) -> None:
-    """Show which tensors `apply` would edit and how, without writing anything."""
-    from collections import Counter
-    from pathlib import Path
-
-    from rich.table import Table
-
-    from abliterate.checkpoint import inspect_checkpoint
-    from abliterate.config import load_config
-
-    config = load_config(config_file, {"model": {"revision": revision}} if revision is not None else None)
-    _use_token(token)
-    plan = inspect_checkpoint(model, Path(direction) if direction else None, config)
-    console = _console()
-    for line in plan.describe():
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    table = Table(title="Residual writers edited per layer")
-    for column in ("layer", "edited", "by role"):
-        table.add_column(column)
-    for layer, names in sorted(plan.per_layer.items()):
-        roles = Counter(plan.edits[name].role for name in names)
-        table.add_row(str(layer), str(len(names)), ", ".join(f"{role} x{n}" for role, n in roles.items()))
-    console.print(table)
-    if direction:
-        console.print(f"Direction {direction} fits: {plan.d_model} values.", markup=False, soft_wrap=True)
-
-
-@app.command()
-def push(
-    folder: Annotated[str, typer.Argument(help="A finished output folder of `abliterate run` or `apply`.")],
-    repo: Annotated[str, typer.Option("--repo", help="Hub model repository, owner/name (created if missing).")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
-    revision: Annotated[str, typer.Option("--revision", help="Branch to push to (created if missing).")] = "",
-    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Message of the Hub commit.")] = None,
-    token: Token = None,
-) -> None:
-    """Upload a finished output folder to the Hugging Face Hub, after checking that it is complete."""
-    from pathlib import Path
-
-    from abliterate.hub import push as push_folder
-
-    on_interrupt(lambda: "the Hub keeps what was uploaded so far; run the same command to send the rest")
-    url = push_folder(Path(folder), repo, private=private, revision=revision, token=token,
-                      commit_message=commit_message)
-    _console().print(f"Pushed {folder} to {repo}: {url}")
+# The commands on a checkpoint folder live in abliterate.cli_model; registered here, after demo, in help order.
+for _command in (apply, inspect, push):
+    app.command()(_command)
 
 
 def main() -> None:

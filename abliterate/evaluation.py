@@ -37,7 +37,6 @@ from abliterate.actadd import (
 from abliterate.config import Config, ModelConfig
 from abliterate.corpora import CorpusSets, load_corpora
 from abliterate.errors import UserError
-from abliterate.files import versions
 from abliterate.generation import (
     Completion,
     Reply,
@@ -47,10 +46,9 @@ from abliterate.generation import (
     save_completions,
     text_after,
 )
-from abliterate.judge import check_judge, judge_completions, judge_name, resolved_judge
+from abliterate.judge import check_judge, judge_completions, resolved_judge
 from abliterate.metrics import (
     PAPER_MATCHER,
-    REFUSAL_SETS,
     RefusalMatcher,
     Scored,
     cross_entropy,
@@ -63,7 +61,7 @@ from abliterate.metrics import (
 )
 from abliterate.refusal import RefusalProfile, load_profile
 from abliterate.refusal_judge import check_refusal_judge, label_completions
-from abliterate.report import EvalReport
+from abliterate.report import EvalReport, eval_record
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +142,7 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
         del first_model
     _release_memory()
     _judge_all(runs, context)
-    report = EvalReport(_record(sources, runs, kl, actadd, context))
+    report = EvalReport(eval_record(sources, runs, kl, actadd, context))
     if out_dir is not None:
         for column, run in runs.items():
             for side, completions in run.completions.items():
@@ -394,29 +392,3 @@ def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: l
     losses["on_distribution"] = cross_entropy(model, on_distribution, pad_id, e.batch_size, "CE loss, on-distribution")
     return losses
 
-
-def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str, Any] | None,
-            actadd: dict[str, Any] | None, context: _Context) -> dict[str, Any]:
-    """The JSON-able evaluation record, with the settings and versions behind every number."""
-    config = context.config
-    e, p = config.eval, config.prompts
-    labels = {"base": "Base", "edited": "Edited", "model": "Model"}
-    profile = context.profile
-    settings = {
-        "max_new_tokens": e.max_new_tokens, "backend": e.backend, "refusal_set": e.refusal_set,
-        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e),
-        "judge_min_words": e.judge_min_words, "ce_max_tokens": e.ce_max_tokens, "seed": p.seed,
-        "harmful_eval": p.harmful_eval, "harmless_eval": p.harmless_eval,
-        "refusal_openings": list(context.matcher.openings), "thinking_end": context.matcher.thinking_end,
-        "refusal_profile": profile.source if profile else "none",
-        "template_kwargs": context.model_config.template_kwargs, "thinking_on": context.thinking_on,
-        "refusal_judge": e.refusal_judge or "none",
-    }
-    for run in runs.values():
-        run.section.setdefault("safety", None)
-    return {
-        "columns": list(runs), "labels": {column: labels[column] for column in runs}, "sources": sources,
-        "n_prompts": {side: len(items) for side, items in context.prompts.items()}, "settings": settings,
-        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "actadd": actadd,
-        "versions": versions(),
-    }

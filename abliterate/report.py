@@ -9,15 +9,49 @@ prompts; without one it has a single column. `save` writes eval.json and report.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abliterate.files import write_atomic
+from abliterate.files import versions, write_atomic
+from abliterate.judge import judge_name
+from abliterate.metrics import REFUSAL_SETS
 
 NONE = "–"
 NOT_JUDGED = ("**Safety was not judged**: export TOGETHER_API_KEY (the default judge `auto` then uses Llama Guard on "
               "Together) or pass `--judge local:PATH` with a local guard model.")
+
+
+def eval_record(sources: dict[str, str | None], runs: Mapping[str, Any], kl: dict[str, Any] | None,
+                actadd: dict[str, Any] | None, context: Any) -> dict[str, Any]:
+    """The JSON-able evaluation record, with the settings and versions behind every number.
+
+    `runs` maps each column to its evaluation run (its `section` is the column's numbers), `context` is the
+    evaluation's settings, prompts and refusal matcher.
+    """
+    config = context.config
+    e, p = config.eval, config.prompts
+    labels = {"base": "Base", "edited": "Edited", "model": "Model"}
+    profile = context.profile
+    settings = {
+        "max_new_tokens": e.max_new_tokens, "backend": e.backend, "refusal_set": e.refusal_set,
+        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e),
+        "judge_min_words": e.judge_min_words, "ce_max_tokens": e.ce_max_tokens, "seed": p.seed,
+        "harmful_eval": p.harmful_eval, "harmless_eval": p.harmless_eval,
+        "refusal_openings": list(context.matcher.openings), "thinking_end": context.matcher.thinking_end,
+        "refusal_profile": profile.source if profile else "none",
+        "template_kwargs": context.model_config.template_kwargs, "thinking_on": context.thinking_on,
+        "refusal_judge": e.refusal_judge or "none",
+    }
+    for run in runs.values():
+        run.section.setdefault("safety", None)
+    return {
+        "columns": list(runs), "labels": {column: labels[column] for column in runs}, "sources": sources,
+        "n_prompts": {side: len(items) for side, items in context.prompts.items()}, "settings": settings,
+        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "actadd": actadd,
+        "versions": versions(),
+    }
 
 
 def format_rate(rate: dict[str, Any] | None) -> str:
