@@ -28,11 +28,11 @@ from abliterate.architectures.schema import (
     ROLES,
     Architecture,
     EditPlan,
+    EntryTable,
     Layout,
     TensorEdit,
     TensorInfo,
     WriterRule,
-    add_entry,
 )
 from abliterate.errors import UserError
 
@@ -41,10 +41,10 @@ __all__ = ["ARCHITECTURES", "AXIS_FROM_SHAPE", "GAINS", "KINDS", "KIND_AXES", "R
 
 # ---- the table: every entry module's entries, each model_type once ----------------------------------------------
 
-ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES = EntryTable()
 for _entries in (dense.ENTRIES, moe.ENTRIES):
     for _model_type, _arch in _entries.items():
-        add_entry(ARCHITECTURES, _model_type, _arch)
+        ARCHITECTURES.register(_model_type, _arch)
 
 
 # ---- the table ----------------------------------------------------------------------------------------------------

@@ -14,16 +14,13 @@ from abliterate.architectures.schema import (
     EMBED,
     MLP_DOWN,
     Architecture,
+    EntryTable,
     Layout,
     WriterRule,
-    add_entry,
 )
 
-ENTRIES: dict[str, Architecture] = {}
-
-
-def register(model_types: tuple[str, ...] | str, arch: Architecture) -> None:
-    add_entry(ENTRIES, model_types, arch)
+ENTRIES = EntryTable()
+register = ENTRIES.register
 
 
 def _sandwich(attn_norm: str, mlp_norm: str, gain: str) -> tuple[WriterRule, ...]:

@@ -35,16 +35,13 @@ from abliterate.architectures.schema import (
     EMBED,
     MLP_DOWN,
     Architecture,
+    EntryTable,
     Layout,
     WriterRule,
-    add_entry,
 )
 
-ENTRIES: dict[str, Architecture] = {}
-
-
-def register(model_types: tuple[str, ...] | str, arch: Architecture) -> None:
-    add_entry(ENTRIES, model_types, arch)
+ENTRIES = EntryTable()
+register = ENTRIES.register
 
 # Multimodal wrappers: transformers 5 names the language model model.language_model.* with lm_head at the top;
 # older (LLaVA-style) Hub checkpoints store language_model.model.* and language_model.lm_head.

@@ -1,7 +1,7 @@
 """The schema of the architecture table: writer rules, layouts, entries, and the edit plan they produce.
 
-Also the building blocks most entries share (Llama's on-disk names) and `add_entry`, which the entry modules use to
-fill their tables.
+Also the building blocks most entries share (Llama's on-disk names) and `EntryTable`, which the entry modules
+fill.
 """
 
 from __future__ import annotations
@@ -154,12 +154,15 @@ class EditPlan:
         return lines
 
 
-def add_entry(table: dict[str, Architecture], model_types: tuple[str, ...] | str, arch: Architecture) -> None:
-    """Add an entry to `table` under one or more config.model_type values."""
-    for model_type in (model_types,) if isinstance(model_types, str) else model_types:
-        if model_type in table:
-            raise ValueError(f"model_type {model_type} registered twice")
-        table[model_type] = arch
+class EntryTable(dict[str, Architecture]):
+    """Entries by config.model_type; `register` refuses a model_type twice."""
+
+    def register(self, model_types: tuple[str, ...] | str, arch: Architecture) -> None:
+        """Add an entry under one or more config.model_type values."""
+        for model_type in (model_types,) if isinstance(model_types, str) else model_types:
+            if model_type in self:
+                raise ValueError(f"model_type {model_type} registered twice")
+            self[model_type] = arch
 
 
 # Llama's on-disk names, shared by most entries.
