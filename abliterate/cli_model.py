@@ -27,7 +27,7 @@ def apply(
     """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
     from pathlib import Path
 
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.config import load_config
 
     overrides: dict = {}
@@ -57,7 +57,7 @@ def inspect(
 
     from rich.table import Table
 
-    from abliterate.checkpoint import inspect_checkpoint
+    from abliterate.apply import inspect_checkpoint
     from abliterate.config import load_config
 
     config = load_config(config_file, {"model": {"revision": revision}} if revision is not None else None)

@@ -168,7 +168,7 @@ def _measure_work(model: str, config: Config) -> Callable[[Path], dict]:
 
 def _apply_work(model: str, direction_path: Path, config: Config) -> Callable[[Path], dict]:
     def work(folder: Path) -> dict:
-        from abliterate.checkpoint import apply_direction
+        from abliterate.apply import apply_direction
 
         record = apply_direction(model, direction_path, folder / CHECKPOINT_DIR, config)
         return {"files": checkpoint_files(folder / CHECKPOINT_DIR), "n_layers": record["n_layers"],

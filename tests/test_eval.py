@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def edited_toy(toy_refuser_dir, tmp_path_factory) -> Path:
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.config import load_config
     from abliterate.measure import measure
 
