@@ -5,7 +5,7 @@ abliterate.cli registers them; each only parses options and calls one library fu
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,10 +18,10 @@ def apply(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     direction: Annotated[str, typer.Option("--direction", help="Direction file: .json, .safetensors, .pt/.pth or .npy.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write the edited checkpoint to.")],
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file.")] = None,
     token: Token = None,
 ) -> None:
     """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
@@ -46,9 +46,9 @@ def apply(
 
 def inspect(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
-    direction: Annotated[Optional[str], typer.Option("--direction", help="Direction file to check against the model.")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+    direction: Annotated[str | None, typer.Option("--direction", help="Direction file to check against the model.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file.")] = None,
     token: Token = None,
 ) -> None:
     """Show which tensors `apply` would edit and how, without writing anything."""
