@@ -118,7 +118,6 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     write_atomic(Path(path), safetensors_bytes(tensors, metadata))
 
 
-
 def _check_vector(raw: Any, path: Path, stated_d_model: Any, d_model: int | None) -> torch.Tensor:
     """Turn the raw values into a float64 1-D tensor and refuse anything that cannot be a direction."""
     try:

@@ -391,4 +391,3 @@ def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: l
                           "source": e.ce_chat}
     losses["on_distribution"] = cross_entropy(model, on_distribution, pad_id, e.batch_size, "CE loss, on-distribution")
     return losses
-

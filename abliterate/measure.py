@@ -343,7 +343,6 @@ def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, sco
     return summary
 
 
-
 def _write_failure(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
                    reference: Direction | None) -> None:
     """When no candidate passes, still leave the scores and the figure: they show which filter to relax."""

@@ -251,4 +251,3 @@ def _settings_note(settings: dict[str, Any]) -> str:
         f"{settings['ce_max_tokens']} tokens of each general-text document; chat and on-distribution sets are "
         f"scored on reply tokens only). Prompt seed {settings['seed']}."
     )
-
