@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abliterate.files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 TAGS = ("abliterated", "uncensored", "refusal-direction", "abliterate")
@@ -237,8 +239,4 @@ def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) ->
 
 def write_card(out_dir: Path, facts: CardFacts, replacements: dict[str, str] | None = None) -> Path:
     """Write README.md into `out_dir` atomically (a temp file moved into place) and return its path."""
-    path = Path(out_dir) / "README.md"
-    temp = path.with_name(".README.md.tmp")
-    temp.write_text(render_card(facts, replacements), encoding="utf-8")
-    os.replace(temp, path)
-    return path
+    return write_atomic(Path(out_dir) / "README.md", render_card(facts, replacements))

@@ -7,12 +7,15 @@ abliterate.entry runs the app: exit codes (a `UserError` is one line on stderr a
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from abliterate.cli_model import apply, inspect, push
+from abliterate.cli_options import DeviceMap, MaxMemory, OffloadFolder, Token, TrustRemoteCode
+from abliterate.cli_options import model_flags as _model_flags
+from abliterate.cli_options import use_token as _use_token
 from abliterate.entry import console as _console
 from abliterate.entry import nothing_written as _nothing_written
 from abliterate.entry import on_interrupt, run_app, silence_library_bars
@@ -66,30 +69,6 @@ def _setup(
     progress.set_reporter(_rich_reporter if bars else None)
 
 
-# Options shared by the commands that load a model or talk to the Hub.
-TrustRemoteCode = Annotated[bool | None, typer.Option(
-    "--trust-remote-code/--no-trust-remote-code", help="Run code shipped with the model repository (only code you trust).")]
-DeviceMap = Annotated[str | None, typer.Option("--device-map", help="accelerate device_map: auto, cpu, cuda:0, ...")]
-MaxMemory = Annotated[str | None, typer.Option(
-    "--max-memory", help='Memory per device when loading, e.g. "0=20GiB,cpu=60GiB".')]
-OffloadFolder = Annotated[str | None, typer.Option(
-    "--offload-folder", help="Folder for weights offloaded to disk when they do not fit.")]
-Token = Annotated[str | None, typer.Option(
-    "--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written to a file.")]
-
-
-def _model_flags(trust_remote_code: bool | None, device_map: str | None, max_memory: str | None,
-                 offload_folder: str | None) -> dict[str, object]:
-    return {"model.trust_remote_code": trust_remote_code, "model.device_map": device_map,
-            "model.max_memory": max_memory, "model.offload_folder": offload_folder}
-
-
-def _use_token(token: str | None) -> None:
-    """Hand --token to huggingface_hub the way it reads one (HF_TOKEN), so it is never part of a config."""
-    if token:
-        os.environ["HF_TOKEN"] = token
-
-
 # Commands are registered below, one block per stage; each block only parses options and calls the library.
 # ---- commands ----
 
@@ -98,24 +77,24 @@ def _use_token(token: str | None) -> None:
 def measure_command(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     out: Annotated[str, typer.Option("--out", help="Directory for direction.json, scores.json, candidates and plots.")],
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the model.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Dtype to load the model in.")] = None,
-    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template file.")] = None,
-    system_prompt: Annotated[Optional[str], typer.Option("--system-prompt", help="System prompt before every instruction.")] = None,
-    harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful prompts for fitting: a file, hf:owner/name or builtin:NAME.")] = None,
-    harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
-    column: Annotated[Optional[str], typer.Option("--column", help="Column holding the instruction in table-like files.")] = None,
-    n_train: Annotated[Optional[int], typer.Option("--n-train", help="Training prompts per side.")] = None,
-    n_val: Annotated[Optional[int], typer.Option("--n-val", help="Validation prompts per side.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling prompts.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per forward pass.")] = None,
-    kl_max: Annotated[Optional[float], typer.Option("--kl-max", help="Discard candidates with a larger harmless KL.")] = None,
-    max_layer_fraction: Annotated[Optional[float], typer.Option("--max-layer-fraction", help="Discard layers >= this fraction of the depth.")] = None,
-    filter_prompts: Annotated[Optional[bool], typer.Option("--filter-prompts/--no-filter-prompts", help="Keep only prompts the base model refuses (harmful) or answers (harmless).")] = None,
-    score_all: Annotated[Optional[bool], typer.Option("--score-all", help="Compute every candidate's induce score (full figure).")] = None,
-    direction_file: Annotated[Optional[str], typer.Option("--direction-file", help="Reference direction to compare every candidate with.")] = None,
-    use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
+    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of the model.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Dtype to load the model in.")] = None,
+    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
+    system_prompt: Annotated[str | None, typer.Option("--system-prompt", help="System prompt before every instruction.")] = None,
+    harmful: Annotated[str | None, typer.Option("--harmful", help="Harmful prompts for fitting: a file, hf:owner/name or builtin:NAME.")] = None,
+    harmless: Annotated[str | None, typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
+    column: Annotated[str | None, typer.Option("--column", help="Column holding the instruction in table-like files.")] = None,
+    n_train: Annotated[int | None, typer.Option("--n-train", help="Training prompts per side.")] = None,
+    n_val: Annotated[int | None, typer.Option("--n-val", help="Validation prompts per side.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling prompts.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per forward pass.")] = None,
+    kl_max: Annotated[float | None, typer.Option("--kl-max", help="Discard candidates with a larger harmless KL.")] = None,
+    max_layer_fraction: Annotated[float | None, typer.Option("--max-layer-fraction", help="Discard layers >= this fraction of the depth.")] = None,
+    filter_prompts: Annotated[bool | None, typer.Option("--filter-prompts/--no-filter-prompts", help="Keep only prompts the base model refuses (harmful) or answers (harmless).")] = None,
+    score_all: Annotated[bool | None, typer.Option("--score-all", help="Compute every candidate's induce score (full figure).")] = None,
+    direction_file: Annotated[str | None, typer.Option("--direction-file", help="Reference direction to compare every candidate with.")] = None,
+    use_reference: Annotated[bool | None, typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
     trust_remote_code: TrustRemoteCode = None,
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
@@ -124,8 +103,6 @@ def measure_command(
 ) -> None:
     """Find the refusal direction: candidates at every layer and end-of-instruction position, scored and chosen."""
     from pathlib import Path
-
-    from rich.table import Table
 
     from abliterate.config import load_config
     from abliterate.measure import measure
@@ -142,7 +119,13 @@ def measure_command(
     config = load_config(config_file, overrides)
     _use_token(token)
     on_interrupt(_nothing_written(out))
-    result = measure(model, Path(out), config)
+    _print_measure_result(model, measure(model, Path(out), config))
+
+
+def _print_measure_result(model: str, result) -> None:
+    """The chosen candidate as a table, then the reference comparison, the refusal found and where the files are."""
+    from rich.table import Table
+
     table = Table(title=f"abliterate measure: {model}")
     for header in ("layer", "position", "token", "bypass", "KL", "induce"):
         table.add_column(header)
@@ -165,11 +148,11 @@ def measure_command(
 def optimize_command(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     out: Annotated[str, typer.Option("--out", help="Directory for the measurement, optimize.json, pareto.png and edit.json (resumable).")],
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
-    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="Trials of the search (more continue a stopped or finished one).")] = None,
-    trial: Annotated[Optional[int], typer.Option("--trial", help="Ship this trial instead of the automatic choice.")] = None,
-    target_refusal: Annotated[Optional[float], typer.Option("--target-refusal", help="Held-out harmful refusal the shipped edit must reach.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the search's sampler.")] = None,
+    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", help="Trials of the search (more continue a stopped or finished one).")] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Ship this trial instead of the automatic choice.")] = None,
+    target_refusal: Annotated[float | None, typer.Option("--target-refusal", help="Held-out harmful refusal the shipped edit must reach.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the search's sampler.")] = None,
 ) -> None:
     """Search an edit with less damage than the paper's (Pareto front of refusal vs KL), confirm it by generation."""
     from pathlib import Path
@@ -200,23 +183,23 @@ def optimize_command(
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model to evaluate: a local checkpoint directory or a Hub id.")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model, evaluated side by side on the same prompts (adds KL).")] = None,
-    harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful evaluation prompts: a file, hf:owner/name or builtin:NAME.")] = None,
-    harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless evaluation prompts (over-refusal, KL).")] = None,
-    n_eval: Annotated[Optional[int], typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
-    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model on Together.")] = None,
-    refusal_judge: Annotated[Optional[str], typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
-    measure_dir: Annotated[Optional[str], typer.Option("--measure", help="Folder `abliterate measure` wrote: its refusal.json and direction.json.")] = None,
-    actadd: Annotated[Optional[bool], typer.Option("--actadd/--no-actadd", help="ActAdd completions on the base model (needs --measure).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Directory for eval.json, report.md and completions (default: eval-NAME).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply generated.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts generated at once.")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="Generation engine: transformers or vllm.")] = None,
-    refusal_set: Annotated[Optional[str], typer.Option("--refusal-set", help="Refusal substrings: paper or extended.")] = None,
-    ce_text: Annotated[Optional[str], typer.Option("--ce-text", help="General text for CE loss: .txt, .jsonl or hf:owner/name.")] = None,
-    ce_chat: Annotated[Optional[str], typer.Option("--ce-chat", help="Instruction/output pairs for reply-only CE loss.")] = None,
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model, evaluated side by side on the same prompts (adds KL).")] = None,
+    harmful: Annotated[str | None, typer.Option("--harmful", help="Harmful evaluation prompts: a file, hf:owner/name or builtin:NAME.")] = None,
+    harmless: Annotated[str | None, typer.Option("--harmless", help="Harmless evaluation prompts (over-refusal, KL).")] = None,
+    n_eval: Annotated[int | None, typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
+    judge: Annotated[str | None, typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
+    judge_model: Annotated[str | None, typer.Option("--judge-model", help="Judge model on Together.")] = None,
+    refusal_judge: Annotated[str | None, typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
+    measure_dir: Annotated[str | None, typer.Option("--measure", help="Folder `abliterate measure` wrote: its refusal.json and direction.json.")] = None,
+    actadd: Annotated[bool | None, typer.Option("--actadd/--no-actadd", help="ActAdd completions on the base model (needs --measure).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Directory for eval.json, report.md and completions (default: eval-NAME).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest reply generated.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts generated at once.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="Generation engine: transformers or vllm.")] = None,
+    refusal_set: Annotated[str | None, typer.Option("--refusal-set", help="Refusal substrings: paper or extended.")] = None,
+    ce_text: Annotated[str | None, typer.Option("--ce-text", help="General text for CE loss: .txt, .jsonl or hf:owner/name.")] = None,
+    ce_chat: Annotated[str | None, typer.Option("--ce-chat", help="Instruction/output pairs for reply-only CE loss.")] = None,
+    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
     trust_remote_code: TrustRemoteCode = None,
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
@@ -289,28 +272,28 @@ def _print_run_summary(result, console) -> None:
 def run(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     out: Annotated[str, typer.Option("--out", help="Output directory: the edited checkpoint plus abliterate/ provenance.")],
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file (see configs/).")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the model.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Dtype for measuring and evaluating.")] = None,
-    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template file.")] = None,
-    harmful: Annotated[Optional[str], typer.Option("--harmful", help="Harmful prompts for fitting.")] = None,
-    harmless: Annotated[Optional[str], typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
-    harmful_eval: Annotated[Optional[str], typer.Option("--harmful-eval", help="Harmful prompts for evaluation.")] = None,
-    harmless_eval: Annotated[Optional[str], typer.Option("--harmless-eval", help="Harmless prompts for evaluation.")] = None,
-    n_train: Annotated[Optional[int], typer.Option("--n-train", help="Training prompts per side.")] = None,
-    n_eval: Annotated[Optional[int], typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling prompts.")] = None,
-    direction_file: Annotated[Optional[str], typer.Option("--direction-file", help="Reference direction to compare with.")] = None,
-    use_reference: Annotated[Optional[bool], typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest reply in the evaluation.")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
-    refusal_judge: Annotated[Optional[str], typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
-    actadd: Annotated[Optional[bool], typer.Option("--actadd/--no-actadd", help="ActAdd completions in the evaluation.")] = None,
-    skip_eval: Annotated[Optional[bool], typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
-    push: Annotated[Optional[str], typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
-    optimize: Annotated[Optional[bool], typer.Option("--optimize", help="Ship an optimized edit (see abliterate optimize).")] = None,
-    trial: Annotated[Optional[int], typer.Option("--trial", help="With --optimize: ship this trial.")] = None,
+    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of the model.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Dtype for measuring and evaluating.")] = None,
+    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
+    harmful: Annotated[str | None, typer.Option("--harmful", help="Harmful prompts for fitting.")] = None,
+    harmless: Annotated[str | None, typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
+    harmful_eval: Annotated[str | None, typer.Option("--harmful-eval", help="Harmful prompts for evaluation.")] = None,
+    harmless_eval: Annotated[str | None, typer.Option("--harmless-eval", help="Harmless prompts for evaluation.")] = None,
+    n_train: Annotated[int | None, typer.Option("--n-train", help="Training prompts per side.")] = None,
+    n_eval: Annotated[int | None, typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling prompts.")] = None,
+    direction_file: Annotated[str | None, typer.Option("--direction-file", help="Reference direction to compare with.")] = None,
+    use_reference: Annotated[bool | None, typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest reply in the evaluation.")] = None,
+    judge: Annotated[str | None, typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
+    refusal_judge: Annotated[str | None, typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
+    actadd: Annotated[bool | None, typer.Option("--actadd/--no-actadd", help="ActAdd completions in the evaluation.")] = None,
+    skip_eval: Annotated[bool | None, typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
+    push: Annotated[str | None, typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
+    optimize: Annotated[bool | None, typer.Option("--optimize", help="Ship an optimized edit (see abliterate optimize).")] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="With --optimize: ship this trial.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun every step; allow a non-empty --out.")] = False,
     trust_remote_code: TrustRemoteCode = None,
     device_map: DeviceMap = None,
@@ -343,7 +326,7 @@ def run(
 
 @app.command()
 def demo(
-    out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: a new temporary one).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Output directory (default: a new temporary one).")] = None,
 ) -> None:
     """Abliterate the bundled toy refuser end to end, offline, and show its replies before and after."""
     from pathlib import Path
@@ -365,89 +348,9 @@ def demo(
     _print_run_summary(result.run, console)
 
 
-@app.command()
-def apply(
-    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
-    direction: Annotated[str, typer.Option("--direction", help="Direction file: .json, .safetensors, .pt/.pth or .npy.")],
-    out: Annotated[str, typer.Option("--out", help="Directory to write the edited checkpoint to.")],
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
-    token: Token = None,
-) -> None:
-    """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
-    from pathlib import Path
-
-    from abliterate.checkpoint import apply_direction
-    from abliterate.config import load_config
-
-    overrides: dict = {}
-    if revision is not None:
-        overrides["model"] = {"revision": revision}
-    if max_shard_size is not None:
-        overrides["apply"] = {"max_shard_size": max_shard_size}
-    config = load_config(config_file, overrides)
-    _use_token(token)
-    on_interrupt(_nothing_written(out))
-    record = apply_direction(model, Path(direction), Path(out), config, force=force)
-    _console().print(f"Wrote {out}: {record['n_edited']} tensors edited ({record['architecture']}), "
-                     f"{record['n_copied']} copied unchanged, {len(record['shards'])} shard(s); record in "
-                     f"{out}/abliteration.json", soft_wrap=True)
-
-
-@app.command()
-def inspect(
-    model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
-    direction: Annotated[Optional[str], typer.Option("--direction", help="Direction file to check against the model.")] = None,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    config_file: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
-    token: Token = None,
-) -> None:
-    """Show which tensors `apply` would edit and how, without writing anything."""
-    from collections import Counter
-    from pathlib import Path
-
-    from rich.table import Table
-
-    from abliterate.checkpoint import inspect_checkpoint
-    from abliterate.config import load_config
-
-    config = load_config(config_file, {"model": {"revision": revision}} if revision is not None else None)
-    _use_token(token)
-    plan = inspect_checkpoint(model, Path(direction) if direction else None, config)
-    console = _console()
-    for line in plan.describe():
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    table = Table(title="Residual writers edited per layer")
-    for column in ("layer", "edited", "by role"):
-        table.add_column(column)
-    for layer, names in sorted(plan.per_layer.items()):
-        roles = Counter(plan.edits[name].role for name in names)
-        table.add_row(str(layer), str(len(names)), ", ".join(f"{role} x{n}" for role, n in roles.items()))
-    console.print(table)
-    if direction:
-        console.print(f"Direction {direction} fits: {plan.d_model} values.", markup=False, soft_wrap=True)
-
-
-@app.command()
-def push(
-    folder: Annotated[str, typer.Argument(help="A finished output folder of `abliterate run` or `apply`.")],
-    repo: Annotated[str, typer.Option("--repo", help="Hub model repository, owner/name (created if missing).")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
-    revision: Annotated[str, typer.Option("--revision", help="Branch to push to (created if missing).")] = "",
-    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Message of the Hub commit.")] = None,
-    token: Token = None,
-) -> None:
-    """Upload a finished output folder to the Hugging Face Hub, after checking that it is complete."""
-    from pathlib import Path
-
-    from abliterate.hub import push as push_folder
-
-    on_interrupt(lambda: "the Hub keeps what was uploaded so far; run the same command to send the rest")
-    url = push_folder(Path(folder), repo, private=private, revision=revision, token=token,
-                      commit_message=commit_message)
-    _console().print(f"Pushed {folder} to {repo}: {url}")
+# The commands on a checkpoint folder live in abliterate.cli_model; registered here, after demo, in help order.
+for _command in (apply, inspect, push):
+    app.command()(_command)
 
 
 def main() -> None:

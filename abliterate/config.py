@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import tomllib
 import typing
@@ -265,16 +266,17 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One setting's value as TOML (the settings are booleans, numbers, strings, lists and tables)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (int, float)):
+        return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    return repr(value)
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string, control characters escaped
 
 
 def render_default_toml() -> str:
@@ -285,5 +287,15 @@ def render_default_toml() -> str:
         lines += ["", f"[{section.name}]"]
         for f in dataclasses.fields(typing.cast(Any, section.default_factory)()):
             lines.append(f"# {f.metadata['help']}")
-            lines.append(f"{f.name} = {_toml_value(getattr(section.default_factory(), f.name))}")
+            lines.append(f"{f.name} = {toml_value(getattr(section.default_factory(), f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def render_toml(config: Config) -> str:
+    """The resolved config as a TOML file that `--config` accepts (every setting, defaults included)."""
+    from abliterate import __version__
+
+    lines = [f"# Resolved settings of an abliterate {__version__} run: pass this file to --config to repeat it."]
+    for section, values in to_dict(config).items():
+        lines += ["", f"[{section}]"] + [f"{key} = {toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"

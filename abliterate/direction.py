@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from abliterate.errors import UserError
+from abliterate.files import write_atomic
 
 DIRECTION_JSON = "direction.json"
 DIRECTION_SAFETENSORS = "direction.safetensors"
@@ -87,7 +88,7 @@ def save_direction(out_dir: str | Path, vector: torch.Tensor, meta: dict[str, An
     meta["d_model"] = int(unit.shape[0])
     json_path = out_dir / DIRECTION_JSON
     payload = {"direction": [float(x) for x in unit.tolist()], **dict(sorted(meta.items()))}
-    _write_atomic(json_path, (json.dumps(payload, indent=1) + "\n").encode())
+    write_atomic(json_path, (json.dumps(payload, indent=1) + "\n").encode())
 
     metadata = {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
     save_safetensors(out_dir / DIRECTION_SAFETENSORS, {"direction": unit}, metadata)
@@ -114,14 +115,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write `safetensors_bytes` to `path` atomically."""
-    _write_atomic(Path(path), safetensors_bytes(tensors, metadata))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_atomic(Path(path), safetensors_bytes(tensors, metadata))
 
 
 def _check_vector(raw: Any, path: Path, stated_d_model: Any, d_model: int | None) -> torch.Tensor:

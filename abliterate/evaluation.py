@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import platform
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from abliterate import __version__
 from abliterate.actadd import (
     ActAddDirection,
     actadd_replies,
@@ -49,10 +46,9 @@ from abliterate.generation import (
     save_completions,
     text_after,
 )
-from abliterate.judge import check_judge, judge_completions, judge_name, resolved_judge
+from abliterate.judge import check_judge, judge_completions, resolved_judge
 from abliterate.metrics import (
     PAPER_MATCHER,
-    REFUSAL_SETS,
     RefusalMatcher,
     Scored,
     cross_entropy,
@@ -65,11 +61,10 @@ from abliterate.metrics import (
 )
 from abliterate.refusal import RefusalProfile, load_profile
 from abliterate.refusal_judge import check_refusal_judge, label_completions
-from abliterate.report import EvalReport
+from abliterate.report import EvalReport, eval_record
 
 log = logging.getLogger(__name__)
 
-_VERSIONED = ("torch", "transformers", "accelerate", "together")
 # Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
 _THINKING_SWITCHES = ("enable_thinking", "thinking")
 
@@ -147,7 +142,7 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
         del first_model
     _release_memory()
     _judge_all(runs, context)
-    report = EvalReport(_record(sources, runs, kl, actadd, context))
+    report = EvalReport(eval_record(sources, runs, kl, actadd, context))
     if out_dir is not None:
         for column, run in runs.items():
             for side, completions in run.completions.items():
@@ -396,36 +391,3 @@ def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: l
                           "source": e.ce_chat}
     losses["on_distribution"] = cross_entropy(model, on_distribution, pad_id, e.batch_size, "CE loss, on-distribution")
     return losses
-
-
-def _record(sources: dict[str, str | None], runs: dict[str, _Run], kl: dict[str, Any] | None,
-            actadd: dict[str, Any] | None, context: _Context) -> dict[str, Any]:
-    """The JSON-able evaluation record, with the settings and versions behind every number."""
-    config = context.config
-    e, p = config.eval, config.prompts
-    labels = {"base": "Base", "edited": "Edited", "model": "Model"}
-    versions = {"abliterate": __version__, "python": platform.python_version()}
-    for package in _VERSIONED:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    profile = context.profile
-    settings = {
-        "max_new_tokens": e.max_new_tokens, "backend": e.backend, "refusal_set": e.refusal_set,
-        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e),
-        "judge_min_words": e.judge_min_words, "ce_max_tokens": e.ce_max_tokens, "seed": p.seed,
-        "harmful_eval": p.harmful_eval, "harmless_eval": p.harmless_eval,
-        "refusal_openings": list(context.matcher.openings), "thinking_end": context.matcher.thinking_end,
-        "refusal_profile": profile.source if profile else "none",
-        "template_kwargs": context.model_config.template_kwargs, "thinking_on": context.thinking_on,
-        "refusal_judge": e.refusal_judge or "none",
-    }
-    for run in runs.values():
-        run.section.setdefault("safety", None)
-    return {
-        "columns": list(runs), "labels": {column: labels[column] for column in runs}, "sources": sources,
-        "n_prompts": {side: len(items) for side, items in context.prompts.items()}, "settings": settings,
-        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "actadd": actadd,
-        "versions": versions,
-    }

@@ -1,8 +1,8 @@
 """Greedy replies to chat-formatted prompts, stopping at the model's real stop tokens.
 
 The paper's code stopped only at EOS and ran past Llama 3's end-of-turn token on 95 of 100 replies, so every
-generation here stops at the generation config's EOS *and* the chat template's end-of-turn token (D's
-`chat.stop_token_ids`). Prompts are batched with left padding so the last prompt token sits at the same position in
+generation here stops at the generation config's EOS *and* the chat template's end-of-turn token
+(`chat.stop_token_ids`). Prompts are batched with left padding so the last prompt token sits at the same position in
 every row. Two backends: transformers (default, works with an accelerate `device_map`) and vLLM when installed and
 asked for. Replies come back without the stop token, with the reply's token ids (the on-distribution CE loss and the
 KL over the base model's reply are teacher-forced on them) and whether the reply stopped or hit `max_new_tokens`.
@@ -13,8 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from abliterate import progress
 from abliterate.errors import UserError
+from abliterate.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +178,7 @@ def _shut_down_vllm(engine: Any) -> None:
 def save_completions(path: Path, completions: Sequence[Completion]) -> Path:
     """Write completions as JSONL (one object per line), to a temporary file first, then moved into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        for completion in completions:
-            file.write(json.dumps(asdict(completion), ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_atomic(path, "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in completions))
 
 
 def load_completions(path: Path) -> list[Completion]:

@@ -193,7 +193,7 @@ def remote_tensor_infos(repo_id: str, revision: str = "") -> tuple[dict, dict[st
     return config, infos
 
 
-# ---- push (G): upload a finished output folder to the Hub ----
+# ---- push: upload a finished output folder to the Hub ----
 # Everything below belongs to `abliterate push` and the pipeline's `--push`; it never downloads anything.
 
 # Names an interrupted writer leaves behind; a folder holding one is not finished and is never uploaded.

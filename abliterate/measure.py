@@ -9,7 +9,7 @@ on validation prompts and choose one (or take the reference direction with `use_
     candidates.safetensors   candidates [position, layer, d_model] and both means, float64
     scores.json              every candidate's scores and filter verdicts, prompt counts, seed, config, versions
     direction.json           the chosen unit direction, layer, position, its token text, scores, model and revision
-    direction.safetensors    the same vector, exact float32 (A's `save_direction`)
+    direction.safetensors    the same vector, exact float32 (`direction.save_direction`)
     scores.png               bypass, induce and KL against layer, one line per position (the paper's figure)
     reference_cosines.csv    with a reference direction: cosine of every candidate, and per position and layer the
     reference_cosines.png    mean cosine of single harmful activations and the cosine of their normalized mean
@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from abliterate.direction import (
     save_safetensors,
 )
 from abliterate.errors import UserError
+from abliterate.files import versions
 from abliterate.hub import public_model_name
 from abliterate.refusal import RefusalProfile, find_refusal, log_profile, save_profile, separation_auc
 from abliterate.selection import (
@@ -57,7 +57,7 @@ from abliterate.selection import (
     layer_cutoff,
     score_candidates,
 )
-from abliterate.staging import Staging, make_staging, remove_stale
+from abliterate.staging import fresh_staging, merge_into
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +302,8 @@ def _write_reference_csv(path: Path, tables: dict[str, torch.Tensor], k: int) ->
 
 
 def _provenance(source: str, config: Config) -> dict[str, Any]:
-    import transformers
-
-    from abliterate import __version__
-
     return {"model": source, "revision": config.model.revision, "seed": config.prompts.seed,
-            "versions": {"abliterate": __version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-            "config": to_dict(config)}
+            "versions": versions(), "config": to_dict(config)}
 
 
 def _scores_payload(source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
@@ -349,32 +343,16 @@ def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, sco
     return summary
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move finished files into `out_dir` (renamed whole when it does not exist yet)."""
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-    for path in staging.iterdir():
-        os.replace(path, out_dir / path.name)
-    staging.rmdir()
-
-
-def _staging(out_dir: Path) -> Staging:
-    """A locked staging folder beside `out_dir`, after sweeping the ones an interrupted measure left there."""
-    remove_stale(out_dir)
-    return make_staging(out_dir)
-
-
 def _write_failure(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
                    reference: Direction | None) -> None:
     """When no candidate passes, still leave the scores and the figure: they show which filter to relax."""
     for stale in (DIRECTION_JSON, DIRECTION_SAFETENSORS):  # an older run's direction must not look like this one's
         (out_dir / stale).unlink(missing_ok=True)
-    staging = _staging(out_dir)
+    staging = fresh_staging(out_dir)
     try:
         _write_diagnostics(staging.path, source, config, fit, scores, None, reference)
         staging.release()
-        _publish(staging.path, out_dir)
+        merge_into(staging.path, out_dir)
     finally:
         staging.release()
         shutil.rmtree(staging.path, ignore_errors=True)
@@ -382,7 +360,7 @@ def _write_failure(out_dir: Path, source: str, config: Config, fit: _Fit, scores
 
 def _write(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[CandidateScore],
            chosen: dict[str, Any], reference: Direction | None) -> MeasureResult:
-    staging = _staging(out_dir)
+    staging = fresh_staging(out_dir)
     try:
         summary = _write_diagnostics(staging.path, source, config, fit, scores, chosen, reference)
         position = chosen["position"]
@@ -394,7 +372,7 @@ def _write(out_dir: Path, source: str, config: Config, fit: _Fit, scores: list[C
                 "method": "reference direction" if config.measure.use_reference else "difference of means"}
         save_direction(staging.path, chosen["vector"], {key: value for key, value in meta.items() if value is not None})
         staging.release()
-        _publish(staging.path, out_dir)
+        merge_into(staging.path, out_dir)
     finally:
         staging.release()
         shutil.rmtree(staging.path, ignore_errors=True)

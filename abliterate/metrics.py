@@ -7,7 +7,7 @@
   with a 95% Wilson interval; empty replies are counted apart (they are neither a refusal nor an answer, and a
   broken edit that emits nothing must not look like a bypass).
 - Degenerate compliance: the share of replies that duplicate another reply word for word.
-- The refusal score of the paper (E's `activations.refusal_score`, applied at the first reply position).
+- The refusal score of the paper (`activations.refusal_score`, applied at the first reply position).
 - Teacher-forced log-probabilities at chosen positions, batched with right padding (so positions are the natural
   ones and padding never precedes a scored token), for the CE loss and the KL divergence between two models. The
   KL never needs both models loaded: the base's distributions are recorded first (`record_logprobs`), kept as
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from abliterate import progress
 
-# The refusal score and the KL are E's pure functions, shared with measuring so both use the same definition.
+# The refusal score and the KL are pure functions in activations, shared with measuring so both use the same definition.
 from abliterate.activations import kl_divergence, refusal_score
 
 # The paper's list (Arditi et al. 2024, appendix), matched case-insensitively anywhere in the reply.

@@ -25,18 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from abliterate import __version__
-from abliterate.config import Config, to_dict
+from abliterate.config import Config, render_toml, to_dict
 from abliterate.errors import UserError
+from abliterate.files import check_out_dir, versions, write_atomic
 from abliterate.hub import PROVENANCE_DIR, public_model_name
 from abliterate.publish import (
     RECORD_SUFFIXES,
@@ -46,7 +45,6 @@ from abliterate.publish import (
     publish,
     scrub_tree,
     unpublish,
-    write_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,7 +52,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"  # inside abliterate/apply/: the edited checkpoint until it is published
 STEP_FILE = "step.json"
 RUN_FILE = "run.json"
-_VERSIONED_PACKAGES = ("torch", "transformers", "safetensors", "huggingface_hub", "accelerate", "tokenizers")
 
 
 @dataclass
@@ -171,7 +168,7 @@ def _measure_work(model: str, config: Config) -> Callable[[Path], dict]:
 
 def _apply_work(model: str, direction_path: Path, config: Config) -> Callable[[Path], dict]:
     def work(folder: Path) -> dict:
-        from abliterate.checkpoint import apply_direction
+        from abliterate.apply import apply_direction
 
         record = apply_direction(model, direction_path, folder / CHECKPOINT_DIR, config)
         return {"files": checkpoint_files(folder / CHECKPOINT_DIR), "n_layers": record["n_layers"],
@@ -196,42 +193,12 @@ def _eval_work(model: str, edited_dir: Path, config: Config) -> Callable[[Path],
 
 
 def summary_rows(report: Any) -> list[list[str]]:
-    """(metric with its prompt count, base, edited) rows for the final summary table, from F's EvalReport."""
+    """(metric with its prompt count, base, edited) rows for the final summary table, from an EvalReport."""
     rows = report.summary_rows() if hasattr(report, "summary_rows") else []
     return [[str(cell) for cell in row] for row in rows]
 
 
 # ---- provenance ----
-
-def _versions() -> dict[str, str]:
-    found = {"abliterate": __version__, "python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) + "}"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def render_toml(config: Config) -> str:
-    """The resolved config as a TOML file that `--config` accepts (every setting, defaults included)."""
-    lines = [f"# Resolved settings of an abliterate {__version__} run: pass this file to --config to repeat it."]
-    for section, values in to_dict(config).items():
-        lines += ["", f"[{section}]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
-
 
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
@@ -252,15 +219,6 @@ def reproduce_command(model: str, out_dir: Path) -> str:
 def _read_run(prov: Path) -> dict:
     path = prov / RUN_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; choose a directory for --out.")
-    is_run = (out_dir / PROVENANCE_DIR).is_dir()  # created first thing by run, so even a run stopped at once counts
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_run and not force:
-        raise UserError(f"--out {out_dir} is not empty and holds no abliterate run to continue; choose another "
-                        "--out or pass --force to write into it.")
 
 
 def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps: dict[str, dict]) -> str:
@@ -300,7 +258,7 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
 def _provenance(model: str, model_dir: Path, config: Config, keys: dict[str, str]) -> dict:
     return {"tool": "abliterate", "version": __version__, "base_model": public_model_name(model),
             "base_revision": config.model.revision, "resolved_revision": _resolved_revision(model_dir),
-            "seed": config.prompts.seed, "versions": _versions(), "config": to_dict(config), "steps": keys,
+            "seed": config.prompts.seed, "versions": versions(), "config": to_dict(config), "steps": keys,
             "complete": False}
 
 
@@ -347,7 +305,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     from abliterate.hub import resolve_model
 
     out_dir = Path(out_dir).expanduser().resolve()
-    _check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force, resume_marker=PROVENANCE_DIR)
     if not config.run.skip_eval:
         from abliterate.judge import check_judge
         from abliterate.refusal_judge import check_refusal_judge

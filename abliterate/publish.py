@@ -18,19 +18,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from abliterate.files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 # Files the run writes as text (JSON, JSON lines, Markdown, TOML, CSV): the ones a local path can hide in.
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".toml", ".csv", ".txt")
 RECORD_SUFFIXES = (".json", ".md", ".toml", ".csv")  # the files abliterate writes about a run, not model text
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a hidden temporary name beside `path`, then rename, so a reader never sees half a file."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
 
 
 def checkpoint_files(checkpoint: Path) -> list[str]:

@@ -9,15 +9,49 @@ prompts; without one it has a single column. `save` writes eval.json and report.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abliterate.files import versions, write_atomic
+from abliterate.judge import judge_name
+from abliterate.metrics import REFUSAL_SETS
+
 NONE = "–"
 NOT_JUDGED = ("**Safety was not judged**: export TOGETHER_API_KEY (the default judge `auto` then uses Llama Guard on "
               "Together) or pass `--judge local:PATH` with a local guard model.")
+
+
+def eval_record(sources: dict[str, str | None], runs: Mapping[str, Any], kl: dict[str, Any] | None,
+                actadd: dict[str, Any] | None, context: Any) -> dict[str, Any]:
+    """The JSON-able evaluation record, with the settings and versions behind every number.
+
+    `runs` maps each column to its evaluation run (its `section` is the column's numbers), `context` is the
+    evaluation's settings, prompts and refusal matcher.
+    """
+    config = context.config
+    e, p = config.eval, config.prompts
+    labels = {"base": "Base", "edited": "Edited", "model": "Model"}
+    profile = context.profile
+    settings = {
+        "max_new_tokens": e.max_new_tokens, "backend": e.backend, "refusal_set": e.refusal_set,
+        "refusal_phrases": list(REFUSAL_SETS[e.refusal_set]), "judge": judge_name(e),
+        "judge_min_words": e.judge_min_words, "ce_max_tokens": e.ce_max_tokens, "seed": p.seed,
+        "harmful_eval": p.harmful_eval, "harmless_eval": p.harmless_eval,
+        "refusal_openings": list(context.matcher.openings), "thinking_end": context.matcher.thinking_end,
+        "refusal_profile": profile.source if profile else "none",
+        "template_kwargs": context.model_config.template_kwargs, "thinking_on": context.thinking_on,
+        "refusal_judge": e.refusal_judge or "none",
+    }
+    for run in runs.values():
+        run.section.setdefault("safety", None)
+    return {
+        "columns": list(runs), "labels": {column: labels[column] for column in runs}, "sources": sources,
+        "n_prompts": {side: len(items) for side, items in context.prompts.items()}, "settings": settings,
+        "models": {column: run.section for column, run in runs.items()}, "kl": kl, "actadd": actadd,
+        "versions": versions(),
+    }
 
 
 def format_rate(rate: dict[str, Any] | None) -> str:
@@ -174,8 +208,8 @@ class EvalReport:
     def save(self, out_dir: Path) -> tuple[Path, Path]:
         """Write eval.json and report.md into `out_dir`, each to a temporary file first."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        json_path = _write_atomic(out_dir / "eval.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
-        return json_path, _write_atomic(out_dir / "report.md", self.to_markdown())
+        json_path = write_atomic(out_dir / "eval.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
+        return json_path, write_atomic(out_dir / "report.md", self.to_markdown())
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -217,11 +251,3 @@ def _settings_note(settings: dict[str, Any]) -> str:
         f"{settings['ce_max_tokens']} tokens of each general-text document; chat and on-distribution sets are "
         f"scored on reply tokens only). Prompt seed {settings['seed']}."
     )
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
-    return path

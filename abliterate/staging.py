@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from abliterate.files import umask
+
 logger = logging.getLogger(__name__)
 
 OWNER_FILE = ".abliterate-owner"
@@ -41,17 +43,11 @@ class Staging:
             self.lock = None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def make_staging(out_dir: Path, kind: str = "abliterate-tmp") -> Staging:
     """A new staging folder `.OUT.KIND-XXXX` beside `out_dir`, with its owner file locked by this process."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-", dir=out_dir.parent))
-    path.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the output should be like any other folder
+    path.chmod(0o777 & ~umask())  # mkdtemp makes it private (0700); the output should be like any other folder
     lock = (path / OWNER_FILE).open("w")
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     lock.write(f"abliterate staging folder of {out_dir.name}, pid {os.getpid()}\n")
@@ -94,3 +90,37 @@ def remove_stale(out_dir: Path) -> list[Path]:
                            size / 1e6)
             removed.append(folder)
     return removed
+
+
+def fresh_staging(out_dir: Path) -> Staging:
+    """A locked staging folder beside `out_dir`, after sweeping the ones an interrupted writer left there."""
+    remove_stale(out_dir)
+    return make_staging(out_dir)
+
+
+def replace_dir(staged: Path, out_dir: Path) -> None:
+    """Swap the finished staging folder in for `out_dir`; an old output is moved aside first and removed last."""
+    old = None
+    if out_dir.exists():
+        aside = make_staging(out_dir, "abliterate-old")  # stays locked until removed: never swept as stale
+        old = aside.path
+        out_dir.rename(old / out_dir.name)
+    try:
+        staged.rename(out_dir)
+    except OSError:
+        if old is not None:
+            (old / out_dir.name).rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def merge_into(staged: Path, out_dir: Path) -> None:
+    """Move the finished files of a staging folder into `out_dir` (renamed whole when it does not exist yet)."""
+    if not out_dir.exists():
+        staged.rename(out_dir)
+        return
+    for path in staged.iterdir():
+        os.replace(path, out_dir / path.name)
+    staged.rmdir()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from chat_toys import TOYS, chat_toy, write_prompt_files
 
-from abliterate.checkpoint import apply_direction
+from abliterate.apply import apply_direction
 from abliterate.config import Config, load_config
 from abliterate.errors import UserError
 from abliterate.evaluation import evaluate

@@ -143,7 +143,7 @@ def time_measure(path: Path, work: Path, config: Any, repeats: int) -> dict[str,
 
 def time_apply(path: Path, direction: Path, work: Path, config: Any) -> dict[str, Any]:
     """A plain copy of the checkpoint, then `apply` of the direction to it; both from the page cache."""
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
 
     total = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     os.sync()

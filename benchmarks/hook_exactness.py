@@ -25,7 +25,7 @@ def gap(name: str, root: Path) -> float:
     import torch
     from tiny_models import TINY_MODELS, build_tiny, model_class, save_tiny
 
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.config import load_config
     from abliterate.hooks import ablate_direction, memory_plan
 

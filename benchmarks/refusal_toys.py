@@ -52,7 +52,7 @@ def _rates(model_dir: Path, splits: dict, toy, model_config) -> str:
 
 
 def main(names: list[str]) -> None:
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.measure import measure
 
     torch.set_num_threads(1)

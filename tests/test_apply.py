@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from abliterate import checkpoint
-from abliterate.checkpoint import apply_direction, edit_in_chunks, inspect_checkpoint
+from abliterate import apply as checkpoint
+from abliterate.apply import apply_direction, edit_in_chunks, inspect_checkpoint
 from abliterate.cli import app
 from abliterate.config import load_config, parse_size
 from abliterate.direction import save_direction

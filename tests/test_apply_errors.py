@@ -8,8 +8,8 @@ import pytest
 import torch
 from apply_models import D_MODEL, save_checkpoint, tiny_llama
 
-from abliterate import checkpoint
-from abliterate.checkpoint import apply_direction, inspect_checkpoint
+from abliterate import apply as checkpoint
+from abliterate.apply import apply_direction, inspect_checkpoint
 from abliterate.config import load_config
 from abliterate.direction import save_direction
 from abliterate.errors import UserError

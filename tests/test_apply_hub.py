@@ -17,7 +17,7 @@ import torch
 from apply_models import D_MODEL, save_checkpoint, tiny_llama
 from safetensors.torch import load_file
 
-from abliterate.checkpoint import apply_direction, inspect_checkpoint
+from abliterate.apply import apply_direction, inspect_checkpoint
 from abliterate.config import load_config
 from abliterate.direction import save_direction
 from abliterate.errors import UserError

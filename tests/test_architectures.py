@@ -1,6 +1,6 @@
-"""Per-architecture correctness of the weight edit, end to end through `checkpoint.apply_direction`.
+"""Per-architecture correctness of the weight edit, end to end through `apply.apply_direction`.
 
-For every tiny model in tests/tiny_models.py (dense families here, C's MoE/hybrid/multimodal ones too): save it
+For every tiny model in tests/tiny_models.py (dense, MoE, hybrid and multimodal families): save it
 (single file and several shards), apply a random direction, and check that (1) the edited model's residual stream has
 no component along r at every layer input and the final norm's input, on a left-padded batch; (2) in every family,
 sandwich norms included, the edited logits equal the original model under selection's ablation hooks (the model
@@ -21,8 +21,8 @@ import pytest
 import torch
 from tiny_models import TESTED_ELSEWHERE, TINY_MODELS, TinyModel, build_tiny, model_class, read_tensors, save_tiny
 
+from abliterate.apply import apply_direction
 from abliterate.architectures import ARCHITECTURES, EditPlan, TensorInfo, plan_edits
-from abliterate.checkpoint import apply_direction
 from abliterate.config import load_config
 from abliterate.errors import UserError
 from abliterate.hooks import ablate_direction, capture_layer_inputs

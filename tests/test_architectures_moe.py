@@ -26,8 +26,8 @@ from tiny_models import build_tiny, llama4_multimodal_config, read_tensors, save
 from transformers import AutoModelForCausalLM, Llama4ForConditionalGeneration
 
 from abliterate import architectures
+from abliterate.apply import apply_direction
 from abliterate.architectures import TensorInfo, plan_edits
-from abliterate.checkpoint import apply_direction
 from abliterate.config import load_config
 from abliterate.errors import UserError
 from abliterate.hooks import ablate_direction, capture_layer_inputs

@@ -71,7 +71,7 @@ def _refusal_rates(model_dir: Path, splits: dict[str, list[str]], toy, model_con
 @pytest.fixture(scope="module", params=list(EXPECTED))
 def abliterated(request, tmp_path_factory):
     """(toy name, measure result, refusal rates before and after) with default settings and local prompt files."""
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.measure import measure
 
     name = request.param

@@ -18,7 +18,7 @@ import torch
 from test_architectures import left_padded_batch
 from tiny_models import TINY_MODELS, build_tiny, model_class, read_tensors, save_tiny
 
-from abliterate.checkpoint import apply_direction
+from abliterate.apply import apply_direction
 from abliterate.config import load_config
 from abliterate.edit_params import EditParams, Kernel, edit_tensor, hooked_edit, layer_directions, write_edit
 from abliterate.hooks import ablate_direction, memory_plan

@@ -1,4 +1,4 @@
-"""`abliterate eval --base` end to end on the toy refuser before and after a real edit (E's measure, A's apply).
+"""`abliterate eval --base` end to end on the toy refuser before and after a real edit (measure, then apply).
 
 The toy refuser refuses held-out harmful requests and answers harmless ones; after its measured direction is
 removed from the weights it should stop refusing, without starting to refuse harmless requests. The test drives
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def edited_toy(toy_refuser_dir, tmp_path_factory) -> Path:
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.config import load_config
     from abliterate.measure import measure
 

@@ -144,7 +144,7 @@ def test_vllm_missing_is_a_user_error(tokenizer):
 
 
 def test_stop_ids_derived_from_the_template_stop_generation(tokenizer):
-    # D's derivation: generation config EOS plus the end-of-turn token read from a rendered assistant turn.
+    # The derivation: generation config EOS plus the end-of-turn token read from a rendered assistant turn.
     from abliterate.chat import stop_token_ids
 
     model = build_successor_model()

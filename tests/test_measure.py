@@ -60,7 +60,7 @@ def _refusal_rate(model_dir: Path, prompts: list[str], config) -> float:
 
 
 def test_measure_then_apply_removes_refusal_on_held_out_prompts(measured, toy_refuser_dir, tmp_path):
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.prompts import prompt_sets
 
     config = _config()

@@ -72,7 +72,7 @@ def test_the_papers_edit_is_a_confirmed_trial_and_the_shipped_edit_meets_the_tar
 @torch.no_grad()
 def test_the_written_checkpoint_replies_exactly_as_the_confirmed_hooked_model(searched, toy_refuser_dir: Path,
                                                                              tmp_path: Path) -> None:
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.prompts import prompt_sets
 
     result, out = searched

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from apply_models import save_checkpoint, tiny_llama
 
-from abliterate.checkpoint import apply_direction
+from abliterate.apply import apply_direction
 from abliterate.config import load_config
 from abliterate.direction import save_direction
 from abliterate.staging import OWNER_FILE

@@ -104,7 +104,7 @@ def _gemma3_multimodal() -> PretrainedConfig:
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-# ---- dense families (engineer B) ----------------------------------------------------------------------------------
+# ---- dense families ----------------------------------------------------------------------------------------------
 for _tiny in (
     dense("llama", attention_bias=True, mlp_bias=True),
     dense("llama", "llama-tied", tie_word_embeddings=True),
@@ -135,7 +135,7 @@ for _tiny in (
     register_tiny(_tiny)
 
 
-# ---- MoE, hybrid and multimodal families (engineer C) -------------------------------------------------------------
+# ---- MoE, hybrid and multimodal families -------------------------------------------------------------------------
 # Two layers each, so that where a family mixes layer kinds both appear: a dense and an MoE layer (mlp_only_layers,
 # first_k_dense_replace, interleave_moe_layer_step...), a linear-attention / Mamba / short-convolution layer and a
 # full-attention one. 4 experts with inter 16; gpt-oss and Llama 4 experts are square (inter = d_model = 32), as real

@@ -3,21 +3,24 @@
 Each entry was checked against the installed transformers 5 modeling code (where each sublayer's output goes before
 the residual add) and against what `save_pretrained` writes, and each has a tiny model in tests/tiny_models.py that
 tests/test_architectures.py edits end to end. The MoE, hybrid and multimodal entries are in
-`abliterate.architectures_moe`.
+`abliterate.architectures.moe`.
 """
 
 from __future__ import annotations
 
-from abliterate.architectures import (
+from abliterate.architectures.schema import (
     ATTN_O,
     CAUSAL_LM,
     EMBED,
     MLP_DOWN,
     Architecture,
+    EntryTable,
     Layout,
     WriterRule,
-    register,
 )
+
+ENTRIES = EntryTable()
+register = ENTRIES.register
 
 
 def _sandwich(attn_norm: str, mlp_norm: str, gain: str) -> tuple[WriterRule, ...]:
@@ -97,3 +100,11 @@ register("falcon", Architecture(
 register("doge", Architecture("doge", CAUSAL_LM, (), refuse=(
     "its residual stream is rescaled elementwise by learned vectors (input_residual), so removing r from the "
     "writers does not remove it from the stream; abliterate refuses it rather than edit it approximately.")))
+
+
+# Gemma 3n keeps several residual streams (AltUp) and mixes them per layer: removing r from one stream's writers is not
+# the paper's edit, and an approximate edit would be silently wrong, so it is refused.
+_ALTUP = ("its residual stream is not a single stream (Gemma 3n AltUp keeps several and mixes them), so a "
+          "single-direction weight edit would be approximate; abliterate refuses it rather than edit it wrongly.")
+for _model_type in ("gemma3n", "gemma3n_text"):
+    register(_model_type, Architecture(_model_type, CAUSAL_LM, (), refuse=_ALTUP))

@@ -1,44 +1,25 @@
-"""Architectures as data: which on-disk tensors of each model family write into the residual stream, and how.
+"""From an architecture entry, a checkpoint's config and its tensor list to an `EditPlan`, refusing what it cannot edit.
 
-One `Architecture` entry per `config.model_type` names where the text model lives in the checkpoint (its tensor-name
-prefixes, so multimodal wrappers edit only their language model), the layer container, the residual writers as
-`WriterRule`s (a regex relative to the layer prefix, a role, a kind, and for sandwich norms the post-norm tensors and
-their gain convention), and what is tied. `plan_edits` turns an entry plus a checkpoint's config and tensor list into
-an `EditPlan`: every tensor to edit and how. It never guesses: an unknown family, a layer with no writer found, a
-tensor that looks like an output projection but that no rule claims, or a residual stream that is not one stream are
-all `UserError`s. The maths of each kind lives in `abliterate.weights`; in-memory hooks in `abliterate.hooks`.
-
-The entries themselves live in `abliterate.architectures_dense` and `abliterate.architectures_moe` (registered on
-import). Adding a family means adding an entry there (and a tiny model in tests/tiny_models.py), nothing else.
+It never guesses: a layer with no writer found, a tensor that looks like an output projection but that no rule
+claims, or a quantized layout are all `UserError`s.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 
+from abliterate.architectures.schema import (
+    AXIS_FROM_SHAPE,
+    KIND_AXES,
+    Architecture,
+    EditPlan,
+    Layout,
+    TensorEdit,
+    TensorInfo,
+    WriterRule,
+)
 from abliterate.errors import UserError
-
-# Roles of residual writers: the token (and position) embedding, the sequence mixer (attention, linear attention,
-# Mamba, short convolution), the MLP (dense, experts, shared experts) and anything else added to the residual.
-ROLES = ("embed", "mixer", "mlp", "extra")
-
-# Edit kinds and the axis of the stored tensor that lives in d_model (the axis the direction is removed along).
-# `linear` is an nn.Linear weight [d_model, d_in] or its bias [d_model]; `conv1d` is GPT-2's transposed Conv1D
-# weight [d_in, d_model] (its bias is [d_model]); `embedding` and `position_embedding` are row tables [n, d_model];
-# `experts_fused` is a 3-D expert tensor whose d_model axis the rule names (1 for [experts, d_model, inter], 2 for
-# gpt-oss and Llama 4's [experts, inter, d_model]: real gpt-oss experts are square, so it cannot be read from the
-# shape); `experts_bias` is a fused expert bias [experts, d_model]. AXIS_FROM_SHAPE is for the one family whose Hub
-# and transformers-5 checkpoints store the same fused tensor in both orientations (Qwen3-VL-MoE): the axis that is
-# d_model wins, and square experts are refused because their orientation cannot be known.
-AXIS_FROM_SHAPE = -1
-KIND_AXES = {"embedding": 1, "position_embedding": 1, "linear": 0, "conv1d": 1, "experts_bias": 1}
-KINDS = (*KIND_AXES, "experts_fused")
-
-# Conventions for a norm's effective elementwise gain g: "weight" (OLMo 2, Gemma 4, Llama-style RMSNorm) or
-# "one_plus_weight" (Gemma 1/2/3 store w and scale by 1 + w).
-GAINS = ("weight", "one_plus_weight")
 
 # Safety net: inside a text layer, a tensor whose name looks like an output projection must be claimed by a rule.
 _LOOKS_LIKE_WRITER = re.compile(
@@ -50,131 +31,6 @@ _QUANTIZED = re.compile(r"(_blocks|_scales|\.qweight|\.qzeros|\.weight_scale_inv
 
 # Outside the layers: a [n, d_model] table named like an embedding (token, position, token-type) must be claimed too.
 _LOOKS_LIKE_EMBEDDING = re.compile(r"(embed|wte|wpe|position)")
-
-
-@dataclass(frozen=True)
-class WriterRule:
-    """A family of tensors that write into the residual stream.
-
-    `pattern` is a regex matched in full against the tensor name relative to the layer prefix (for `scope="layer"`)
-    or the text-model prefix (`scope="global"`, e.g. the embedding). `post_norms` are the weights (relative to the
-    same prefix) of the norm(s) between this writer and the residual add, outermost last; their gains multiply.
-    `when` names a boolean key of the text config the rule depends on ("!key" for its negation), for families whose
-    wiring a config flag switches (Gemma 4's MoE block adds a second post-norm after its dense MLP).
-    """
-
-    pattern: str
-    role: str
-    kind: str
-    scope: str = "layer"
-    d_model_axis: int | None = None
-    post_norms: tuple[str, ...] = ()
-    gain: str = "weight"
-    when: str = ""
-
-    def __post_init__(self) -> None:
-        # Table mistakes are programming errors, caught when the module is imported (and by the tests).
-        if self.role not in ROLES or self.kind not in KINDS or self.gain not in GAINS:
-            raise ValueError(f"bad WriterRule {self}")
-        if self.kind == "experts_fused" and self.d_model_axis not in (1, 2, AXIS_FROM_SHAPE):
-            raise ValueError(f"experts_fused rule {self.pattern} must name its d_model_axis (1, 2 or AXIS_FROM_SHAPE)")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the text model sits in one on-disk (or in-memory) naming: its prefix and its output layer's name."""
-
-    prefix: str
-    lm_head: str = "lm_head.weight"
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """One table entry: everything abliterate needs to know about a model family's residual stream."""
-
-    name: str
-    layouts: tuple[Layout, ...]
-    writers: tuple[WriterRule, ...]
-    embed: str = "embed_tokens.weight"
-    layers: str = "layers"
-    final_norm: str = "norm"
-    n_layers_key: str = "num_hidden_layers"
-    d_model_key: str = "hidden_size"
-    text_config_key: str = ""
-    required_roles: tuple[str, ...] = ("mixer", "mlp")
-    not_writers: tuple[str, ...] = ()
-    refuse: str = ""
-    # A wrapper whose language model may be of any family (LLaVA-style): its layouts and text_config_key are its own,
-    # everything else comes from the entry of text_config's model_type.
-    delegate: bool = False
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """An on-disk tensor's shape and dtype string (as safetensors names it, e.g. "BF16", or torch's)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class TensorEdit:
-    """How to edit one tensor: remove the direction along `axis` (of the tensor as stored).
-
-    `needs` are other tensors the edit reads (post-norm weights, whose gains multiply with convention `gain`).
-    """
-
-    name: str
-    kind: str
-    role: str
-    layer: int | None
-    axis: int
-    needs: tuple[str, ...] = ()
-    gain: str = "weight"
-    description: str = ""
-
-
-@dataclass
-class EditPlan:
-    """Every tensor of a checkpoint to edit, and how; everything else is copied bit-identical."""
-
-    arch: str
-    model_type: str
-    n_layers: int
-    d_model: int
-    prefix: str
-    layers_prefix: str
-    edits: dict[str, TensorEdit]
-    untie: tuple[str, str] | None
-    per_layer: dict[int, list[str]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def config_updates(self, config: dict) -> dict:
-        """The config to write: embeddings are untied (the embedding is edited, the output layer is not)."""
-        updated = dict(config)
-        updated["tie_word_embeddings"] = False
-        if isinstance(updated.get("text_config"), dict):
-            updated["text_config"] = {**updated["text_config"], "tie_word_embeddings": False}
-        return updated
-
-    def describe(self) -> list[str]:
-        """Human-readable lines for `abliterate inspect`: the entry, every edit, the ties and per-layer counts."""
-        header = (f"architecture: {self.arch} (model_type {self.model_type}), {self.n_layers} layers, "
-                  f"d_model {self.d_model}, text prefix '{self.prefix}'")
-        lines = [header]
-        if self.untie:
-            lines.append(f"tied: {self.untie[1]} will be written from the ORIGINAL {self.untie[0]} "
-                         "(tie_word_embeddings set to false)")
-        else:
-            lines.append("tied: no (the output layer is stored separately and copied unchanged)")
-        for edit in self.edits.values():
-            where = "global" if edit.layer is None else f"layer {edit.layer}"
-            lines.append(f"  edit {edit.name}: {edit.description} [{where}, role {edit.role}]")
-        counts = ", ".join(f"{layer}:{len(names)}" for layer, names in sorted(self.per_layer.items()))
-        lines.append(f"edited tensors per layer: {counts}")
-        lines.append(f"total edited tensors: {len(self.edits)}")
-        lines.extend(self.notes)
-        return lines
 
 
 def _text_config(config: dict, arch: Architecture) -> dict:
@@ -240,9 +96,8 @@ def _match(rules: list[WriterRule], rel: str) -> WriterRule | None:
     return found[0] if found else None
 
 
-def plan_edits(config: dict, tensors: Mapping[str, TensorInfo]) -> EditPlan:
-    """The edit plan of a checkpoint from its config.json dict and its tensors' names, shapes and dtypes."""
-    arch = architecture_for(config)
+def plan_for(arch: Architecture, config: dict, tensors: Mapping[str, TensorInfo]) -> EditPlan:
+    """The edit plan of a checkpoint of family `arch` from its config.json dict and its tensors' names and shapes."""
     text = _text_config(config, arch)
     n_layers, d_model = _required_int(text, arch.n_layers_key, arch), _required_int(text, arch.d_model_key, arch)
     layout = _choose_layout(arch, tensors)
@@ -353,54 +208,3 @@ def _untie(config: dict, arch: Architecture, layout: Layout, tensors: Mapping[st
         raise UserError(f"The checkpoint has no output layer {layout.lm_head} and config.json does not tie it to "
                         "the embedding; the checkpoint is incomplete.")
     return (layout.prefix + arch.embed, layout.lm_head)
-
-
-# ---- the table ----------------------------------------------------------------------------------------------------
-
-ARCHITECTURES: dict[str, Architecture] = {}
-
-
-def register(model_types: tuple[str, ...] | str, arch: Architecture) -> None:
-    """Add a table entry under one or more config.model_type values."""
-    for model_type in (model_types,) if isinstance(model_types, str) else model_types:
-        if model_type in ARCHITECTURES:
-            raise ValueError(f"model_type {model_type} registered twice")
-        ARCHITECTURES[model_type] = arch
-
-
-def architecture_for(config: dict) -> Architecture:
-    """The table entry for a config.json dict, or a UserError listing what is supported."""
-    model_type = config.get("model_type")
-    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
-    if arch is None:
-        supported = sorted(name for name, entry in ARCHITECTURES.items() if not entry.refuse)
-        raise UserError(f"Unsupported model_type {model_type!r} in config.json (abliterate knows only the families "
-                        f"in abliterate/architectures.py). Supported: {', '.join(supported)}.")
-    if arch.refuse:
-        raise UserError(f"model_type {model_type!r} is not supported: {arch.refuse}")
-    if arch.delegate:
-        text = config.get(arch.text_config_key)
-        inner = architecture_for(text if isinstance(text, dict) else {})
-        if inner.delegate or inner.text_config_key:
-            raise UserError(f"model_type {model_type!r} wraps another wrapper ({inner.name}); not supported.")
-        return replace(inner, name=f"{arch.name}[{inner.name}]", layouts=arch.layouts,
-                       text_config_key=arch.text_config_key)
-    return arch
-
-
-CAUSAL_LM = (Layout("model."),)
-EMBED = WriterRule(r"embed_tokens\.weight", "embed", "embedding", scope="global")
-ATTN_O = WriterRule(r"self_attn\.o_proj\.(weight|bias)", "mixer", "linear")
-MLP_DOWN = WriterRule(r"mlp\.down_proj\.(weight|bias)", "mlp", "linear")
-
-
-# Gemma 3n keeps several residual streams (AltUp) and mixes them per layer: removing r from one stream's writers is not
-# the paper's edit, and an approximate edit would be silently wrong, so it is refused.
-_ALTUP = ("its residual stream is not a single stream (Gemma 3n AltUp keeps several and mixes them), so a "
-          "single-direction weight edit would be approximate; abliterate refuses it rather than edit it wrongly.")
-for _model_type in ("gemma3n", "gemma3n_text"):
-    register(_model_type, Architecture(_model_type, CAUSAL_LM, (), refuse=_ALTUP))
-
-# The dense entries (engineer B) and the MoE, hybrid and multimodal entries (engineer C) live in their own modules,
-# registered on import; the building blocks above are shared by both.
-from abliterate import architectures_dense, architectures_moe  # noqa: F401

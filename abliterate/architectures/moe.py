@@ -21,24 +21,27 @@ each writer is made orthogonal to normalize(g_inner * g_outer * r). Scalars on t
 residual_multiplier, Gemma 4's layer_scalar, gated shared experts) do not change orthogonality.
 
 Refused: MiniMax-Text-01 (its residual is re-normalized in every layer) here, Gemma 3n (AltUp: not one residual
-stream) in `abliterate.architectures`. LLaVA-style wrappers delegate to their language model's own entry.
+stream) in `abliterate.architectures.dense`. LLaVA-style wrappers delegate to their language model's own entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from abliterate.architectures import (
+from abliterate.architectures.schema import (
     ATTN_O,
     AXIS_FROM_SHAPE,
     CAUSAL_LM,
     EMBED,
     MLP_DOWN,
     Architecture,
+    EntryTable,
     Layout,
     WriterRule,
-    register,
 )
+
+ENTRIES = EntryTable()
+register = ENTRIES.register
 
 # Multimodal wrappers: transformers 5 names the language model model.language_model.* with lm_head at the top;
 # older (LLaVA-style) Hub checkpoints store language_model.model.* and language_model.lm_head.
