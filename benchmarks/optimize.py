@@ -3,13 +3,13 @@
 `--toy` picks the demo's toy (`toy`, the default) or a chat toy of tests/chat_toys.py (lowercase_space, thinking,
 switchable_thinking, foreign). Both edits start from the same measurement settings (the demo's, configs/toy.toml,
 for the demo toy; the defaults on the toy's own prompt files, as benchmarks/refusal_toys.py, for a chat toy) and
-are written by `apply`; the
-held-out figures come from the peer scorer /work/shared/peers/damage.py (greedy, 48 new tokens; harmful refusal,
-share of harmless replies identical to the base model's, per-token reply KL), so they compare with the peer's
-(heretic, 60 trials: reply KL 0.0006 in 2:32 on the demo toy). The peer's prompt file (its `refusal_prefix`: the
-demo toy's refusal opening, or the first three words of a chat toy's own refusal text) is written to
-`--prompts-out` when given, so heretic.sh and damage.py can be run on the same prompts. Printed: trials per second, the search time, the whole
-time (measure + search + confirmation + apply) of each edit, the figures side by side, and the targets.
+are written by `apply`; the held-out figures come from the peer scorer /work/shared/peers/damage.py (greedy, 48 new
+tokens; harmful refusal, share of harmless replies identical to the base model's, per-token reply KL), so they
+compare with the peer's on the same toy (heretic, 60 trials: `PEER`). The peer's prompt file (its `refusal_prefix`:
+the demo toy's refusal opening, or the first three words of a chat toy's own refusal text) is written to
+`--prompts-out` when given, so heretic.sh and damage.py can be run on the same prompts. Printed: trials per second,
+the search time, the whole time (measure + search + confirmation + apply) of each edit, the figures beside the
+peer's, and the targets.
 
 Run:  python benchmarks/optimize.py                      # 60 trials, one torch thread, the demo toy
       python benchmarks/optimize.py --toy switchable_thinking --prompts-out /tmp/switchable_thinking.json
@@ -36,7 +36,7 @@ TARGETS = {"whole_s": 13.0, "harmful_refusal": 0.05, "identical_share": 0.60, "r
 # the prompt file this script writes with --prompts-out), scored by damage.py: harmful refusal, identical share and
 # reply KL held out, and the user CPU seconds of its run (one thread; the wall time on a loaded machine says less).
 PEER = {
-    "toy": {"cpu_s": None, "harmful_refusal": 0.0, "identical_share": 1.0, "reply_kl": 0.0006},
+    "toy": {"cpu_s": 70.1, "harmful_refusal": 0.0, "identical_share": 1.0, "reply_kl": 0.0005},
     "lowercase_space": {"cpu_s": 177.6, "harmful_refusal": 1.0, "identical_share": 1.0, "reply_kl": 0.0},
     "thinking": {"cpu_s": 77.6, "harmful_refusal": 0.0, "identical_share": 1.0, "reply_kl": 0.0002},
     "switchable_thinking": {"cpu_s": 89.5, "harmful_refusal": 0.9, "identical_share": 1.0, "reply_kl": 0.0009},
