@@ -1,12 +1,18 @@
-"""Benchmark `optimize` against the paper's single-direction edit on the demo's toy refuser, with the peer's scorer.
+"""Benchmark `optimize` against the paper's single-direction edit on a toy refuser, with the peer's scorer.
 
-Both edits start from the same measurement settings (the demo's, configs/toy.toml) and are written by `apply`; the
-held-out figures come from the peer scorer /work/shared/peers/damage.py (greedy, 48 new tokens; harmful refusal,
-share of harmless replies identical to the base model's, per-token reply KL), so they compare with the peer's
-(heretic, 60 trials: reply KL 0.0006 in 2:32 on this toy). Printed: trials per second, the search time, the whole
-time (measure + search + confirmation + apply) of each edit, the figures side by side, and the targets.
+`--toy` picks the demo's toy (`toy`, the default) or a chat toy of tests/chat_toys.py (lowercase_space, thinking,
+switchable_thinking, foreign). Both edits start from the same measurement settings (the demo's, configs/toy.toml,
+for the demo toy; the defaults on the toy's own prompt files, as benchmarks/refusal_toys.py, for a chat toy) and
+are written by `apply`; the held-out figures come from the peer scorer /work/shared/peers/damage.py (greedy, 48 new
+tokens; harmful refusal, share of harmless replies identical to the base model's, per-token reply KL), so they
+compare with the peer's on the same toy (heretic, 60 trials: `PEER`). The peer's prompt file (its `refusal_prefix`:
+the demo toy's refusal opening, or the first three words of a chat toy's own refusal text) is written to
+`--prompts-out` when given, so heretic.sh and damage.py can be run on the same prompts. Printed: trials per second,
+the search time, the whole time (measure + search + confirmation + apply) of each edit, the figures beside the
+peer's, and the targets.
 
-Run:  python benchmarks/optimize.py                      # 60 trials, one torch thread
+Run:  python benchmarks/optimize.py                      # 60 trials, one torch thread, the demo toy
+      python benchmarks/optimize.py --toy switchable_thinking --prompts-out /tmp/switchable_thinking.json
       python benchmarks/optimize.py --n-trials 100 --peers /work/shared/peers
 """
 
@@ -21,23 +27,60 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+CHAT_TOYS = ("lowercase_space", "thinking", "switchable_thinking", "foreign")
+
 TARGETS = {"whole_s": 13.0, "harmful_refusal": 0.05, "identical_share": 0.60, "reply_kl": 0.0006}
+# The peer (heretic 1.4.0, 60 trials, /work/shared/peers/heretic.sh with HERETIC_DROP_SYSTEM=1 on the chat toys, on
+# the prompt file this script writes with --prompts-out), scored by damage.py: harmful refusal, identical share and
+# reply KL held out, and the user CPU seconds of its run (one thread; the wall time on a loaded machine says less).
+PEER = {
+    "toy": {"cpu_s": 70.1, "harmful_refusal": 0.0, "identical_share": 1.0, "reply_kl": 0.0005},
+    "lowercase_space": {"cpu_s": 177.6, "harmful_refusal": 1.0, "identical_share": 1.0, "reply_kl": 0.0},
+    "thinking": {"cpu_s": 77.6, "harmful_refusal": 0.0, "identical_share": 1.0, "reply_kl": 0.0002},
+    "switchable_thinking": {"cpu_s": 89.5, "harmful_refusal": 0.9, "identical_share": 1.0, "reply_kl": 0.0009},
+    "foreign": {"cpu_s": 72.6, "harmful_refusal": 0.0, "identical_share": 0.09, "reply_kl": 0.0022},
+}
 
 
-def prompts_json(folder: Path) -> Path:
+def toy_targets(name: str) -> dict[str, float | None]:
+    """The issue's targets on one toy: a tenth of the peer's time (at most 13 s) and no more reply KL than the peer's
+    (none where the peer's edit kept the refusals: an edit that changes nothing has no KL to beat)."""
+    peer = PEER[name]
+    whole = min(TARGETS["whole_s"], peer["cpu_s"] / 10) if peer["cpu_s"] else TARGETS["whole_s"]
+    kl = peer["reply_kl"] if peer["harmful_refusal"] <= TARGETS["harmful_refusal"] else None
+    return {**TARGETS, "whole_s": whole, "reply_kl": kl}
+
+
+def prompts_json(path: Path, splits: dict[str, list[str]], refusal_prefix: str) -> Path:
     """The toy's fitting and held-out prompts in the peer scorer's format."""
-    from abliterate.prompts import load_prompts
-    from abliterate.toy import REFUSAL_REPLY
-
-    def texts(name: str) -> list[str]:
-        return [p.text for p in load_prompts(f"builtin:{name}")]
-
-    path = folder / "prompts.json"
     path.write_text(json.dumps({
-        "refusal_prefix": REFUSAL_REPLY.split(" help")[0], "harmful_train": texts("toy_harmful_train"),
-        "harmless_train": texts("toy_harmless_train"), "harmful_test": texts("toy_harmful_eval"),
-        "harmless_test": texts("toy_harmless_eval")}))
+        "refusal_prefix": refusal_prefix, "harmful_train": splits["harmful_train"],
+        "harmless_train": splits["harmless_train"], "harmful_test": splits["harmful_eval"],
+        "harmless_test": splits["harmless_eval"]}, ensure_ascii=False))
     return path
+
+
+def toy_setup(name: str, folder: Path):
+    """(model dir, config, peer prompt splits, refusal prefix) of the demo toy or of one chat toy."""
+    if name == "toy":
+        from abliterate.demo import demo_config
+        from abliterate.prompts import load_prompts
+        from abliterate.toy import REFUSAL_REPLY, toy_refuser
+
+        splits = {f"{side}_{part}": [p.text for p in load_prompts(f"builtin:toy_{side}_{source}")]
+                  for side in ("harmful", "harmless") for part, source in (("train", "train"), ("eval", "eval"))}
+        return str(toy_refuser()), demo_config(), splits, REFUSAL_REPLY.split(" help")[0]
+    from chat_toys import TOYS, chat_toy, write_prompt_files
+
+    from abliterate.config import load_config
+
+    model_dir, splits = chat_toy(name)
+    config = load_config(None, {"model": {"dtype": "float32", "device_map": "cpu"},
+                                "prompts": write_prompt_files(splits, folder / "prompts"),
+                                "eval": {"batch_size": 100}})
+    return str(model_dir), config, splits, " ".join(TOYS[name].refusal.split()[:3])
 
 
 def single_direction(model: str, out: Path, config) -> dict:
@@ -64,6 +107,7 @@ def optimized(model: str, out: Path, config) -> dict:
     return {"whole_s": whole, "whole_cpu_s": time.process_time() - cpu_start, "search_s": search_s, "trials_per_s": found.trials_per_s,
             "measure_s": found.timings_s["measure_s"], "confirm_s": found.timings_s["confirm_s"],
             "apply_s": time.perf_counter() - apply_start, "trial": found.chosen_trial, "confirmed": chosen,
+            "paper_trial": found.paper_trial,
             "params": found.params}
 
 
@@ -80,39 +124,53 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the search's sampler.")
     parser.add_argument("--peers", default="/work/shared/peers", help="Folder holding the peer's damage.py.")
+    parser.add_argument("--toy", default="toy", choices=("toy", *CHAT_TOYS), help="The toy refuser to run on.")
+    parser.add_argument("--prompts-out", default=None, help="Also write the peer's prompt file here.")
     args = parser.parse_args()
     import torch
 
-    from abliterate.demo import demo_config
-    from abliterate.toy import toy_refuser
-
     torch.set_num_threads(1)
-    model = str(toy_refuser())
-    config = demo_config()
-    config.optimize.n_trials, config.optimize.seed = args.n_trials, args.seed
     with tempfile.TemporaryDirectory(prefix="abliterate-bench-optimize-") as tmp:
         root = Path(tmp)
-        prompts = prompts_json(root)
+        model, config, splits, prefix = toy_setup(args.toy, root)
+        config.optimize.n_trials, config.optimize.seed = args.n_trials, args.seed
+        prompts = prompts_json(root / "prompts.json", splits, prefix)
+        if args.prompts_out:
+            prompts_json(Path(args.prompts_out), splits, prefix)
         paper = single_direction(model, root / "paper", config)
         best = optimized(model, root / "optimized", config)
         figures = {"paper": damage(Path(args.peers), model, root / "paper" / "model", prompts),
                    "optimized": damage(Path(args.peers), model, root / "optimized" / "model", prompts)}
-    print(f"toy refuser, {torch.get_num_threads()} torch thread, {os.cpu_count()} cores, load average "
+    print(f"{args.toy}, {torch.get_num_threads()} torch thread, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} (CPU time is what a quiet machine's wall time would be with one thread)")
     print(f"search: {args.n_trials} trials in {best['search_s']:.2f} s = {best['trials_per_s']:.1f} trials/s "
           f"(measure {best['measure_s']:.2f} s, confirmation {best['confirm_s']:.2f} s, apply {best['apply_s']:.2f} s)")
+    print(f"single direction: layer {paper['layer']}, position {paper['position']}; measure+apply "
+          f"{paper['whole_s']:.2f} s")
+    print(f"shipped trial {best['trial']} (the paper's edit is trial {best['paper_trial']}), confirmed "
+          f"{json.dumps(best['confirmed'])}")
     print(f"shipped trial {best['trial']}: {json.dumps(best['params'])}")
-    print(f"{'':28}{'single direction':>18}{'optimized':>12}{'target':>10}")
-    rows = [("whole time (s, wall)", "whole_s", paper["whole_s"], best["whole_s"], "<="),
-            ("whole time (s, CPU)", "whole_s", paper["whole_cpu_s"], best["whole_cpu_s"], "<="),
-            ("harmful refusal (held out)", "harmful_refusal", figures["paper"]["harmful_refusal"],
-             figures["optimized"]["harmful_refusal"], "<="),
-            ("harmless identical to base", "identical_share", figures["paper"]["identical_share"],
-             figures["optimized"]["identical_share"], ">="),
-            ("per-token reply KL", "reply_kl", figures["paper"]["reply_kl"], figures["optimized"]["reply_kl"], "<=")]
-    for label, key, single, ours, sense in rows:
-        met = ours <= TARGETS[key] if sense == "<=" else ours >= TARGETS[key]
-        print(f"{label:28}{single:>18.4f}{ours:>12.4f}{sense + ' ' + str(TARGETS[key]):>10}  "
+    report(args.toy, paper, best, figures)
+
+
+def report(name: str, paper: dict, best: dict, figures: dict) -> None:
+    """The figures side by side with the peer's on the same toy, and which targets are met."""
+    targets, peer = toy_targets(name), PEER[name]
+    print(f"{'':28}{'single direction':>18}{'optimized':>12}{'peer':>10}{'target':>12}")
+    rows = [("whole time (s, wall)", "whole_s", paper["whole_s"], best["whole_s"], None, "<="),
+            ("whole time (s, CPU)", "whole_s", paper["whole_cpu_s"], best["whole_cpu_s"], peer["cpu_s"], "<="),
+            *((label, key, figures["paper"][key], figures["optimized"][key], peer[key], sense) for label, key, sense in (
+                ("harmful refusal (held out)", "harmful_refusal", "<="),
+                ("harmless identical to base", "identical_share", ">="),
+                ("per-token reply KL", "reply_kl", "<=")))]
+    for label, key, single, ours, theirs, sense in rows:
+        target = targets[key]
+        shown = "n/a" if theirs is None else f"{theirs:.4f}"
+        if target is None:
+            print(f"{label:28}{single:>18.4f}{ours:>12.4f}{shown:>10}{'none':>12}  (the peer kept the refusals)")
+            continue
+        met = ours <= target if sense == "<=" else ours >= target
+        print(f"{label:28}{single:>18.4f}{ours:>12.4f}{shown:>10}{sense + ' ' + f'{target:g}':>12}  "
               f"{'met' if met else 'NOT met'}")
     print(f"harmless refusal: single {figures['paper']['harmless_refusal']}, "
           f"optimized {figures['optimized']['harmless_refusal']}")
