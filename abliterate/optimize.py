@@ -233,7 +233,7 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     # `batches` holds the harmful rows only: the harmless side is scored on whole replies (`abliterate.search`).
     val = ValidationSet(harmful_batches, harmless_batches, torch.ones(len(harmful), dtype=torch.bool),
                         last_log_probs(model, harmless_batches), harmful_scores)
-    stop_ids = list(stop_token_ids(tokenizer, model.generation_config))
+    stop_ids = list(stop_token_ids(tokenizer, model.generation_config, config.model))
     pad_id = pad_token_id(tokenizer, stop_ids)
     matcher = matcher_for(config.eval.refusal_set, profile)
     tokens, gen_size = config.optimize.confirm_tokens, config.eval.batch_size
