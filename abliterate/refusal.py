@@ -295,9 +295,7 @@ def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list
 
 def log_profile(profile: RefusalProfile) -> None:
     """Log what was found, and warn when the score separates harmful from harmless prompts poorly."""
-    log.info("Refusal (%s): scored after the reply prefix %r with tokens %s, which open %d of %d harmful replies; "
-             "separation of harmful from harmless training prompts (AUC) %.3f.", profile.source, profile.prefix,
-             profile.token_texts, profile.n_refusals, profile.n_harmful_replies, profile.separation)
+    log.info("Refusal: %s.", profile.describe())
     if not profile.separation >= 0.9:
         log.warning("The refusal score separates harmful from harmless prompts poorly (AUC %.3f): the reply prefix "
                     "%r may end inside per-prompt reasoning; switch thinking off (model.template_kwargs) if the "
