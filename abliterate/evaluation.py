@@ -59,7 +59,7 @@ from abliterate.metrics import (
     record_logprobs,
     refusal_rates,
 )
-from abliterate.refusal import RefusalProfile, load_profile
+from abliterate.refusal import RefusalProfile, load_profile, scoring_tokens
 from abliterate.refusal_judge import check_refusal_judge, label_completions
 from abliterate.report import EvalReport, eval_record
 
@@ -276,7 +276,7 @@ def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution
     section: dict[str, Any] = _refusal_figures(tokenizer, by_side, context)
     answers = _answers(tokenizer, by_side["harmful"], context)
     section["duplicates"] = duplicate_share([context.matcher.answer(text)[0] for text in answers])
-    refusal_ids, prefix_ids = _refusal_tokens(tokenizer, context)
+    refusal_ids, prefix_ids = scoring_tokens(tokenizer, context.profile, context.config.measure.refusal_openings)
     prompt_ids = {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts}
     section["refusal_score"] = {
         side: mean_refusal_score(model, [ids + prefix_ids for ids in prompt_ids[side]], refusal_ids, pad_id,
@@ -298,20 +298,6 @@ def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution
         for side in context.prompts
     }
     return _Run(section, completions, own, by_side)
-
-
-def _refusal_tokens(tokenizer: Any, context: _Context) -> tuple[list[int], list[int]]:
-    """The refusal tokens and the reply prefix teacher-forced before them: the profile's, else the configured."""
-    from abliterate.chat import refusal_token_ids
-
-    profile = context.profile
-    if profile is not None and profile.token_ids:
-        return list(profile.token_ids), list(profile.prefix_ids)
-    from abliterate.chat import COMMON_OPENINGS
-
-    configured = context.config.measure.refusal_openings
-    # Stand-in openings are not the user's words: their fragments are dropped without a warning.
-    return list(refusal_token_ids(tokenizer, configured or list(COMMON_OPENINGS), warn=bool(configured))), []
 
 
 def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from abliterate.activations import encode, refusal_score
 from abliterate.config import Config, OptimizeConfig
 from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
-from abliterate.refusal import RefusalProfile, load_profile
+from abliterate.refusal import RefusalProfile, load_profile, scoring_tokens
 from abliterate.search import (
     ReplySet,
     SearchState,
@@ -194,16 +194,6 @@ def _confirm_trial(state: SearchState, tokenizer: Any, held: Any, trial: Any) ->
             "validation_refusing_share": trial.user_attrs.get("refusing_share")}
 
 
-def _refusal_reading(tokenizer: Any, config: Config, profile: RefusalProfile | None) -> tuple[list[int], list[int]]:
-    """The refusal tokens and the reply prefix teacher-forced before them: measure's profile, else the configured."""
-    from abliterate.chat import COMMON_OPENINGS, refusal_token_ids
-
-    if profile is not None and profile.token_ids:
-        return list(profile.token_ids), list(profile.prefix_ids)
-    configured = config.measure.refusal_openings
-    return list(refusal_token_ids(tokenizer, configured or list(COMMON_OPENINGS), warn=bool(configured))), []
-
-
 def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tensor, harmless_mean: torch.Tensor,
              profile: RefusalProfile | None) -> tuple[SearchState, Any]:
     """The validation set (filtered like measure's) with the base replies, and the held-out prompts."""
@@ -214,7 +204,7 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     from abliterate.prompts import prompt_sets
 
     sets = prompt_sets(config.prompts)
-    refusal_ids, prefix_ids = _refusal_reading(tokenizer, config, profile)
+    refusal_ids, prefix_ids = scoring_tokens(tokenizer, profile, config.measure.refusal_openings)
     harmful = format_instructions(tokenizer, [p.text for p in sets.harmful_val], config.model)
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
     size = config.measure.batch_size

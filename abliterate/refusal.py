@@ -69,6 +69,19 @@ class RefusalProfile:
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
+def scoring_tokens(tokenizer: Any, profile: RefusalProfile | None,
+                   configured: Sequence[str]) -> tuple[list[int], list[int]]:
+    """The refusal tokens and the reply prefix teacher-forced before them: the profile's, else the configured
+    openings, else common English openings (evaluating a model that was never measured)."""
+    if profile is not None and profile.token_ids:
+        return list(profile.token_ids), list(profile.prefix_ids)
+    from abliterate.chat import COMMON_OPENINGS, refusal_token_ids
+
+    # Stand-in openings are not the user's words: their fragments are dropped without a warning.
+    openings = list(configured) or list(COMMON_OPENINGS)
+    return list(refusal_token_ids(tokenizer, openings, warn=bool(configured))), []
+
+
 def save_profile(profile: RefusalProfile, folder: Path) -> Path:
     path = Path(folder) / REFUSAL_JSON
     path.write_text(json.dumps(profile.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
