@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +279,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("ABLITERATE_CACHE") or Path.home() / ".cache" / "abliterate")
 
 
+def build_once(target: Path, marker: str, label: str, build: Callable[[Path], None]) -> None:
+    """Build a cached folder in a temporary folder beside `target` and rename it into place whole.
+
+    `marker` is the file a finished build holds; if another process won the race, its copy is kept and ours dropped.
+    The staging folder is `.LABEL-building-XXXX`, so it is never mistaken for a finished build.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{label}-building-", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def toy_refuser(cache_dir: Path | None = None, settings: ToySettings = ToySettings()) -> Path:
     """The cached toy refuser's checkpoint folder, built on first use.
 
@@ -288,18 +308,8 @@ def toy_refuser(cache_dir: Path | None = None, settings: ToySettings = ToySettin
     target = root / f"toy-{toy_fingerprint(settings)}"
     if (target / "toy_refuser.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
     logger.info("Building the toy refuser (once per machine: a minute or two on a CPU).")
-    staging = Path(tempfile.mkdtemp(prefix=".toy-building-", dir=root))
-    try:
-        build_toy_refuser(staging, settings)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "toy_refuser.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    build_once(target, "toy_refuser.json", "toy", lambda staging: build_toy_refuser(staging, settings))
     logger.info("Built the toy refuser in %s.", target)
     return target
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.toy import ToySettings, _new_model, _phrase_of, _train, cache_root, toy_prompt_splits
+from abliterate.toy import ToySettings, _new_model, _phrase_of, _train, build_once, cache_root, toy_prompt_splits
 
 HARMFUL = "harmful"
 
@@ -233,17 +231,7 @@ def chat_toy(name: str) -> tuple[Path, dict[str, list[str]]]:
     root = cache_root() / "chat-toys"
     target = root / f"{name}-{_fingerprint(toy)}"
     if not (target / "chat_toy.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=root))
-        try:
-            build_chat_toy(toy, staging)
-            try:
-                staging.rename(target)
-            except OSError:
-                if not (target / "chat_toy.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        build_once(target, "chat_toy.json", name, lambda staging: build_chat_toy(toy, staging))
     return target, toy_prompt_splits(toy.seed)
 
 
