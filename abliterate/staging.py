@@ -47,11 +47,15 @@ def make_staging(out_dir: Path, kind: str = "abliterate-tmp") -> Staging:
     """A new staging folder `.OUT.KIND-XXXX` beside `out_dir`, with its owner file locked by this process."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-", dir=out_dir.parent))
-    path.chmod(0o777 & ~umask())  # mkdtemp makes it private (0700); the output should be like any other folder
-    lock = (path / OWNER_FILE).open("w")
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    lock.write(f"abliterate staging folder of {out_dir.name}, pid {os.getpid()}\n")
-    lock.flush()
+    try:  # a Ctrl-C before the caller holds the folder must not leave it behind
+        path.chmod(0o777 & ~umask())  # mkdtemp makes it private (0700); the output should be like any other folder
+        lock = (path / OWNER_FILE).open("w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"abliterate staging folder of {out_dir.name}, pid {os.getpid()}\n")
+        lock.flush()
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     return Staging(path, lock)
 
 
@@ -100,20 +104,18 @@ def fresh_staging(out_dir: Path) -> Staging:
 
 def replace_dir(staged: Path, out_dir: Path) -> None:
     """Swap the finished staging folder in for `out_dir`; an old output is moved aside first and removed last."""
-    old = None
-    if out_dir.exists():
-        aside = make_staging(out_dir, "abliterate-old")  # stays locked until removed: never swept as stale
-        old = aside.path
-        out_dir.rename(old / out_dir.name)
+    old = make_staging(out_dir, "abliterate-old").path if out_dir.exists() else None  # locked: never swept as stale
     try:
-        staged.rename(out_dir)
-    except OSError:
         if old is not None:
+            out_dir.rename(old / out_dir.name)
+        staged.rename(out_dir)
+    except BaseException:  # a failed rename or a Ctrl-C between the two renames: put the old output back
+        if old is not None and not out_dir.exists() and (old / out_dir.name).exists():
             (old / out_dir.name).rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if old is not None and (out_dir.exists() or not (old / out_dir.name).exists()):  # never the only copy
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_into(staged: Path, out_dir: Path) -> None:

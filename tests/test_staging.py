@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from apply_models import save_checkpoint, tiny_llama
 
+from abliterate import staging
 from abliterate.apply import apply_direction
 from abliterate.config import load_config
 from abliterate.direction import save_direction
-from abliterate.staging import OWNER_FILE
+from abliterate.staging import OWNER_FILE, make_staging, replace_dir
 
 HOLDER = """
 import sys, time
@@ -55,3 +57,34 @@ def test_a_rerun_removes_what_a_killed_apply_left_and_keeps_what_is_in_use(tmp_p
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_ctrl_c_while_the_staging_folder_is_being_made_leaves_nothing(tmp_path: Path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(staging.fcntl, "flock", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_staging(tmp_path / "edited")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ctrl_c_between_the_two_renames_puts_the_old_output_back(tmp_path: Path, monkeypatch):
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    new = make_staging(out)
+    (new.path / "config.json").write_text("new")
+    new.release()
+    real_rename = Path.rename
+
+    def rename(self: Path, target):
+        if self == new.path:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(new.path, out)
+    assert (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, new.path.name])  # no old copy left aside
