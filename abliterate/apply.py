@@ -209,12 +209,13 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
     provenance = {"format": "pt", "abliterate": json.dumps(
         {"version": __version__, "source": source, "direction_sha256": direction.sha256(), "record": RECORD_NAME})}
 
-    def edit_fn(tensor: OutputTensor) -> Tensor:
+    def edit_fn(tensor: OutputTensor, place: Tensor) -> Tensor:
         edit = tensor.edit
         needs = {name: needed[name] for name in edit.needs}
+        stored = read_tensor(tensor.source, place)  # read straight into its place in the output, edited there
         if parameterized is not None:
-            return parameterized.edit(edit, read_tensor(tensor.source), needs)
-        return edit_in_chunks(edit, read_tensor(tensor.source), direction.vector, needs)
+            return parameterized.edit(edit, stored, needs)
+        return edit_in_chunks(edit, stored, direction.vector, needs)
 
     n_tensors = sum(len(group) for group in shards.values())
     bar = functools.partial(progress.track, description=f"Writing {len(shards)} shard(s)", total=n_tensors)
@@ -235,18 +236,21 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
 
 def edit_in_chunks(edit: TensorEdit, tensor: Tensor, direction: Tensor, needed: dict[str, Tensor],
                    max_elements: int | None = None) -> Tensor:
-    """`weights.edit_tensor` applied slice by slice, in place, so memory stays near one stored copy.
+    """`weights.edit_tensor` applied in place, so memory stays at one stored copy.
 
-    The edit removes the direction along the tensor's d_model axis (`edit.axis`) independently for every index of
-    the other axes, so slicing along any other axis gives the same values while the edited copy (what
-    `edit_tensor` returns) only ever holds one slice. Without this the largest tensor would briefly be held twice.
+    A contiguous tensor is edited in place whole (the maths runs block by block in small scratch, see
+    `weights.project_out`). Any other is edited slice by slice: the edit removes the direction along the tensor's
+    d_model axis (`edit.axis`) independently for every index of the other axes, so slicing along any other axis
+    gives the same values while the edited copy (what `edit_tensor` returns) only ever holds one slice.
     """
+    if tensor.is_contiguous():
+        return edit_tensor(edit, tensor, direction, needed, out=tensor)
     max_elements = max_elements or EDIT_CHUNK_ELEMENTS
     axis = edit.axis % tensor.dim()
     others = [dim for dim in range(tensor.dim()) if dim != axis]
     if tensor.numel() <= max_elements or not others:
         return edit_tensor(edit, tensor, direction, needed)
-    dim = others[0]  # the outermost other axis: for axis != 0 each slice is one contiguous byte range
+    dim = others[0]  # the outermost other axis
     step = max(1, max_elements * tensor.shape[dim] // tensor.numel())
     for start in range(0, tensor.shape[dim], step):
         part = tensor.narrow(dim, start, min(step, tensor.shape[dim] - start))

@@ -13,7 +13,9 @@ No mmap is used, so reading a shard does not leave its pages counted in the proc
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import struct
 import threading
@@ -79,13 +81,13 @@ def read_header(path: Path, fix: str = "re-download the checkpoint") -> tuple[li
     return sorted(tensors, key=lambda t: t.start), metadata
 
 
-def read_tensor(stored: StoredTensor) -> torch.Tensor:
-    """Load one float tensor from disk into a fresh CPU tensor of its stored dtype."""
+def read_tensor(stored: StoredTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Load one float tensor from disk into `out` (contiguous, of its dtype and shape) or a fresh CPU tensor."""
     if stored.dtype not in FLOAT_DTYPES:
         raise UserError(f"Tensor {stored.name} is stored as {stored.dtype}; abliterate edits only float16, bfloat16 "
                         "and float32 weights. Dequantize the checkpoint first.")
-    buffer = torch.empty(stored.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    target = torch.empty(stored.shape, dtype=FLOAT_DTYPES[stored.dtype]) if out is None else out
+    view = memoryview(target.reshape(-1).view(torch.uint8).numpy())  # [nbytes], the tensor's own memory
     with open(stored.path, "rb", buffering=0) as handle:
         handle.seek(stored.start)
         done = 0
@@ -94,7 +96,7 @@ def read_tensor(stored: StoredTensor) -> torch.Tensor:
             if not got:
                 raise UserError(f"{stored.path} ended early while reading {stored.name}; re-download the checkpoint.")
             done += got
-    return buffer.view(FLOAT_DTYPES[stored.dtype]).reshape(stored.shape)
+    return target
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,9 @@ class OutputTensor:
     edit: object | None = None  # an architectures.TensorEdit; None means copy the bytes unchanged
 
 
-# Produces the edited tensor for an OutputTensor whose `edit` is set.
-EditFn = Callable[[OutputTensor], torch.Tensor]
+# Produces the edited tensor for an OutputTensor whose `edit` is set. Its second argument is the tensor's place in
+# the output file (its dtype and shape): read into it and edit it in place, or return another tensor to be copied in.
+EditFn = Callable[[OutputTensor, torch.Tensor], torch.Tensor]
 
 
 def write_shards(shards: dict[Path, list[OutputTensor]], metadata: dict[str, str], edit_fn: EditFn,
@@ -115,20 +118,21 @@ def write_shards(shards: dict[Path, list[OutputTensor]], metadata: dict[str, str
                  workers: int | None = None) -> None:
     """Write safetensors files: each header first, then every tensor's bytes at its offset, copied or edited.
 
-    The tensors of all files are written by a pool of threads, each at its own offset (pwrite and copy_file_range
-    take one), so kernel copies, reads, edits and writes overlap instead of waiting on each other; the bytes are the
-    same in any order. Edits in flight hold at most max(largest edited tensor, EDIT_BUDGET_BYTES) of tensors.
+    The tensors of all files are written by a pool of threads, each at its own offset (copy_file_range takes one,
+    an edit writes into its mapped place), so kernel copies, reads and edits overlap instead of waiting on each
+    other; the bytes are the same in any order. Edits in flight hold at most max(largest edited tensor, EDIT_BUDGET_BYTES) of tensors.
     """
     descriptors: list[int] = []
     jobs: list[tuple[int, int, OutputTensor]] = []
     try:
         for path, tensors in shards.items():
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # read too: mmap needs it
             descriptors.append(descriptor)
             offset = _write_header(descriptor, tensors, metadata)
             for tensor in tensors:
                 jobs.append((descriptor, offset, tensor))
                 offset += tensor.source.nbytes
+            _reserve(descriptor, offset, path)
         edited = [tensor.source.nbytes for _, _, tensor in jobs if tensor.edit is not None]
         budget = _Budget(max([EDIT_BUDGET_BYTES, *edited]))
         with _single_threaded_torch(), \
@@ -160,6 +164,22 @@ def _write_header(descriptor: int, tensors: list[OutputTensor], metadata: dict[s
     blob += b" " * (-len(blob) % 8)  # pad with spaces so the data starts 8-byte aligned, as safetensors does
     _pwrite_all(descriptor, memoryview(struct.pack("<Q", len(blob)) + blob), 0)
     return 8 + len(blob)
+
+
+def _reserve(descriptor: int, size: int, path: Path) -> None:
+    """Give the file its full size, with its disk blocks allocated, before any tensor is written.
+
+    A write through a memory mapping cannot report a full disk (the process gets SIGBUS instead), so the space is
+    taken here, where running out is a clear error before gigabytes are written.
+    """
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = path.parent.parent
+            raise UserError(f"Not enough free disk space in {folder} for the output ({size / 1e9:.2f} GB more are "
+                            "needed for one shard); free some space there or choose another --out.") from None
+        os.ftruncate(descriptor, size)  # this file system cannot preallocate: the size alone lets the file be mapped
 
 
 class _Budget:
@@ -203,12 +223,26 @@ def _write_job(descriptor: int, offset: int, tensor: OutputTensor, edit_fn: Edit
         return
     budget.take(tensor.source.nbytes)
     try:
-        edited = edit_fn(tensor)
+        place = _mapped(descriptor, offset, tensor.source)
+        edited = edit_fn(tensor, place)
         _check_edited(edited, tensor.source)
-        _pwrite_all(descriptor, memoryview(edited.contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
-        del edited
+        if edited.data_ptr() != place.data_ptr():
+            place.copy_(edited)
+        del edited, place  # the last views of the mapping: it is unmapped here, its pages stay in the page cache
     finally:
         budget.give(tensor.source.nbytes)
+
+
+def _mapped(descriptor: int, offset: int, source: StoredTensor) -> torch.Tensor:
+    """The place of a tensor in an output file as a writable tensor of its dtype and shape (a shared mapping that
+    lives as long as the tensor)."""
+    dtype = FLOAT_DTYPES[source.dtype]
+    if source.nbytes == 0:
+        return torch.empty(source.shape, dtype=dtype)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+    mapping = mmap.mmap(descriptor, offset + source.nbytes - start, offset=start)  # MAP_SHARED, read and write
+    place = torch.frombuffer(mapping, dtype=torch.uint8, count=source.nbytes, offset=offset - start)  # [nbytes]
+    return place.view(dtype).reshape(source.shape)
 
 
 def _check_edited(tensor: torch.Tensor, source: StoredTensor) -> None:

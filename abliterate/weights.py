@@ -40,18 +40,20 @@ def unit(vector: Tensor) -> Tensor:
     return vector / norm
 
 
-def project_out(tensor: Tensor, direction: Tensor, axis: int) -> Tensor:
+def project_out(tensor: Tensor, direction: Tensor, axis: int, out: Tensor | None = None) -> Tensor:
     """Remove the component along `direction` of `tensor`'s `axis`: T <- T - (T . u) (x) u, in float64.
 
-    The result has the input's dtype (cast back once). `direction` need not be unit norm. The arithmetic is done a
-    block of `BLOCK_ELEMENTS` values at a time in reused float64 scratch, so no full-size float64 copy is made and
-    the wide arithmetic runs in the CPU cache; every value still goes through the same float64 operations.
+    The result has the input's dtype (cast back once); it is written into `out` when given (contiguous, of the
+    input's dtype and shape; `tensor` itself edits in place). `direction` need not be unit norm. The arithmetic is
+    done a block of `BLOCK_ELEMENTS` values at a time in reused float64 scratch, so no full-size float64 copy is
+    made and the wide arithmetic runs in the CPU cache; every value still goes through the same float64 operations.
+    Each block is read before its result is written, so editing in place gives the same values.
     """
     u = unit(direction)  # [d_model]
     shape = tuple(tensor.shape)
     axis = axis % len(shape)
     lead, d_model, trail = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
-    result = torch.empty(shape, dtype=tensor.dtype)
+    result = torch.empty(shape, dtype=tensor.dtype) if out is None else out
     if trail == 1:  # d_model is the last axis: rows (embeddings, Conv1D, biases, experts stored [.., d_model])
         _project_rows(tensor.reshape(lead, d_model), u, result.view(lead, d_model))
     else:  # d_model is followed by other axes: linear weights [d_model, d_in], experts [experts, d_model, inter]
@@ -121,13 +123,15 @@ def post_norm_direction(direction: Tensor, gains: list[Tensor]) -> Tensor:
     return scaled / scaled.norm()
 
 
-def edit_tensor(edit: TensorEdit, tensor: Tensor, direction: Tensor, needed: dict[str, Tensor]) -> Tensor:
-    """Apply one planned edit to `tensor` (any float dtype), reading post-norm weights from `needed`."""
+def edit_tensor(edit: TensorEdit, tensor: Tensor, direction: Tensor, needed: dict[str, Tensor],
+                out: Tensor | None = None) -> Tensor:
+    """Apply one planned edit to `tensor` (any float dtype), reading post-norm weights from `needed`; the result is
+    written into `out` when given (as `project_out`)."""
     if edit.needs:
         missing = [name for name in edit.needs if name not in needed]
         if missing:
             raise KeyError(f"edit of {edit.name} needs tensors {missing}")
         direction = post_norm_direction(direction, [norm_gain(needed[name], edit.gain) for name in edit.needs])
         if direction.norm() == 0:
-            return tensor.clone()
-    return project_out(tensor, direction, edit.axis)
+            return tensor.clone() if out is None else out.copy_(tensor)
+    return project_out(tensor, direction, edit.axis, out)

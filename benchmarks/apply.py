@@ -54,7 +54,7 @@ print(time.perf_counter() - start, usage(before))
 _CHILD_APPLY = """
 import json, resource, sys, time
 from pathlib import Path
-from abliterate.checkpoint import apply_direction
+from abliterate.apply import apply_direction
 from abliterate.config import load_config
 """ + _USAGE + """
 before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -64,7 +64,7 @@ print(time.perf_counter() - start, usage(before))
 
 _CHILD_IMPORT = """
 import json, resource
-import abliterate.checkpoint
+import abliterate.apply
 """ + _USAGE + """
 print(0.0, usage(resource.getrusage(resource.RUSAGE_SELF)))
 """
@@ -73,7 +73,7 @@ print(0.0, usage(resource.getrusage(resource.RUSAGE_SELF)))
 _CHILD_PROFILE = """
 import functools, json, sys, threading, time
 from pathlib import Path
-from abliterate import checkpoint, shards
+from abliterate import apply as checkpoint, shards
 from abliterate.config import load_config
 seconds, lock = {}, threading.Lock()
 def timed(module, name, label):
@@ -89,10 +89,9 @@ def timed(module, name, label):
             with lock:
                 seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
     setattr(module, name, wrapper)
-timed(checkpoint, "read_tensor", "read edited tensors")
-timed(checkpoint, "edit_in_chunks", "edit (float64 maths)")
-timed(shards, "_pwrite_all", "write edited tensors")
-timed(shards, "_write_tensor", "write edited tensors")
+timed(checkpoint, "read_tensor", "read edited tensors (into the mapped output)")
+timed(checkpoint, "edit_in_chunks", "edit in place (float64 maths)")
+timed(shards, "_reserve", "reserve the output files")
 timed(shards, "_copy_range", "copy other tensors (kernel)")
 start = time.perf_counter()
 checkpoint.apply_direction(sys.argv[1], Path(sys.argv[3]), Path(sys.argv[2]), load_config())

@@ -1,6 +1,8 @@
 """Every bad input to `apply` gives its own message and leaves nothing behind: no output, no temporary directory."""
 
+import errno
 import json
+import os
 import shutil
 
 import numpy as np
@@ -131,7 +133,7 @@ def test_failure_midway_leaves_nothing_and_keeps_old_output(model_dir, parent, g
     (out / "previous.txt").write_text("previous run")
     calls = []
 
-    def failing_edit(*args):
+    def failing_edit(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("disk full")
@@ -142,6 +144,35 @@ def test_failure_midway_leaves_nothing_and_keeps_old_output(model_dir, parent, g
         apply_direction(str(model_dir), good_direction, out, load_config(), force=True)
     assert sorted(p.name for p in parent.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+
+
+def test_a_full_disk_is_refused_before_any_data_is_written(model_dir, parent, good_direction, monkeypatch):
+    out = parent / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("previous run")
+
+    def full(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    message = _refused(model_dir, good_direction, out, force=True)
+    assert message.startswith(f"Not enough free disk space in {parent} for the output (")
+    assert message.endswith("free some space there or choose another --out.")
+    assert sorted(p.name for p in parent.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+
+
+def test_a_file_system_that_cannot_preallocate_still_gets_the_same_bytes(model_dir, good_direction, tmp_path,
+                                                                         monkeypatch):
+    reference = apply_direction(str(model_dir), good_direction, tmp_path / "reference", load_config())
+
+    def unsupported(descriptor, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    apply_direction(str(model_dir), good_direction, tmp_path / "out", load_config())
+    for shard in reference["shards"]:
+        assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "reference" / shard).read_bytes()
 
 
 def test_truncated_shard(model_dir, parent, good_direction, tmp_path):
