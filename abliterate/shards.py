@@ -224,23 +224,31 @@ def _write_job(descriptor: int, offset: int, tensor: OutputTensor, edit_fn: Edit
     budget.take(tensor.source.nbytes)
     try:
         place = _mapped(descriptor, offset, tensor.source)
+        mapped = place is not None
+        if not mapped:  # a buffer of its own, written at its offset once edited
+            place = torch.empty(tensor.source.shape, dtype=FLOAT_DTYPES[tensor.source.dtype])
         edited = edit_fn(tensor, place)
         _check_edited(edited, tensor.source)
-        if edited.data_ptr() != place.data_ptr():
+        if not mapped:
+            _pwrite_all(descriptor, memoryview(edited.contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
+        elif edited.data_ptr() != place.data_ptr():
             place.copy_(edited)
         del edited, place  # the last views of the mapping: it is unmapped here, its pages stay in the page cache
     finally:
         budget.give(tensor.source.nbytes)
 
 
-def _mapped(descriptor: int, offset: int, source: StoredTensor) -> torch.Tensor:
+def _mapped(descriptor: int, offset: int, source: StoredTensor) -> torch.Tensor | None:
     """The place of a tensor in an output file as a writable tensor of its dtype and shape (a shared mapping that
-    lives as long as the tensor)."""
+    lives as long as the tensor); None where the file cannot be mapped (some network and FUSE file systems)."""
     dtype = FLOAT_DTYPES[source.dtype]
     if source.nbytes == 0:
         return torch.empty(source.shape, dtype=dtype)
     start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
-    mapping = mmap.mmap(descriptor, offset + source.nbytes - start, offset=start)  # MAP_SHARED, read and write
+    try:
+        mapping = mmap.mmap(descriptor, offset + source.nbytes - start, offset=start)  # MAP_SHARED, read and write
+    except OSError:
+        return None
     place = torch.frombuffer(mapping, dtype=torch.uint8, count=source.nbytes, offset=offset - start)  # [nbytes]
     return place.view(dtype).reshape(source.shape)
 

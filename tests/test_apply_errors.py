@@ -175,6 +175,20 @@ def test_a_file_system_that_cannot_preallocate_still_gets_the_same_bytes(model_d
         assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "reference" / shard).read_bytes()
 
 
+def test_an_output_that_cannot_be_mapped_is_written_the_same(model_dir, good_direction, tmp_path, monkeypatch):
+    from abliterate import shards
+
+    reference = apply_direction(str(model_dir), good_direction, tmp_path / "reference", load_config())
+
+    def unmappable(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(shards.mmap, "mmap", unmappable)
+    apply_direction(str(model_dir), good_direction, tmp_path / "out", load_config())
+    for shard in reference["shards"]:
+        assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "reference" / shard).read_bytes()
+
+
 def test_truncated_shard(model_dir, parent, good_direction, tmp_path):
     source = tmp_path / "truncated"
     shutil.copytree(model_dir, source)
