@@ -1,5 +1,7 @@
 """The `abliterate` command line: thin commands that parse options, build one config and call one library function.
 
+The flags of config settings are not written here: `config_options` (abliterate.cli_options) generates them
+from the config's own fields and helps for the settings a command reads, and hands the command the loaded config.
 Heavy imports (torch, transformers) happen inside the commands so that `abliterate --help` is instant.
 abliterate.entry runs the app: exit codes (a `UserError` is one line on stderr and exit 2), Ctrl-C, the console.
 """

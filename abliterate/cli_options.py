@@ -62,8 +62,10 @@ def _settings(selection: Sequence[str]) -> list[tuple[str, dataclasses.Field]]:
     chosen = []
     for item in selection:
         section, _, name = item.partition(".")
-        fields = dataclasses.fields(sections[section]())  # type: ignore[misc]
-        chosen += [(section, f) for f in fields if not name or f.name == name]
+        fields = [f for f in dataclasses.fields(sections[section]()) if not name or f.name == name]  # type: ignore[misc]
+        if not fields:
+            raise ValueError(f"No config setting '{item}'.")
+        chosen += [(section, f) for f in fields]
     return [(section, f) for section, f in chosen if f"{section}.{f.name}" not in NO_FLAG]
 
 
@@ -121,7 +123,6 @@ def config_options(*selection: str, names: Mapping[str, str] | None = None) -> C
         with_config.__signature__ = inspect.Signature(own + added)  # type: ignore[attr-defined]
         with_config.__annotations__ = {p.name: p.annotation for p in own + added}
         del with_config.__wrapped__  # type: ignore[attr-defined]  # the signature above is the command's, not this
-        with_config.config_flags = flags  # type: ignore[attr-defined]  # for the tests and the CLI reference
         return with_config
     return decorate
 
