@@ -1,5 +1,7 @@
 """The `abliterate` command line: thin commands that parse options, build one config and call one library function.
 
+The flags of config settings are not written here: `config_options` (abliterate.cli_options) generates them
+from the config's own fields and helps for the settings a command reads, and hands the command the loaded config.
 Heavy imports (torch, transformers) happen inside the commands so that `abliterate --help` is instant.
 abliterate.entry runs the app: exit codes (a `UserError` is one line on stderr and exit 2), Ctrl-C, the console.
 """
@@ -13,9 +15,9 @@ from typing import Annotated
 import typer
 
 from abliterate.cli_model import apply, inspect, push
-from abliterate.cli_options import DeviceMap, MaxMemory, OffloadFolder, Token, TrustRemoteCode
-from abliterate.cli_options import model_flags as _model_flags
+from abliterate.cli_options import Token, config_options
 from abliterate.cli_options import use_token as _use_token
+from abliterate.config import Config
 from abliterate.entry import console as _console
 from abliterate.entry import nothing_written as _nothing_written
 from abliterate.entry import on_interrupt, run_app, silence_library_bars
@@ -73,50 +75,29 @@ def _setup(
 # ---- commands ----
 
 
+# What each command reads of the config, in the order --help lists it; "section" stands for all its settings.
+# measure never loads the evaluation prompts; eval reads every prompt setting, as the evaluation prompts are drawn
+# apart from the fit prompts with the same seed; optimize measures first and confirms with eval's generation.
+FIT_PROMPTS = ("prompts.harmful_train", "prompts.harmful_val", "prompts.harmless_train", "prompts.column",
+               "prompts.n_train", "prompts.n_val", "prompts.seed")
+FIT_NAMES = {"prompts.harmful_train": "--harmful", "prompts.harmless_train": "--harmless"}
+EVAL_NAMES = {"prompts.harmful_eval": "--harmful", "prompts.harmless_eval": "--harmless"}
+
+
 @app.command("measure")
+@config_options("model", *FIT_PROMPTS, "measure", names=FIT_NAMES)
 def measure_command(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     out: Annotated[str, typer.Option("--out", help="Directory for direction.json, scores.json, candidates and plots.")],
-    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of the model.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Dtype to load the model in.")] = None,
-    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
-    system_prompt: Annotated[str | None, typer.Option("--system-prompt", help="System prompt before every instruction.")] = None,
-    harmful: Annotated[str | None, typer.Option("--harmful", help="Harmful prompts for fitting: a file, hf:owner/name or builtin:NAME.")] = None,
-    harmless: Annotated[str | None, typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
-    column: Annotated[str | None, typer.Option("--column", help="Column holding the instruction in table-like files.")] = None,
-    n_train: Annotated[int | None, typer.Option("--n-train", help="Training prompts per side.")] = None,
-    n_val: Annotated[int | None, typer.Option("--n-val", help="Validation prompts per side.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling prompts.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts per forward pass.")] = None,
-    kl_max: Annotated[float | None, typer.Option("--kl-max", help="Discard candidates with a larger harmless KL.")] = None,
-    max_layer_fraction: Annotated[float | None, typer.Option("--max-layer-fraction", help="Discard layers >= this fraction of the depth.")] = None,
-    filter_prompts: Annotated[bool | None, typer.Option("--filter-prompts/--no-filter-prompts", help="Keep only prompts the base model refuses (harmful) or answers (harmless).")] = None,
-    score_all: Annotated[bool | None, typer.Option("--score-all", help="Compute every candidate's induce score (full figure).")] = None,
-    direction_file: Annotated[str | None, typer.Option("--direction-file", help="Reference direction to compare every candidate with.")] = None,
-    use_reference: Annotated[bool | None, typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
-    trust_remote_code: TrustRemoteCode = None,
-    device_map: DeviceMap = None,
-    max_memory: MaxMemory = None,
-    offload_folder: OffloadFolder = None,
     token: Token = None,
+    *,
+    config: Config,
 ) -> None:
     """Find the refusal direction: candidates at every layer and end-of-instruction position, scored and chosen."""
     from pathlib import Path
 
-    from abliterate.config import load_config
     from abliterate.measure import measure
 
-    overrides = _nested({
-        "model.revision": revision, "model.dtype": dtype, "model.chat_template": chat_template,
-        "model.system_prompt": system_prompt, "prompts.harmful_train": harmful, "prompts.harmless_train": harmless,
-        "prompts.column": column, "prompts.n_train": n_train, "prompts.n_val": n_val, "prompts.seed": seed,
-        "measure.batch_size": batch_size, "measure.kl_max": kl_max, "measure.max_layer_fraction": max_layer_fraction,
-        "measure.filter_prompts": filter_prompts, "measure.score_all": score_all,
-        "measure.direction_file": direction_file, "measure.use_reference": use_reference,
-        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
-    })
-    config = load_config(config_file, overrides)
     _use_token(token)
     on_interrupt(_nothing_written(out))
     _print_measure_result(model, measure(model, Path(out), config))
@@ -145,26 +126,23 @@ def _print_measure_result(model: str, result) -> None:
 
 
 @app.command("optimize")
+@config_options("optimize", "model", "prompts", "measure", "eval.batch_size", "eval.refusal_set", names=FIT_NAMES)
 def optimize_command(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     out: Annotated[str, typer.Option("--out", help="Directory for the measurement, optimize.json, pareto.png and edit.json (resumable).")],
-    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
-    n_trials: Annotated[int | None, typer.Option("--n-trials", help="Trials of the search (more continue a stopped or finished one).")] = None,
-    trial: Annotated[int | None, typer.Option("--trial", help="Ship this trial instead of the automatic choice.")] = None,
-    target_refusal: Annotated[float | None, typer.Option("--target-refusal", help="Held-out harmful refusal the shipped edit must reach.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the search's sampler.")] = None,
+    token: Token = None,
+    *,
+    config: Config,
 ) -> None:
     """Search an edit with less damage than the paper's (Pareto front of refusal vs KL), confirm it by generation."""
     from pathlib import Path
 
     from rich.table import Table
 
-    from abliterate.config import load_config
     from abliterate.optimize import optimize
 
-    overrides = _nested({"optimize.n_trials": n_trials, "optimize.trial": trial,
-                         "optimize.target_refusal": target_refusal, "optimize.seed": seed})
-    result = optimize(model, Path(out), load_config(config_file, overrides))
+    _use_token(token)
+    result = optimize(model, Path(out), config)
     table = Table(title=f"abliterate optimize: {model} ({result.n_trials} trials)")
     for header in ("trial", "harmful refusal", "harmless identical", "reply KL", "shipped"):
         table.add_column(header)
@@ -181,48 +159,24 @@ def optimize_command(
 
 
 @app.command("eval")
+@config_options("model", "prompts", "eval", names=EVAL_NAMES)
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model to evaluate: a local checkpoint directory or a Hub id.")],
     base: Annotated[str | None, typer.Option("--base", help="Base model, evaluated side by side on the same prompts (adds KL).")] = None,
-    harmful: Annotated[str | None, typer.Option("--harmful", help="Harmful evaluation prompts: a file, hf:owner/name or builtin:NAME.")] = None,
-    harmless: Annotated[str | None, typer.Option("--harmless", help="Harmless evaluation prompts (over-refusal, KL).")] = None,
-    n_eval: Annotated[int | None, typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
-    judge: Annotated[str | None, typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
-    judge_model: Annotated[str | None, typer.Option("--judge-model", help="Judge model on Together.")] = None,
-    refusal_judge: Annotated[str | None, typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
     measure_dir: Annotated[str | None, typer.Option("--measure", help="Folder `abliterate measure` wrote: its refusal.json and direction.json.")] = None,
-    actadd: Annotated[bool | None, typer.Option("--actadd/--no-actadd", help="ActAdd completions on the base model (needs --measure).")] = None,
     out: Annotated[str | None, typer.Option("--out", help="Directory for eval.json, report.md and completions (default: eval-NAME).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest reply generated.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Prompts generated at once.")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="Generation engine: transformers or vllm.")] = None,
-    refusal_set: Annotated[str | None, typer.Option("--refusal-set", help="Refusal substrings: paper or extended.")] = None,
-    ce_text: Annotated[str | None, typer.Option("--ce-text", help="General text for CE loss: .txt, .jsonl or hf:owner/name.")] = None,
-    ce_chat: Annotated[str | None, typer.Option("--ce-chat", help="Instruction/output pairs for reply-only CE loss.")] = None,
-    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
-    trust_remote_code: TrustRemoteCode = None,
-    device_map: DeviceMap = None,
-    max_memory: MaxMemory = None,
-    offload_folder: OffloadFolder = None,
     token: Token = None,
+    *,
+    config: Config,
 ) -> None:
     """Evaluate a model (and its base side by side): refusal, over-refusal, safety judge, CE loss and KL."""
     from pathlib import Path
 
     from rich.table import Table
 
-    from abliterate.config import load_config
     from abliterate.evaluation import evaluate
 
-    overrides = _nested({
-        "prompts.harmful_eval": harmful, "prompts.harmless_eval": harmless, "prompts.n_eval": n_eval,
-        "eval.judge": judge, "eval.judge_model": judge_model, "eval.max_new_tokens": max_new_tokens,
-        "eval.batch_size": batch_size, "eval.backend": backend, "eval.refusal_set": refusal_set,
-        "eval.ce_text": ce_text, "eval.ce_chat": ce_chat, "eval.refusal_judge": refusal_judge, "eval.actadd": actadd,
-        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
-    })
     out_dir = Path(out) if out else Path(f"eval-{Path(model.rstrip('/')).name}")
-    config = load_config(config_file, overrides)
     _use_token(token)
     on_interrupt(lambda: f"no report was written to {out_dir}; run the same command to start again")
     report = evaluate(model, config, out_dir, base=base, measure_dir=Path(measure_dir) if measure_dir else None)
@@ -234,16 +188,6 @@ def eval_command(
     console = _console()
     console.print(table)
     console.print(f"Report: {out_dir / 'report.md'} (numbers in {out_dir / 'eval.json'})", soft_wrap=True)
-
-
-def _nested(flat: dict[str, object]) -> dict[str, dict[str, object]]:
-    """{"section.key": value} -> {section: {key: value}}, leaving out flags that were not given (None)."""
-    nested: dict[str, dict[str, object]] = {}
-    for dotted, value in flat.items():
-        if value is not None:
-            section, key = dotted.split(".")
-            nested.setdefault(section, {})[key] = value
-    return nested
 
 
 def _print_run_summary(result, console) -> None:
@@ -269,55 +213,20 @@ def _print_run_summary(result, console) -> None:
 
 
 @app.command()
+@config_options("model", "prompts", "measure", "apply", "eval", "run", "optimize", names=FIT_NAMES)
 def run(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     out: Annotated[str, typer.Option("--out", help="Output directory: the edited checkpoint plus abliterate/ provenance.")],
-    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file (see configs/).")] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of the model.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Dtype for measuring and evaluating.")] = None,
-    chat_template: Annotated[str | None, typer.Option("--chat-template", help="Jinja chat template file.")] = None,
-    harmful: Annotated[str | None, typer.Option("--harmful", help="Harmful prompts for fitting.")] = None,
-    harmless: Annotated[str | None, typer.Option("--harmless", help="Harmless prompts for fitting.")] = None,
-    harmful_eval: Annotated[str | None, typer.Option("--harmful-eval", help="Harmful prompts for evaluation.")] = None,
-    harmless_eval: Annotated[str | None, typer.Option("--harmless-eval", help="Harmless prompts for evaluation.")] = None,
-    n_train: Annotated[int | None, typer.Option("--n-train", help="Training prompts per side.")] = None,
-    n_eval: Annotated[int | None, typer.Option("--n-eval", help="Evaluation prompts per side.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling prompts.")] = None,
-    direction_file: Annotated[str | None, typer.Option("--direction-file", help="Reference direction to compare with.")] = None,
-    use_reference: Annotated[bool | None, typer.Option("--use-reference", help="Use --direction-file instead of selecting.")] = None,
-    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Longest reply in the evaluation.")] = None,
-    judge: Annotated[str | None, typer.Option("--judge", help="Safety judge: auto, together, local:PATH or none.")] = None,
-    refusal_judge: Annotated[str | None, typer.Option("--refusal-judge", help="Refusal/compliance judge: together:MODEL or local:PATH.")] = None,
-    actadd: Annotated[bool | None, typer.Option("--actadd/--no-actadd", help="ActAdd completions in the evaluation.")] = None,
-    skip_eval: Annotated[bool | None, typer.Option("--skip-eval", help="Skip the evaluation step.")] = None,
-    push: Annotated[str | None, typer.Option("--push", help="Push the finished output to this Hub repo (owner/name).")] = None,
-    optimize: Annotated[bool | None, typer.Option("--optimize", help="Ship an optimized edit (see abliterate optimize).")] = None,
-    trial: Annotated[int | None, typer.Option("--trial", help="With --optimize: ship this trial.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun every step; allow a non-empty --out.")] = False,
-    trust_remote_code: TrustRemoteCode = None,
-    device_map: DeviceMap = None,
-    max_memory: MaxMemory = None,
-    offload_folder: OffloadFolder = None,
     token: Token = None,
+    *,
+    config: Config,
 ) -> None:
     """The whole job: measure the refusal direction, remove it from the weights, evaluate, write the model card."""
     from pathlib import Path
 
-    from abliterate.config import load_config
     from abliterate.pipeline import run as run_pipeline
 
-    overrides = _nested({
-        "model.revision": revision, "model.dtype": dtype, "model.chat_template": chat_template,
-        "prompts.harmful_train": harmful, "prompts.harmless_train": harmless, "prompts.harmful_eval": harmful_eval,
-        "prompts.harmless_eval": harmless_eval, "prompts.n_train": n_train, "prompts.n_eval": n_eval,
-        "prompts.seed": seed, "measure.direction_file": direction_file, "measure.use_reference": use_reference,
-        "apply.max_shard_size": max_shard_size, "eval.max_new_tokens": max_new_tokens, "eval.judge": judge,
-        "eval.refusal_judge": refusal_judge, "eval.actadd": actadd, "run.skip_eval": skip_eval, "run.push": push,
-        "run.optimize": optimize, "optimize.trial": trial,
-        **_model_flags(trust_remote_code, device_map, max_memory, offload_folder),
-    })
-    config = load_config(config_file, overrides)
     _use_token(token)
     on_interrupt(_run_progress(out))
     result = run_pipeline(model, Path(out), config, force=force)

@@ -9,33 +9,28 @@ from typing import Annotated
 
 import typer
 
-from abliterate.cli_options import Token, use_token
+from abliterate.cli_options import Token, config_options, use_token
+from abliterate.config import Config
 from abliterate.entry import console as _console
 from abliterate.entry import nothing_written, on_interrupt
 
 
+# apply and inspect stream the checkpoint's files and never load the model: of [model] they read only the revision.
+@config_options("model.revision", "apply")
 def apply(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     direction: Annotated[str, typer.Option("--direction", help="Direction file: .json, .safetensors, .pt/.pth or .npy.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write the edited checkpoint to.")],
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out directory.")] = False,
-    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file.")] = None,
     token: Token = None,
+    *,
+    config: Config,
 ) -> None:
     """Remove a direction from a checkpoint's weights, streaming shard by shard, and write a new checkpoint."""
     from pathlib import Path
 
     from abliterate.apply import apply_direction
-    from abliterate.config import load_config
 
-    overrides: dict = {}
-    if revision is not None:
-        overrides["model"] = {"revision": revision}
-    if max_shard_size is not None:
-        overrides["apply"] = {"max_shard_size": max_shard_size}
-    config = load_config(config_file, overrides)
     use_token(token)
     on_interrupt(nothing_written(out))
     record = apply_direction(model, Path(direction), Path(out), config, force=force)
@@ -44,12 +39,13 @@ def apply(
                      f"{out}/abliteration.json", soft_wrap=True)
 
 
+@config_options("model.revision")
 def inspect(
     model: Annotated[str, typer.Argument(help="Model: a local checkpoint directory or a Hub id (owner/name).")],
     direction: Annotated[str | None, typer.Option("--direction", help="Direction file to check against the model.")] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    config_file: Annotated[str | None, typer.Option("--config", help="TOML config file.")] = None,
     token: Token = None,
+    *,
+    config: Config,
 ) -> None:
     """Show which tensors `apply` would edit and how, without writing anything."""
     from collections import Counter
@@ -58,9 +54,7 @@ def inspect(
     from rich.table import Table
 
     from abliterate.apply import inspect_checkpoint
-    from abliterate.config import load_config
 
-    config = load_config(config_file, {"model": {"revision": revision}} if revision is not None else None)
     use_token(token)
     plan = inspect_checkpoint(model, Path(direction) if direction else None, config)
     console = _console()
