@@ -10,7 +10,9 @@ With a base model: KL(base || edited) on the harmless prompts, the base model's 
 (fluency), and with `eval.actadd` the paper's ActAdd completions on the base (+r on harmless, r ablated by hooks on
 harmful, compared reply for reply with the edited checkpoint). Then the safety judge and the optional refusal judge.
 Everything fails early: the judges' keys, the measure folder, the CE data and the prompt files are checked before
-the first token is generated.
+the first token is generated. The figures one loaded model gives are the entries of `metric_table.METRICS`, each
+computed there from the replies and the model (`compute_section`); this module loads models, generates and writes
+the figures that need two models or a judge.
 
 Memory: models are loaded one at a time. For the KL the base's log-probabilities are recorded before it is
 released; for the fluency of the edited replies the base is loaded once more after the edited model is released,

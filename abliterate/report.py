@@ -88,14 +88,14 @@ class EvalReport:
             if not metric.label:
                 continue
             if metric.scope == "record":
-                value = lookup(self.data, metric.key)
-                values = [None] * (len(sections) - 1) + [value]
-                cells = [NONE] * (len(sections) - 1) + [metric.format(value)]
+                values = [None] * (len(sections) - 1) + [lookup(self.data, metric.key)]
             else:
                 values = [lookup(section, metric.key) for section in sections]
-                cells = [metric.format(value) for value in values]
             if metric.optional and not any(values):
                 continue
+            # A record's figure (one for the comparison) fills the last column only.
+            cells = [NONE if metric.scope == "record" and i < len(values) - 1 else metric.format(value)
+                     for i, value in enumerate(values)]
             rows.append((metric, [metric.label.format_map(facts)] + cells))
         return rows
 
