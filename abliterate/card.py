@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abliterate import metric_table
 from abliterate.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class CardFacts:
     used_reference: bool = False  # the direction came from a file (--use-reference), not from selection
     optimized_edit: str = ""  # with `run --optimize`: which edit shipped and its parameters (Markdown)
     datasets: list[str] = field(default_factory=list)  # Hub ids of the prompt sets (hf: sources only)
-    eval_results: list[dict] = field(default_factory=list)  # see `eval_results`: one per headline metric
+    eval_results: list[dict] = field(default_factory=list)  # see `eval_results`: one per model-index metric
     figure: str = ""  # path of the candidate scores figure relative to the card, when there is one
     install: str = ""  # the command that installs this abliterate (empty: no public source to point at)
     refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json), empty when unknown
@@ -67,20 +68,20 @@ def hub_dataset(source: str) -> str:
 
 
 def eval_results(data: dict, harmful_source: str, harmless_source: str) -> list[dict]:
-    """The edited model's headline rates from eval.json, as model-index entries: refusal, over-refusal, unsafe."""
+    """The edited model's rates from eval.json as model-index entries: one per metric-table entry with an `index`."""
     column = "edited" if "edited" in data.get("models", {}) else (data.get("columns") or [""])[-1]
     section = data.get("models", {}).get(column) or {}
-    wanted = [("refusal_rate", "Refusal rate, harmful prompts", ("refusal",), harmful_source),
-              ("over_refusal_rate", "Refusal rate, harmless prompts", ("over_refusal",), harmless_source),
-              ("unsafe_rate", "Unsafe replies (safety judge), harmful prompts", ("safety", "unsafe"), harmful_source)]
+    sources = {"harmful": harmful_source, "harmless": harmless_source}
     results = []
-    for metric, name, keys, source in wanted:
-        value = section
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
+    for metric in metric_table.METRICS:
+        if metric.index is None:
+            continue
+        value = metric_table.lookup(section, ".".join(filter(None, (metric.key, metric.index.rate))))
         if isinstance(value, dict) and isinstance(value.get("rate"), (int, float)):
-            results.append({"metric": metric, "name": name, "value": round(float(value["rate"]), 4),
-                            "dataset": hub_dataset(source) or source, "n": value.get("n")})
+            source = sources[metric.index.side]
+            results.append({"metric": metric.index.metric, "name": metric.index.name,
+                            "value": round(float(value["rate"]), 4), "dataset": hub_dataset(source) or source,
+                            "n": value.get("n")})
     return results
 
 

@@ -10,7 +10,9 @@ With a base model: KL(base || edited) on the harmless prompts, the base model's 
 (fluency), and with `eval.actadd` the paper's ActAdd completions on the base (+r on harmless, r ablated by hooks on
 harmful, compared reply for reply with the edited checkpoint). Then the safety judge and the optional refusal judge.
 Everything fails early: the judges' keys, the measure folder, the CE data and the prompt files are checked before
-the first token is generated.
+the first token is generated. The figures one loaded model gives are the entries of `metric_table.METRICS`, each
+computed there from the replies and the model (`compute_section`); this module loads models, generates and writes
+the figures that need two models or a judge.
 
 Memory: models are loaded one at a time. For the KL the base's log-probabilities are recorded before it is
 released; for the fluency of the edited replies the base is loaded once more after the edited model is released,
@@ -44,22 +46,18 @@ from abliterate.generation import (
     generate_vllm,
     pad_token_id,
     save_completions,
-    text_after,
 )
 from abliterate.judge import check_judge, judge_completions, resolved_judge
+from abliterate.metric_table import ModelInputs, compute_section
 from abliterate.metrics import (
-    PAPER_MATCHER,
     RefusalMatcher,
     Scored,
     cross_entropy,
-    duplicate_share,
     kl_to_record,
     matcher_for,
-    mean_refusal_score,
     record_logprobs,
-    refusal_rates,
 )
-from abliterate.refusal import RefusalProfile, load_profile, scoring_tokens
+from abliterate.refusal import RefusalProfile, load_profile
 from abliterate.refusal_judge import check_refusal_judge, label_completions
 from abliterate.report import EvalReport, eval_record
 
@@ -245,66 +243,29 @@ def _split(replies: list[Reply], context: _Context) -> dict[str, list[Reply]]:
     return {"harmful": replies[:n_harmful], "harmless": replies[n_harmful:]}
 
 
-def _answers(tokenizer: Any, replies: list[Reply], context: _Context) -> list[str]:
-    """Each reply's text for matching, cut after a thinking closer made of special tokens (the text lacks them)."""
-    return [text_after(tokenizer, reply, context.matcher.thinking_end) for reply in replies]
-
-
-def _refusal_figures(tokenizer: Any, by_side: dict[str, list[Reply]], context: _Context) -> dict[str, Any]:
-    """Refusal (chosen set and the base model's openings, thinking stripped) and the paper's figure beside it."""
-    categories = context.categories
-    figures: dict[str, Any] = {}
-    for side, key in (("harmful", "refusal"), ("harmless", "over_refusal")):
-        figures[key] = refusal_rates(_answers(tokenizer, by_side[side], context), categories[side], context.matcher)
-        figures[f"{key}_paper"] = refusal_rates([r.text for r in by_side[side]], categories[side], PAPER_MATCHER)
-    return figures
-
-
 def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored] | None,
                   replies: list[Reply] | None) -> _Run:
-    """Replies (unless already generated), refusal rates, refusal scores and CE losses of one loaded model.
+    """Replies (unless already generated) and every figure of the metric table that one loaded model gives.
 
     `on_distribution` is the base model's harmless replies (None: this model's own); `replies` were generated before.
     """
-    config = context.config
-    e = config.eval
-    pad_id = pad_token_id(tokenizer, _stop_ids(model.generation_config, tokenizer, config))
+    pad_id = pad_token_id(tokenizer, _stop_ids(model.generation_config, tokenizer, context.config))
     texts = _texts(tokenizer, context)
     if replies is None:
         replies = _generate(model, tokenizer, context)
     by_side = _split(replies, context)
-    section: dict[str, Any] = _refusal_figures(tokenizer, by_side, context)
-    answers = _answers(tokenizer, by_side["harmful"], context)
-    section["duplicates"] = duplicate_share([context.matcher.answer(text)[0] for text in answers])
-    refusal_ids, prefix_ids = scoring_tokens(tokenizer, context.profile, context.config.measure.refusal_openings)
-    prompt_ids = {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts}
-    section["refusal_score"] = {
-        side: mean_refusal_score(model, [ids + prefix_ids for ids in prompt_ids[side]], refusal_ids, pad_id,
-                                  e.batch_size)
-        for side in texts
-    }
-    own = [Scored(ids + r.token_ids, len(ids)) for ids, r in zip(prompt_ids["harmless"], by_side["harmless"])]
-    section["ce"] = _ce_losses(model, tokenizer, context, on_distribution or own, pad_id)
-    section["ce"]["on_distribution"]["replies_from"] = "base" if on_distribution else "self"
-    section["generation"] = {
-        "n_replies": len(replies), "n_truncated": sum(not r.stopped for r in replies),
-        "mean_reply_tokens": sum(len(r.token_ids) for r in replies) / max(1, len(replies)),
-    }
-    if context.thinking_on is not None:
-        section["thinking_on"] = _thinking_on(model, tokenizer, context)
+    inputs = ModelInputs(
+        model, tokenizer, context, by_side, {side: [_encode(tokenizer, t) for t in texts[side]] for side in texts},
+        pad_id, on_distribution,
+        regenerate=lambda settings: _split(_generate(model, tokenizer, context, settings), context),
+    )
+    section = compute_section(inputs)
     completions = {
         side: [Completion(p.text, getattr(p, "category", "") or "", r.text, len(r.token_ids), r.stopped)
                for p, r in zip(context.prompts[side], by_side[side])]
         for side in context.prompts
     }
-    return _Run(section, completions, own, by_side)
-
-
-def _thinking_on(model: Any, tokenizer: Any, context: _Context) -> dict[str, Any]:
-    """Refusal with thinking on: measuring switched it off, but users run reasoning models with it on."""
-    settings = replace(context.model_config, template_kwargs=context.thinking_on)
-    figures = _refusal_figures(tokenizer, _split(_generate(model, tokenizer, context, settings), context), context)
-    return {"template_kwargs": context.thinking_on, **figures}
+    return _Run(section, completions, inputs.own_harmless, by_side)
 
 
 def _fluency(base_model: Any, tokenizer: Any, context: _Context, harmful: list[Reply]) -> dict[str, Any]:
@@ -352,28 +313,3 @@ def _vllm_replies(source: str, context: _Context) -> list[Reply]:
     texts = [text for side in _texts(tokenizer, context).values() for text in side]
     return generate_vllm(path, tokenizer, texts, _stop_ids(generation_config, tokenizer, config), config.eval.max_new_tokens,
                          config.model.dtype, config.model.trust_remote_code, config.eval.tensor_parallel_size)
-
-
-def _ce_losses(model: Any, tokenizer: Any, context: _Context, on_distribution: list[Scored],
-               pad_id: int) -> dict[str, Any]:
-    """CE loss on the general text, the chat replies (reply tokens only) and the on-distribution replies."""
-    from abliterate.chat import format_instructions
-
-    e, corpora = context.config.eval, context.corpora
-    losses: dict[str, Any] = {}
-    if corpora.texts:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        docs = [Scored((bos + _encode(tokenizer, text))[: e.ce_max_tokens], 1) for text in corpora.texts]
-        losses["text"] = {**cross_entropy(model, docs, pad_id, e.batch_size, "CE loss, general text"),
-                          "source": e.ce_text}
-    if corpora.pairs:
-        formatted = format_instructions(tokenizer, [instruction for instruction, _ in corpora.pairs],
-                                        context.model_config)
-        chat = []
-        for prompt_text, (_, reply) in zip(formatted, corpora.pairs):
-            prompt_ids = _encode(tokenizer, prompt_text)
-            chat.append(Scored(prompt_ids + _encode(tokenizer, reply), len(prompt_ids)))
-        losses["chat"] = {**cross_entropy(model, chat, pad_id, e.batch_size, "CE loss, chat replies"),
-                          "source": e.ce_chat}
-    losses["on_distribution"] = cross_entropy(model, on_distribution, pad_id, e.batch_size, "CE loss, on-distribution")
-    return losses

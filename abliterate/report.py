@@ -1,5 +1,5 @@
 """The evaluation report: one JSON-able record, rendered as rows (for the CLI's rich table and the run summary) and as
-a Markdown report that the model card embeds.
+a Markdown report that the model card embeds. The rows are the entries of `metric_table.METRICS`, in its order.
 
 Every number carries its sample: a rate shows count/n and its 95% Wilson interval, a loss its token count, a KL its
 prompt and token counts. With a base model the report has two columns, base and edited, computed on the same
@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abliterate import metric_table
 from abliterate.files import versions, write_atomic
 from abliterate.judge import judge_name
+from abliterate.metric_table import NONE, Metric, format_rate, lookup
 from abliterate.metrics import REFUSAL_SETS
 
-NONE = "–"
 NOT_JUDGED = ("**Safety was not judged**: export TOGETHER_API_KEY (the default judge `auto` then uses Llama Guard on "
               "Together) or pass `--judge local:PATH` with a local guard model.")
 
@@ -54,55 +55,6 @@ def eval_record(sources: dict[str, str | None], runs: Mapping[str, Any], kl: dic
     }
 
 
-def format_rate(rate: dict[str, Any] | None) -> str:
-    """'0.95 [0.89, 0.98] (95/100)', or '–' when there is nothing to count."""
-    if not rate or rate.get("n", 0) == 0:
-        return NONE if not rate else f"{NONE} (0 of {rate.get('n_prompts', 0)})"
-    low, high = rate["ci95"]
-    return f"{rate['rate']:.2f} [{low:.2f}, {high:.2f}] ({rate['count']}/{rate['n']})"
-
-
-def format_mean(value: dict[str, Any] | None, unit: str = "prompts") -> str:
-    if not value or value.get("mean") is None:
-        return NONE
-    return f"{value['mean']:+.2f} ({value['n']} {unit})"
-
-
-def format_ce(value: dict[str, Any] | None) -> str:
-    """'2.348 (ppl 10.46, 25,600 tokens)'."""
-    if not value or value.get("loss") is None:
-        return NONE
-    return f"{value['loss']:.3f} (ppl {value['perplexity']:.2f}, {value['n_tokens']:,} tokens)"
-
-
-def format_kl(value: float | None, n: int, unit: str) -> str:
-    """KL in nats with four decimals (the paper's selection threshold is 0.1, typical edits are far below it)."""
-    return NONE if value is None else f"{value:.4f} ({n} {unit})"
-
-
-def _safety(section: dict[str, Any]) -> str:
-    safety = section.get("safety")
-    if not safety:
-        return "not judged"
-    text = format_rate(safety["unsafe"])
-    return text + (f", {safety['n_errors']} judge errors" if safety["n_errors"] else "")
-
-
-def _refusal_judge(section: dict[str, Any]) -> str:
-    judged = section.get("refusal_judge")
-    if not judged:
-        return NONE
-    shares = [judged[label] for label in ("refusal", "compliance", "non_answer")]
-    text = " / ".join(f"{share['rate']:.2f}" if share["rate"] is not None else NONE for share in shares)
-    text += f" ({shares[0]['n']} replies)"
-    return text + (f", {judged['n_errors']} judge errors" if judged["n_errors"] else "")
-
-
-def _truncated(section: dict[str, Any]) -> str:
-    generation = section["generation"]
-    return f"{generation['n_truncated']}/{generation['n_replies']} (mean {generation['mean_reply_tokens']:.0f} tokens)"
-
-
 @dataclass
 class EvalReport:
     """The evaluation record (`data`, JSON-able) with its renderings. `data["columns"]` names the models compared."""
@@ -120,70 +72,32 @@ class EvalReport:
         return self.data["models"][column]
 
     def rows(self) -> list[list[str]]:
-        """[metric (with what it is counted on), value per column...] for every headline number."""
-        n_harmful, n_harmless = self.data["n_prompts"]["harmful"], self.data["n_prompts"]["harmless"]
-        settings = self.data["settings"]
-        how = f"{settings['refusal_set']} substrings" + (" or the base model's openings"
-                                                        if settings.get("refusal_openings") else "")
-        metrics = [
-            (f"Refusal rate, harmful ({how}, {n_harmful} prompts)", lambda s: format_rate(s["refusal"])),
-            (f"Over-refusal, harmless ({n_harmless} prompts)", lambda s: format_rate(s["over_refusal"])),
-            ("Refusal rate, harmful (paper's figure: its substrings, whole reply)",
-             lambda s: format_rate(s.get("refusal_paper"))),
-            ("Over-refusal, harmless (paper's figure)", lambda s: format_rate(s.get("over_refusal_paper"))),
-            (f"Unsafe replies, harmful ({settings['judge']})", _safety),
-            (f"Empty replies, harmful ({n_harmful} prompts)", lambda s: format_rate(s["refusal"]["empty"])),
-            (f"Empty replies, harmless ({n_harmless} prompts)", lambda s: format_rate(s["over_refusal"]["empty"])),
-            ("Duplicated replies, harmful (same text as another reply)", lambda s: format_rate(s.get("duplicates"))),
-            ("Base-model loss on harmful replies (fluency)", lambda s: format_ce(s.get("fluency"))),
-            ("Refusal score, harmful (mean)", lambda s: format_mean(s["refusal_score"]["harmful"])),
-            ("Refusal score, harmless (mean)", lambda s: format_mean(s["refusal_score"]["harmless"])),
-            ("CE loss, general text", lambda s: format_ce(s["ce"].get("text"))),
-            ("CE loss, chat replies (reply tokens)", lambda s: format_ce(s["ce"].get("chat"))),
-            ("CE loss, on-distribution (base replies)", lambda s: format_ce(s["ce"].get("on_distribution"))),
-            ("Replies cut at max_new_tokens", _truncated),
-        ]
-        sections = [self._section(column) for column in self.columns]
-        if any(section.get("thinking_on") for section in sections):
-            metrics[2:2] = [
-                ("Refusal rate, harmful, thinking on", lambda s: format_rate((s.get("thinking_on") or {}).get("refusal"))),
-                ("Over-refusal, harmless, thinking on",
-                 lambda s: format_rate((s.get("thinking_on") or {}).get("over_refusal"))),
-            ]
-        if any(section.get("refusal_judge") for section in sections):
-            metrics[2:2] = [(f"Refusal judge, harmful: refusal / compliance / non-answer ({settings['refusal_judge']})",
-                             _refusal_judge)]
-        rows = [[name] + [render(section) for section in sections] for name, render in metrics]
-        rows += self._actadd_rows()
-        kl = self.data.get("kl")
-        if kl:
-            blank = [NONE] * (len(self.columns) - 1)
-            rows.append(["KL(base ‖ edited), first reply token"] + blank + [format_kl(kl["first_token"], kl["n_prompts"], "prompts")])
-            rows.append(["KL(base ‖ edited), over base replies"] + blank + [format_kl(kl["reply_tokens"], kl["n_tokens"], "tokens")])
-        return rows
-
-    def _actadd_rows(self) -> list[list[str]]:
-        """ActAdd on the base model, in the last column (beside the edited checkpoint's own figures)."""
-        actadd = self.data.get("actadd")
-        if not actadd:
-            return []
-        blank = [NONE] * (len(self.columns) - 1)
-        rows = [
-            [f"ActAdd: refusal, harmless with +r at layer {actadd['layer']} (induced)"] + blank
-            + [format_rate(actadd["induced_refusal"])],
-            ["ActAdd: refusal, harmful with r ablated by hooks (bypass)"] + blank + [format_rate(actadd["hooked_refusal"])],
-        ]
-        equal = actadd.get("equal_to_edited")
-        if equal:
-            rows.append(["Hooked-ablation replies equal to the edited checkpoint's"] + blank
-                        + [f"{equal['n_equal']}/{equal['n']}"])
-        return rows
+        """[metric (with what it is counted on), value per column...] for every entry of the metric table shown."""
+        return [row for _, row in self._metric_rows()]
 
     def summary_rows(self) -> list[list[str]]:
         """(metric, base, edited) rows for the run summary: the headline metrics only."""
-        keep = ("Refusal rate", "Over-refusal", "Unsafe", "CE loss, general", "KL(base ‖ edited), first", "ActAdd",
-                "Hooked-ablation")
-        return [row for row in self.rows() if row[0].startswith(keep)]
+        return [row for metric, row in self._metric_rows() if metric.headline]
+
+    def _metric_rows(self) -> list[tuple[Metric, list[str]]]:
+        """Each entry with a label, as a row: a model's figure per column, a record's figure in the last column."""
+        facts = metric_table.label_facts(self.data)
+        sections = [self._section(column) for column in self.columns]
+        rows = []
+        for metric in metric_table.METRICS:
+            if not metric.label:
+                continue
+            if metric.scope == "record":
+                values = [None] * (len(sections) - 1) + [lookup(self.data, metric.key)]
+            else:
+                values = [lookup(section, metric.key) for section in sections]
+            if metric.optional and not any(values):
+                continue
+            # A record's figure (one for the comparison) fills the last column only.
+            cells = [NONE if metric.scope == "record" and i < len(values) - 1 else metric.format(value)
+                     for i, value in enumerate(values)]
+            rows.append((metric, [metric.label.format_map(facts)] + cells))
+        return rows
 
     def category_rows(self) -> list[list[str]]:
         """[category, harmful refusal rate per column...]."""
