@@ -1,29 +1,20 @@
 """`abliterate demo`: the whole job on the bundled toy refuser, offline, with its replies before and after.
 
 The toy is built on first use (a minute or two of training on the CPU, shown as a progress bar by the CLI) and
-cached; the run itself takes well under a minute. configs/toy.toml holds the same settings as a file.
+cached; the run itself takes well under a minute. Its settings are abliterate/data/toy.toml (configs/toy.toml).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from abliterate.config import Config, apply_values, validate
+from abliterate.config import Config, load_config
 from abliterate.pipeline import RunResult, run
 
-# The demo's settings; configs/toy.toml is the same thing as a file (tests/test_demo.py keeps them equal).
-TOY_SETTINGS: dict[str, dict[str, Any]] = {
-    "model": {"dtype": "float32", "device_map": "cpu"},
-    "prompts": {"harmful_train": "builtin:toy_harmful_train", "harmless_train": "builtin:toy_harmless_train",
-                "harmful_eval": "builtin:toy_harmful_eval", "harmless_eval": "builtin:toy_harmless_eval",
-                "n_train": 128, "n_val": 32, "n_eval": 100},
-    "measure": {"batch_size": 64},
-    "eval": {"max_new_tokens": 24, "batch_size": 100, "judge": "none"},
-}
+# The demo's settings, shipped in the package; configs/toy.toml is a link to this file.
+TOY_CONFIG = Path(__file__).parent / "data" / "toy.toml"
 
 
 @dataclass
@@ -35,10 +26,8 @@ class DemoResult:
 
 
 def demo_config() -> Config:
-    """The settings `abliterate demo` runs with (TOY_SETTINGS over the defaults)."""
-    config = apply_values(Config(), json.loads(json.dumps(TOY_SETTINGS)), "the demo settings")
-    validate(config)
-    return config
+    """The settings `abliterate demo` runs with: the defaults, then abliterate/data/toy.toml."""
+    return load_config(TOY_CONFIG)
 
 
 def _replies(source: str, prompts: list[str], config: Config) -> list[str]:

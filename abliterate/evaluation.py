@@ -107,14 +107,15 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     context = _context(config, measure_dir)
     sources = {"base": base, "edited": model} if base else {"model": model}
     runs: dict[str, _Run] = {}
-    kl, actadd = None, None
+    kl, actadd, actadd_run = None, None, None
     # vLLM takes most of the GPU, so its replies are all generated before any transformers model is loaded.
     early = {c: _vllm_replies(s, context) for c, s in sources.items() if s} if config.eval.backend == "vllm" else {}
     first_model, first_tokenizer = _load(base or model, config)
     first = "base" if base else "model"
     runs[first] = _evaluate_one(first_model, first_tokenizer, context, None, early.get(first))
     if context.direction is not None:
-        actadd, hooked = _actadd(first_model, first_tokenizer, context)
+        actadd, actadd_run = _actadd(first_model, first_tokenizer, context)
+        hooked = actadd_run.replies["harmful"]
         # The hooked replies should be the edited checkpoint's: scored now, they spare loading the base again.
         hooked_fluency = _fluency(first_model, first_tokenizer, context, hooked) if base else None
     if base:
@@ -142,7 +143,9 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     _judge_all(runs, context)
     report = EvalReport(eval_record(sources, runs, kl, actadd, context))
     if out_dir is not None:
-        for column, run in runs.items():
+        # The ActAdd replies are saved beside the models' (completions_actadd_*.jsonl) for reading, not judged.
+        saved = {**runs, "actadd": actadd_run} if actadd_run is not None else runs
+        for column, run in saved.items():
             for side, completions in run.completions.items():
                 save_completions(Path(out_dir) / f"completions_{column}_{side}.jsonl", completions)
         report.save(Path(out_dir))
@@ -260,12 +263,16 @@ def _evaluate_one(model: Any, tokenizer: Any, context: _Context, on_distribution
         regenerate=lambda settings: _split(_generate(model, tokenizer, context, settings), context),
     )
     section = compute_section(inputs)
-    completions = {
+    return _Run(section, _completions(context, by_side), inputs.own_harmless, by_side)
+
+
+def _completions(context: _Context, by_side: dict[str, list[Reply]]) -> dict[str, list[Completion]]:
+    """Each side's replies as completions.jsonl lines, beside their prompts and categories."""
+    return {
         side: [Completion(p.text, getattr(p, "category", "") or "", r.text, len(r.token_ids), r.stopped)
                for p, r in zip(context.prompts[side], by_side[side])]
-        for side in context.prompts
+        for side in by_side
     }
-    return _Run(section, completions, inputs.own_harmless, by_side)
 
 
 def _fluency(base_model: Any, tokenizer: Any, context: _Context, harmful: list[Reply]) -> dict[str, Any]:
@@ -286,14 +293,16 @@ def _base_fluency(base: str, context: _Context, harmful: list[Reply]) -> dict[st
     return fluency
 
 
-def _actadd(model: Any, tokenizer: Any, context: _Context) -> tuple[dict[str, Any], list[Reply]]:
-    """ActAdd completions on the base model: the figures, and the hooked harmful replies to compare with the edit."""
+def _actadd(model: Any, tokenizer: Any, context: _Context) -> tuple[dict[str, Any], _Run]:
+    """ActAdd completions on the base model: the figures, and the replies (the hooked harmful ones are compared
+    with the edit's)."""
     assert context.direction is not None  # evaluate() calls this only with a direction
     e = context.config.eval
     stop_ids = _stop_ids(model.generation_config, tokenizer, context.config)
     replies = actadd_replies(model, tokenizer, _texts(tokenizer, context), context.direction, stop_ids,
                              e.max_new_tokens, e.batch_size)
-    return actadd_section(replies, context.categories, context.matcher, context.direction), replies["harmful"]
+    section = actadd_section(replies, context.categories, context.matcher, context.direction)
+    return section, _Run(section, _completions(context, replies), [], replies)
 
 
 def _vllm_replies(source: str, context: _Context) -> list[Reply]:

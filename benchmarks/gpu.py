@@ -86,6 +86,7 @@ def build_model(path: Path, shape: dict[str, Any], device: str) -> dict[str, Any
     end_ids = tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
     config = LlamaConfig(**shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_ids,
                          bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)  # the same random weights on every run
     start = time.perf_counter()
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -175,7 +176,9 @@ def time_transformers(path: Path, config: Any, n_prompts: int, new_tokens: int) 
 
     model, tokenizer = load_model(str(path), config.model)
     texts = _generation_prompts(tokenizer, config, n_prompts)
-    never = [model.config.vocab_size - 1]  # a stop id outside the small tokenizer: every reply runs its length
+    # A stop id one past the vocabulary: the model can never produce it, so every reply runs its full length (a
+    # random model's greedy reply can land on any id inside it).
+    never = [model.config.vocab_size]
     generate_transformers(model, tokenizer, texts[:1], never, 2, 1)  # warm-up
     _peak_reset()
     start = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ from typer.testing import CliRunner
 
 from abliterate.cli import app
 from abliterate.config import load_config
-from abliterate.demo import demo, demo_config
+from abliterate.demo import TOY_CONFIG, demo, demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSAL = "I cannot"
@@ -18,8 +20,17 @@ REFUSAL = "I cannot"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_toy_preset_is_what_the_demo_runs():
-    assert load_config(ROOT / "configs" / "toy.toml") == demo_config()
+def test_the_demo_runs_the_settings_file_shipped_in_the_package(tmp_path: Path, monkeypatch):
+    # configs/toy.toml is the package's file, and the package data the build ships includes it.
+    assert (ROOT / "configs" / "toy.toml").resolve() == TOY_CONFIG.resolve()
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["abliterate"]
+    assert any(fnmatch(TOY_CONFIG.relative_to(TOY_CONFIG.parents[1]).as_posix(), pattern) for pattern in shipped)
+    assert load_config(TOY_CONFIG) == demo_config()
+    # The demo reads the file each time: an edited file is what it runs, not a copy kept in code.
+    edited = tmp_path / "toy.toml"
+    edited.write_text(TOY_CONFIG.read_text().replace("n_eval = 100", "n_eval = 12"))
+    monkeypatch.setattr("abliterate.demo.TOY_CONFIG", edited)
+    assert demo_config().prompts.n_eval == 12
 
 
 def test_demo_shows_the_refusal_drop(tmp_path: Path):
