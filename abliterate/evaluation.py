@@ -42,6 +42,7 @@ from abliterate.errors import UserError
 from abliterate.generation import (
     Completion,
     Reply,
+    check_backend,
     generate_transformers,
     generate_vllm,
     pad_token_id,
@@ -104,6 +105,10 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     """
     check_judge(config.eval)  # before any generation: a missing key must not cost an hour of replies
     check_refusal_judge(config.eval)
+    check_backend(config.eval.backend)
+    if config.eval.actadd and not base:
+        raise UserError("eval.actadd adds and ablates the direction on the base model and compares the result with "
+                        "the edited checkpoint: pass the base model with --base, or drop --actadd.")
     context = _context(config, measure_dir)
     sources = {"base": base, "edited": model} if base else {"model": model}
     runs: dict[str, _Run] = {}

@@ -127,6 +127,17 @@ def generate_transformers(
     return [reply for reply in replies if reply is not None]
 
 
+def check_backend(backend: str) -> None:
+    """Fail before any work when the vLLM backend is asked for and vLLM cannot be imported."""
+    if backend != "vllm":
+        return
+    try:
+        import vllm  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"--backend vllm needs vLLM ({error}); install it with `pip install abliterate[vllm]` or use "
+                        "--backend transformers.") from None
+
+
 def generate_vllm(
     model_dir: str | Path, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int,
     dtype: str = "auto", trust_remote_code: bool = False, tensor_parallel_size: int = 1,
@@ -136,10 +147,9 @@ def generate_vllm(
     The engine is shut down and its GPU memory released before returning, so the next engine (the other model of
     a side-by-side evaluation) or a transformers model gets the whole GPUs: one engine at a time.
     """
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as error:
-        raise UserError(f"--backend vllm needs vLLM ({error}); install it with `pip install abliterate[vllm]` or use --backend transformers.")
+    check_backend("vllm")
+    from vllm import LLM, SamplingParams
+
     engine = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                  tensor_parallel_size=tensor_parallel_size)
     try:

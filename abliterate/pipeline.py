@@ -141,7 +141,9 @@ def run_step(prov: Path, name: str, key: str, force: bool, work: Callable[[Path]
         reused.append(name)
         return record["result"]
     partial = prov / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():
+        logger.warning("Step %s: removing what an interrupted run left in %s", name, partial)
+        shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     logger.info("Step %s: running", name)
     result = work(partial)
@@ -310,8 +312,11 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         from abliterate.judge import check_judge
         from abliterate.refusal_judge import check_refusal_judge
 
+        from abliterate.generation import check_backend
+
         check_judge(config.eval)  # a missing judge key must fail now, not after measuring and applying
         check_refusal_judge(config.eval)
+        check_backend(config.eval.backend)
     model_dir = resolve_model(model, config.model.revision)
     if out_dir == model_dir.resolve() or model_dir.resolve() in out_dir.parents or out_dir in model_dir.resolve().parents:
         raise UserError(f"--out {out_dir} overlaps the input model {model_dir}; abliterate never writes into its "

@@ -137,7 +137,7 @@ def _actadd_note(actadd: dict[str, Any]) -> str:
     """What the ActAdd rows mean, and any hooked reply that differs from the edited checkpoint's."""
     text = (f"ActAdd (the paper's activation addition) runs on the base model: the chosen direction, at its norm "
             f"{actadd['norm']:.2f}, is added to the input of layer {actadd['layer']} on the harmless prompts, and "
-            "the unit direction is ablated from every residual writer and layer input on the harmful prompts.")
+            "the unit direction is ablated from every residual writer (the embedding included) on the harmful prompts.")
     equal = actadd.get("equal_to_edited")
     if equal and equal["n_equal"] == equal["n"]:
         text += " Every hooked reply equals the edited checkpoint's greedy reply."

@@ -201,12 +201,16 @@ def test_actadd_without_a_measure_folder_is_a_user_error(toy_refuser_dir, tmp_pa
     from abliterate.evaluation import evaluate
 
     config = load_config(ROOT / "configs" / "toy.toml", {"eval": {"actadd": True}})
+    base = str(toy_refuser_dir)
     with pytest.raises(UserError, match="--measure DIR"):
-        evaluate(str(toy_refuser_dir), config, tmp_path / "out")
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", base=base)
     with pytest.raises(UserError, match="No direction.json"):
-        evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path)
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", base=base, measure_dir=tmp_path)
     with pytest.raises(UserError, match="does not exist; pass the folder `abliterate measure` wrote to --measure"):
-        evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path / "nope")
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", base=base, measure_dir=tmp_path / "nope")
+    # ActAdd runs on the base model: without --base the one model given would be taken for it (often the edited one).
+    with pytest.raises(UserError, match="pass the base model with --base, or drop --actadd"):
+        evaluate(str(toy_refuser_dir), config, tmp_path / "out", measure_dir=tmp_path)
     assert not (tmp_path / "out").exists()
 
 

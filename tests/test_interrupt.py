@@ -84,22 +84,65 @@ def test_ctrl_c_while_evaluating_names_the_finished_steps_and_the_rerun_resumes(
     assert "Reused finished steps: measure, apply" in again.stdout and (out / "config.json").is_file()
 
 
-def _big_checkpoint(path: Path) -> Path:
-    """A Llama large enough (about 270 MB) that writing its edit takes long enough to be interrupted."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _big_checkpoint(path: Path, tokenizer_from: Path | None = None) -> Path:
+    """A Llama large enough (about 270 MB) that writing its edit takes long enough to be interrupted.
+
+    With `tokenizer_from` (the toy refuser) it gets that tokenizer and chat template and random weights, so that
+    `run` can measure it; otherwise constant weights and empty tokenizer files, which only `apply` reads.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=32768, hidden_size=1024, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.fill_(0.01)
+            if tokenizer_from is None:
+                parameter.fill_(0.01)
+            else:
+                parameter.normal_(0.0, 0.02, generator=generator)
     model.save_pretrained(path)
-    (path / "tokenizer_config.json").write_text("{}")
-    (path / "tokenizer.json").write_text("{}")
+    if tokenizer_from is None:
+        (path / "tokenizer_config.json").write_text("{}")
+        (path / "tokenizer.json").write_text("{}")
+    else:
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
     return path
+
+
+def test_ctrl_c_while_run_applies_keeps_the_measurement_and_the_rerun_resumes(toy_refuser_dir: Path, tmp_path: Path):
+    model = _big_checkpoint(tmp_path / "model", tokenizer_from=toy_refuser_dir)
+    # Random weights refuse nothing: the refusal token is named and the paper's filters are off, so that measure
+    # finishes quickly and the run reaches apply.
+    config = tmp_path / "config.toml"
+    config.write_text(TOY_CONFIG.read_text().replace("[measure]", "[measure]\nfilter_prompts = false\n"
+                                                     "require_induce = false\nkl_max = 1e9\n"
+                                                     "max_layer_fraction = 1.0\nrefusal_openings = [\"I\"]"))
+    out = tmp_path / "out"
+    args = ["run", str(model), "--out", str(out), "--config", str(config), "--n-train", "8", "--n-val", "4",
+            "--n-discovery", "4", "--skip-eval"]
+    command = Command(*args)
+    deadline = time.monotonic() + 240
+    while not (out / "abliterate" / ".apply.partial").exists():
+        if command.process.poll() is not None:
+            pytest.fail(f"run ended before apply could be interrupted:\n{''.join(command.lines)}")
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    code, stderr = command.interrupt()
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == (f"interrupted: finished measure (kept in {out}/abliterate); run the same "
+                                       "command to resume")
+    assert "Traceback" not in stderr and not (out / "config.json").exists()
+    again = subprocess.run([sys.executable, "-m", "abliterate.cli", "-q", *args], capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert again.returncode == 0, again.stderr
+    assert "Reused finished steps: measure" in again.stdout and (out / "config.json").is_file()
+    # What the interrupted step left is removed, and the rerun says so.
+    assert "Step apply: removing what an interrupted run left" in again.stderr
+    assert not (out / "abliterate" / ".apply.partial").exists()
 
 
 def test_ctrl_c_while_applying_leaves_no_output_and_no_staging_folder(tmp_path: Path):

@@ -35,10 +35,15 @@ def test_every_unpinned_source_says_why():
     lines = PAPER.read_text().splitlines()
     values = tomllib.loads(PAPER.read_text())
     assert values  # the file is valid TOML
+    prompts = values["prompts"]
     for index, line in enumerate(lines):
         sources = re.findall(r"hf:[^ \"]+", line) if not line.startswith("#") else []
         if any("@" not in source for source in sources):
             assert "not verifiable offline" in _comment_above(lines, index), line
+        # A local file (HarmBench's validation CSV) has no revision to pin: its comment says so too.
+        key = line.split("=")[0].strip()
+        if key in prompts and isinstance(prompts[key], str) and not prompts[key].startswith("hf:"):
+            assert "Unpinned" in _comment_above(lines, index) and "verifiable offline" in _comment_above(lines, index)
 
 
 def test_joined_sources_and_a_validation_set_of_its_own(tmp_path):

@@ -190,6 +190,18 @@ def test_missing_judge_key_fails_before_measuring(toy_refuser_dir, tmp_path, mon
     assert not (out / "abliterate" / "measure").exists()
 
 
+def test_vllm_backend_without_vllm_fails_before_measuring(toy_refuser_dir, tmp_path):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "out"
+    result = _invoke_run(toy_refuser_dir, out, "--backend", "vllm")
+    assert isinstance(result.exception, UserError) and "--backend vllm needs vLLM" in str(result.exception)
+    assert not (out / "abliterate" / "measure").exists()
+
+
 def test_user_error_is_one_line_from_the_real_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "abliterate.cli", "run", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)

@@ -102,13 +102,16 @@ def test_choose_takes_the_lowest_passing_bypass():
 
 def test_nothing_passes_lists_the_best_with_the_filter_each_failed():
     config, n_layers = MeasureConfig(), 10
-    scores = [_score(9, -9.0), _score(2, -5.0, kl=0.5, position=-2), _score(3, 1.0, induce=-1)]
+    # The last candidate is from a discarded layer and was never scored: it is counted apart and listed last.
+    scores = [_score(9, -9.0), _score(2, -5.0, kl=0.5, position=-2), _score(3, 1.0, induce=-1),
+              _score(9, math.nan, kl=math.nan, induce=math.nan, position=-2)]
     for s in scores:
         s.failed = failed_filters(s, n_layers, config)
     with pytest.raises(NoDirectionError) as caught:
         choose(scores)
     lines = str(caught.value).splitlines()
-    assert lines[0].startswith("No candidate direction passed the filters (3 of 3 scored;")
+    assert lines[0].startswith("No candidate direction passed the filters (3 of 4 scored;")
+    assert lines[4].startswith("  pos  -2 layer   9: bypass nan")
     assert lines[1] == "  pos  -1 layer   9: bypass -9.000 kl 0.0000 induce 1.000  failed: layer >= 8"
     assert lines[2] == "  pos  -2 layer   2: bypass -5.000 kl 0.5000 induce 1.000  failed: kl > 0.1"
     assert lines[3].endswith("failed: induce < 0")
