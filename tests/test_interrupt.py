@@ -141,7 +141,7 @@ def test_ctrl_c_while_run_applies_keeps_the_measurement_and_the_rerun_resumes(to
     assert again.returncode == 0, again.stderr
     assert "Reused finished steps: measure" in again.stdout and (out / "config.json").is_file()
     # What the interrupted step left is removed, and the rerun says so.
-    assert "Step apply: removing what an interrupted run left" in again.stderr
+    assert "Step apply: removing what an interrupted run left" in " ".join(again.stderr.split())
     assert not (out / "abliterate" / ".apply.partial").exists()
 
 
@@ -161,3 +161,27 @@ def test_ctrl_c_while_applying_leaves_no_output_and_no_staging_folder(tmp_path: 
     assert stderr.splitlines()[-1] == (f"interrupted: nothing was written to {out} (outputs are moved into place "
                                        "only when complete); run the same command to start again")
     assert not out.exists() and not list(tmp_path.glob(".edited.*"))  # the staging folder was removed on the way out
+
+
+def test_a_rerun_after_a_killed_apply_removes_its_staging_folder_and_says_so(tmp_path: Path):
+    model = _big_checkpoint(tmp_path / "model")
+    direction = save_direction(tmp_path / "direction", torch.ones(1024), {"layer": 1, "position": -1})
+    out = tmp_path / "edited"
+    args = ("apply", str(model), "--direction", str(direction), "--out", str(out))
+    command = Command(*args)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(".edited.abliterate-tmp-*")):
+        if command.process.poll() is not None:
+            pytest.fail(f"apply ended before it could be killed:\n{''.join(command.lines)}")
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    command.process.send_signal(signal.SIGKILL)  # no handler runs: the staging folder stays behind
+    command.process.wait(timeout=60)
+    left = list(tmp_path.glob(".edited.abliterate-tmp-*"))
+    assert left and not out.exists()
+    again = subprocess.run([sys.executable, "-m", "abliterate.cli", *args], capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert again.returncode == 0, again.stderr
+    said = " ".join(again.stderr.split())  # the console wraps long log lines
+    assert f"Removed {left[0].name}, left by an interrupted write to edited" in said
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".edited.abliterate-tmp-*"))
