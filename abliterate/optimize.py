@@ -34,6 +34,7 @@ from abliterate.activations import encode, refusal_score
 from abliterate.config import Config, OptimizeConfig
 from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
+from abliterate.files import write_atomic
 from abliterate.refusal import RefusalProfile, load_profile, scoring_tokens
 from abliterate.search import (
     ReplySet,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZE_FILE = "optimize.json"
 PARETO_PLOT = "pareto.png"
+SEARCH_KEY_FILE = "search_key.json"  # what the measurement and the trials in a folder were made with
 
 
 @dataclass
@@ -127,10 +129,12 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    key = _check_search_key(out_dir, source, config)
     if not ((out_dir / CANDIDATES_FILE).is_file() and (out_dir / DIRECTION_JSON).is_file()):
         measure(source, out_dir, config)
     else:
         log.info("Reusing the measurement in %s (resuming).", out_dir)
+    write_atomic(out_dir / SEARCH_KEY_FILE, json.dumps({"key": key}) + "\n")
     timings["measure_s"] = time.perf_counter() - start
     paper = load_direction(out_dir / DIRECTION_JSON)
     if paper.layer is None or paper.position is None:
@@ -173,6 +177,36 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
                           params=params.to_dict(), confirmation=confirmed, n_trials=n_run, timings_s=timings,
                           trials_per_s=payload["trials_per_s"],
                           layer=paper.layer, position=paper.position, token_text=paper.meta.get("token_text", ""))
+
+
+# Settings that only extend the search, pick from it or confirm it: a finished search stays valid when they change.
+NOT_IN_SEARCH_KEY = {"optimize": ("n_trials", "trial", "n_confirm", "target_refusal"),
+                     "prompts": ("harmful_eval", "harmless_eval", "n_eval")}
+
+
+def search_key(source: str, config: Config) -> str:
+    """A hash of everything the measurement and the trials depend on: the model, its loading, the fit prompts, the
+    measure settings and the search space."""
+    import hashlib
+
+    from abliterate.config import to_dict
+
+    settings = to_dict(config)
+    kept = {section: {key: value for key, value in settings[section].items()
+                      if key not in NOT_IN_SEARCH_KEY.get(section, ())}
+            for section in ("model", "prompts", "measure", "optimize")}
+    return hashlib.sha256(json.dumps([source, kept], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_search_key(out_dir: Path, source: str, config: Config) -> str:
+    """The folder's search key; a folder that holds a search made with other settings is refused, never resumed."""
+    key = search_key(source, config)
+    path = out_dir / SEARCH_KEY_FILE
+    if path.is_file() and json.loads(path.read_text()).get("key") != key:
+        raise UserError(f"{out_dir} holds a search made with another model or other settings (model, prompts, "
+                        "measure or search space); resuming it would mix the two. Pass another --out, or delete "
+                        f"{out_dir} to start again.")
+    return key
 
 
 def _paper_trial(trials: list[Any], values: dict[str, Any]) -> int:
@@ -267,16 +301,9 @@ def optimize_work(model: str, config: Config) -> Any:
     resumes its search, and a changed setting starts a new one.
     """
     def work(folder: Path) -> dict:
-        import hashlib
         import shutil
 
-        from abliterate.config import to_dict
-
-        settings = to_dict(config)
-        searched = {key: value for key, value in settings["optimize"].items() if key not in ("n_trials", "trial")}
-        digest = hashlib.sha256(json.dumps([model, settings["model"], settings["prompts"], settings["measure"],
-                                            searched], sort_keys=True).encode()).hexdigest()[:16]
-        scratch = folder.parent / f".optimize-{digest}"
+        scratch = folder.parent / f".optimize-{search_key(model, config)}"
         scratch.mkdir(exist_ok=True)
         found = optimize(model, scratch, config)
         shutil.copytree(scratch, folder, dirs_exist_ok=True)

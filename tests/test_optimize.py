@@ -10,6 +10,7 @@ trials continues the same study (earlier trials unchanged, measurement reused); 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -127,9 +128,31 @@ def test_run_optimize_ships_the_optimized_edit_and_says_so_on_the_card(toy_refus
     assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
     assert "Shipped: an optimized edit" in card
+    # The card gives the shipped parameters, as recorded in edit.json.
+    params = json.loads((out / "abliterate" / "measure" / "edit.json").read_text())["params"]
+    assert f"position {params['position']}" in card and f"embedding {params['embed_weight']:.3f}" in card
+    assert f"MLP: weight {params['mlp']['peak_weight']:.3f} at layer {params['mlp']['peak_layer']:.2f}" in card
+    assert re.search(r"harmful refusal \d\.\d\d, harmless replies identical to the base model's \d+%", card)
     record = json.loads((out / "abliteration.json").read_text()) if (out / "abliteration.json").is_file() else \
         json.loads((out / "abliterate" / "apply" / "checkpoint" / "abliteration.json").read_text())
     assert record["parameterized_edit"]["format"].startswith("abliterate-parameterized-edit")
+
+
+@pytest.mark.parametrize("change", [{"search_projected": False}, {"max_weight": 1.2}])
+def test_a_search_made_with_other_settings_is_refused_not_resumed(searched, toy_refuser_dir: Path, tmp_path: Path,
+                                                                   change: dict) -> None:
+    from abliterate.errors import UserError
+    from abliterate.optimize import optimize
+
+    _, out = searched
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()}
+    with pytest.raises(UserError, match="holds a search made with another model or other settings"):
+        optimize(str(toy_refuser_dir), copy, small_config(**change))
+    with pytest.raises(UserError, match="holds a search made with another model or other settings"):
+        optimize(str(toy_refuser_dir) + "/", copy, small_config())  # another model, as far as the folder can tell
+    assert {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()} == before
 
 
 def test_optimize_help_names_its_options() -> None:

@@ -71,3 +71,23 @@ def test_measure_names_the_model_publicly_in_its_files_and_figure_title(toy_refu
             assert str(toy_refuser_dir) not in json.dumps(handle.metadata())
     baselines = [line for line in drawn[0].axes[0].get_lines() if line.get_label() == "no edit (base model)"]
     assert baselines and baselines[0].get_ydata()[0] > 0  # the toy refuses its harmful prompts without an edit
+
+
+def test_pareto_figure_marks_the_front_the_chosen_and_the_papers_edit(tmp_path: Path, drawn: list):
+    trials = [{"trial": 0, "refusal": 0.02, "kl": 0.004, "pareto": True},  # the paper's edit
+              {"trial": 1, "refusal": 0.03, "kl": 0.0005, "pareto": True},
+              {"trial": 2, "refusal": 0.60, "kl": 0.0001, "pareto": True},
+              {"trial": 3, "refusal": 0.50, "kl": 0.01, "pareto": False},
+              {"trial": 4, "refusal": float("nan"), "kl": 0.01, "pareto": False}]
+    path = plots.plot_pareto(trials, chosen=1, paper=0, path=tmp_path / "pareto.png", title="toy-model: refusal vs KL")
+    assert path.stat().st_size > 0
+    (figure,) = drawn
+    (axis,) = figure.axes
+    assert axis.get_xlabel().startswith("per-token KL") and axis.get_ylabel().startswith("refusal probability")
+    labels = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert labels == ["trial", "Pareto front", "paper's edit (trial 0)", "chosen (trial 1)"]
+    (front,) = [line for line in axis.get_lines() if line.get_label() == "Pareto front"]
+    assert list(front.get_xdata()) == [0.0001, 0.0005, 0.004]  # joined in order of KL, trial 3 is not on it
+    marked = {c.get_label(): c.get_offsets().tolist() for c in axis.collections}
+    assert marked["paper's edit (trial 0)"] == [[0.004, 0.02]] and marked["chosen (trial 1)"] == [[0.0005, 0.03]]
+    assert len(marked["trial"]) == 4  # the trial without a finite refusal is left out
