@@ -309,10 +309,9 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     out_dir = Path(out_dir).expanduser().resolve()
     check_out_dir(out_dir, force, resume_marker=PROVENANCE_DIR)
     if not config.run.skip_eval:
+        from abliterate.generation import check_backend
         from abliterate.judge import check_judge
         from abliterate.refusal_judge import check_refusal_judge
-
-        from abliterate.generation import check_backend
 
         check_judge(config.eval)  # a missing judge key must fail now, not after measuring and applying
         check_refusal_judge(config.eval)
