@@ -46,7 +46,7 @@ from abliterate.weights import COMPUTE_DTYPE, norm_gain, post_norm_direction
 EDIT_FILE = "edit.json"
 EDIT_VECTORS = "edit_directions.safetensors"
 EDIT_FORMAT = "abliterate-parameterized-edit-1"
-# Largest slice edited at once when writing (as `checkpoint.edit_in_chunks`): the edit acts on each d_model vector
+# Largest slice edited at once when writing (as `apply.edit_in_chunks`): the edit acts on each d_model vector
 # independently, so slicing along any other axis gives the same values with small float64 temporaries.
 EDIT_CHUNK_ELEMENTS = 2**22
 
@@ -184,7 +184,7 @@ class ParameterizedEdit:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def edit(self, edit: TensorEdit, tensor: Tensor, needed: dict[str, Tensor]) -> Tensor:
-        """The edited tensor (in place, slice by slice, like `checkpoint.edit_in_chunks`)."""
+        """The edited tensor (in place, slice by slice, like `apply.edit_in_chunks`)."""
         weight = self.params.weight(edit.role, edit.layer)
         u = _writer_u(edit, direction_of(edit, self.directions), {k: v.cpu() for k, v in needed.items()})
         if weight == 0 or not bool(u.any()):

@@ -167,7 +167,7 @@ def load_study(out_dir: Path, config: OptimizeConfig) -> Any:
 
 
 def log_trial(out_dir: Path, trial: Any) -> None:
-    """Append one finished trial to the study's log (see `_study`)."""
+    """Append one finished trial to the study's log (see `load_study`)."""
     from optuna.distributions import distribution_to_json
 
     row = {"number": trial.number, "params": trial.params, "values": trial.values, "user_attrs": trial.user_attrs,

@@ -45,7 +45,7 @@ PEER = {
 
 
 def toy_targets(name: str) -> dict[str, float | None]:
-    """The issue's targets on one toy: a tenth of the peer's time (at most 13 s) and no more reply KL than the peer's
+    """The targets on one toy: a tenth of the peer's time (at most 13 s) and no more reply KL than the peer's
     (none where the peer's edit kept the refusals: an edit that changes nothing has no KL to beat)."""
     peer = PEER[name]
     whole = min(TARGETS["whole_s"], peer["cpu_s"] / 10) if peer["cpu_s"] else TARGETS["whole_s"]
@@ -84,7 +84,7 @@ def toy_setup(name: str, folder: Path):
 
 
 def single_direction(model: str, out: Path, config) -> dict:
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.measure import measure
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -94,7 +94,7 @@ def single_direction(model: str, out: Path, config) -> dict:
 
 
 def optimized(model: str, out: Path, config) -> dict:
-    from abliterate.checkpoint import apply_direction
+    from abliterate.apply import apply_direction
     from abliterate.optimize import optimize
 
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -47,7 +47,7 @@ for _entries in (dense.ENTRIES, moe.ENTRIES):
         ARCHITECTURES.register(_model_type, _arch)
 
 
-# ---- the table ----------------------------------------------------------------------------------------------------
+# ---- looking a model up in the table --------------------------------------------------------------------------------
 
 def architecture_for(config: dict) -> Architecture:
     """The table entry for a config.json dict, or a UserError listing what is supported."""
