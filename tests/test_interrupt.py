@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,15 @@ class Command:
             assert self.process.poll() is None, f"exited before '{text}':\n{''.join(self.lines)}"
             assert time.monotonic() < deadline, f"no '{text}' within {timeout_s} s:\n{''.join(self.lines)}"
             time.sleep(0.02)
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout_s: float = 240.0) -> None:
+        """Poll `ready` (every 5 ms: apply's staging folder lives well under a second) while the command runs."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if self.process.poll() is not None:
+                pytest.fail(f"the command ended before {what}:\n{''.join(self.lines)}")
+            assert time.monotonic() < deadline, f"not {what} within {timeout_s} s"
+            time.sleep(0.005)
 
     def interrupt(self) -> tuple[int, str]:
         self.process.send_signal(signal.SIGINT)
@@ -125,12 +135,7 @@ def test_ctrl_c_while_run_applies_keeps_the_measurement_and_the_rerun_resumes(to
     args = ["run", str(model), "--out", str(out), "--config", str(config), "--n-train", "8", "--n-val", "4",
             "--n-discovery", "4", "--skip-eval"]
     command = Command(*args)
-    deadline = time.monotonic() + 240
-    while not (out / "abliterate" / ".apply.partial").exists():
-        if command.process.poll() is not None:
-            pytest.fail(f"run ended before apply could be interrupted:\n{''.join(command.lines)}")
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    command.wait_until(lambda: (out / "abliterate" / ".apply.partial").exists(), "run's apply step started")
     code, stderr = command.interrupt()
     assert code == 130, stderr
     assert stderr.splitlines()[-1] == (f"interrupted: finished measure (kept in {out}/abliterate); run the same "
@@ -150,12 +155,7 @@ def test_ctrl_c_while_applying_leaves_no_output_and_no_staging_folder(tmp_path: 
     direction = save_direction(tmp_path / "direction", torch.ones(1024), {"layer": 1, "position": -1})
     out = tmp_path / "edited"
     command = Command("apply", str(model), "--direction", str(direction), "--out", str(out))
-    deadline = time.monotonic() + 240
-    while not list(tmp_path.glob(".edited.abliterate-tmp-*")):
-        if command.process.poll() is not None:
-            pytest.fail(f"apply ended before it could be interrupted:\n{''.join(command.lines)}")
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    command.wait_until(lambda: bool(list(tmp_path.glob(".edited.abliterate-tmp-*"))), "apply staged its output")
     code, stderr = command.interrupt()
     assert code == 130, stderr
     assert stderr.splitlines()[-1] == (f"interrupted: nothing was written to {out} (outputs are moved into place "
@@ -169,12 +169,7 @@ def test_a_rerun_after_a_killed_apply_removes_its_staging_folder_and_says_so(tmp
     out = tmp_path / "edited"
     args = ("apply", str(model), "--direction", str(direction), "--out", str(out))
     command = Command(*args)
-    deadline = time.monotonic() + 240
-    while not list(tmp_path.glob(".edited.abliterate-tmp-*")):
-        if command.process.poll() is not None:
-            pytest.fail(f"apply ended before it could be killed:\n{''.join(command.lines)}")
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    command.wait_until(lambda: bool(list(tmp_path.glob(".edited.abliterate-tmp-*"))), "apply staged its output")
     command.process.send_signal(signal.SIGKILL)  # no handler runs: the staging folder stays behind
     command.process.wait(timeout=60)
     left = list(tmp_path.glob(".edited.abliterate-tmp-*"))
