@@ -41,8 +41,12 @@ class RefusalProfile:
     n_harmless_replies: int = 0
     n_refusals: int = 0  # harmful replies recognised as refusals
     separation: float = 1.0  # how well the score separates harmful from harmless (AUC in [0, 1])
-    prefix_ids: list[int] = field(default_factory=list)  # the prefix as token ids, appended to each prompt
+    # The ids teacher-forced after each prompt before the score is read: the shared prefix, then `branch`.
+    prefix_ids: list[int] = field(default_factory=list)
     inside_thinking: bool = False  # the scored position is inside a thinking block (openings are then empty)
+    # An opening that refusals share with some answers ("I" of "I can't" and "I'd be glad"): teacher-forced after the
+    # prefix, so the score reads where the two part ("" when refusals are told apart at the first token).
+    branch: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +59,9 @@ class RefusalProfile:
 
         how = "found from the base model's greedy replies" if self.source == "discovered" else "as configured"
         prefix = f"after the shared reply prefix {show(self.prefix)}" if self.prefix else "at the first reply token"
+        if self.branch:
+            prefix = (f"{prefix.replace('at the first reply token', 'at the reply token')} after the opening "
+                      f"{show(self.branch)} that refusals share with some answers,")
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
                     if self.template_kwargs else "")
         separation = "" if math.isnan(self.separation) else \
@@ -113,6 +120,9 @@ MIN_UNCONFIRMED = 2
 # they were not chosen on, only real refusal tokens do (a model that refuses nothing gives a margin near 0).
 MIN_HELD_OUT_MARGIN = 0.5
 OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
+# How many tokens of an opening shared by refusals and answers are followed to where they part ("I", "'m" of
+# "I'm sorry" and "I'm glad to help"); a deeper split is not a refusal opening.
+MAX_BRANCH_TOKENS = 3
 MAX_OPENINGS = 20
 THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
 THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
@@ -195,6 +205,30 @@ def refusal_tokens(counts: OpeningCounts) -> list[int]:
     return sorted(found, key=lambda token: (-counts.harmful[token], token))
 
 
+def refusal_path(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
+                 phrases: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(path, refusal tokens): where refusals part from answers, from the shared prefix on.
+
+    Mostly the first token after the prefix tells them apart. When refusals all open with a token that many answers
+    open with too ("I can't ..." and "I'd be glad ..."), no first token is far more frequent after harmful prompts;
+    then that opening is followed, a token at a time, to where refusals and the answers that share it part. Tokens
+    must pass `held_out_margin` there, or none are returned.
+    """
+    path = list(prefix)
+    for _ in range(MAX_BRANCH_TOKENS + 1):
+        counts = count_openings(tokenizer, harmful, harmless, path, phrases)
+        tokens = refusal_tokens(counts)
+        if tokens and held_out_margin(tokenizer, harmful, harmless, path, phrases) >= MIN_HELD_OUT_MARGIN:
+            return path, tokens
+        if not counts.harmful:
+            break
+        token, n_opened = max(counts.harmful.items(), key=lambda item: (item[1], -item[0]))
+        if n_opened < PREFIX_SHARE * len(harmful):  # refusals do not share one opening: no path to follow
+            break
+        path.append(token)
+    return list(prefix), []
+
+
 def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
                     phrases: Sequence[str]) -> float:
     """Refusal tokens chosen on every other reply, tried on the rest (and the other way round): the mean of
@@ -210,13 +244,16 @@ def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[lis
     return sum(margins) / len(margins)
 
 
-def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int]) -> list[str]:
-    """The first words (lower case) of the harmful replies that open with a refusal token, most frequent first."""
-    n = len(prefix)
+def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int],
+                     path: list[int] | None = None) -> list[str]:
+    """The first words (lower case) after the shared `prefix` of the harmful replies that follow `path` (the prefix,
+    then any shared opening) with a refusal token, most frequent first."""
+    path = list(prefix) if path is None else path
+    n = len(path)
     seen: dict[str, int] = {}
     for reply in harmful:
-        if len(reply) > n and reply[:n] == prefix and reply[n] in token_ids:
-            words = tokenizer.decode(reply[n:], skip_special_tokens=True).split()[:OPENING_WORDS]
+        if len(reply) > n and reply[:n] == path and reply[n] in token_ids:
+            words = tokenizer.decode(reply[len(prefix):], skip_special_tokens=True).split()[:OPENING_WORDS]
             if words:
                 opening = " ".join(words).lower()
                 seen[opening] = seen.get(opening, 0) + 1
@@ -272,17 +309,17 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
     replies = [reply.token_ids for reply in generate_transformers(
         model, tokenizer, texts, stop_ids, measure_config.discovery_max_new_tokens, measure_config.batch_size)]
     harmful_ids, harmless_ids = replies[:len(harmful[:n])], replies[len(harmful[:n]):]
-    prefix = shared_prefix(harmful_ids, harmless_ids)
-    counts = count_openings(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
+    prefix = path = shared_prefix(harmful_ids, harmless_ids)
     if measure_config.refusal_openings:
         source, token_ids = "configured", refusal_token_ids(tokenizer, measure_config.refusal_openings)
         openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
     else:
-        source, token_ids = "discovered", refusal_tokens(counts)
-        margin = held_out_margin(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
-        if not token_ids or margin < MIN_HELD_OUT_MARGIN:
+        source = "discovered"
+        path, token_ids = refusal_path(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
+        if not token_ids:
             raise UserError(_nothing_found(tokenizer, harmful_ids, harmless_ids, prefix))
-        openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids)
+        openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids, path)
+    counts = count_openings(tokenizer, harmful_ids, harmless_ids, path, EXTENDED_REFUSALS)
     decoded = [tokenizer.decode(reply, skip_special_tokens=False) for reply in replies] + texts[:1]
     prefix_text, end = tokenizer.decode(prefix, skip_special_tokens=False), thinking_end(decoded)
     thinking = inside_thinking(texts[0], prefix_text, end)
@@ -295,7 +332,8 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
         openings=[] if thinking and source == "discovered" else openings, template_kwargs=kwargs,
         thinking_end=end, n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
         n_refusals=sum(counts.harmful.get(token, 0) for token in token_ids), separation=float("nan"),
-        prefix_ids=prefix, inside_thinking=thinking)
+        prefix_ids=path, inside_thinking=thinking,
+        branch=tokenizer.decode(path[len(prefix):], skip_special_tokens=False))
 
 
 def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int]) -> str:

@@ -14,6 +14,7 @@ from abliterate.refusal import (
     OpeningCounts,
     RefusalProfile,
     load_profile,
+    refusal_path,
     refusal_tokens,
     save_profile,
     separation_auc,
@@ -40,6 +41,32 @@ def test_refusal_tokens_are_far_more_frequent_after_harmful_prompts():
     odd = OpeningCounts(harmful={10: 30, 12: 1, 15: 1}, harmless={15: 1}, confirmed={}, n_harmful=32,
                         n_harmless=32)
     assert refusal_tokens(odd) == [10]  # one odd reply's opening is not a refusal token
+
+
+class _Words:
+    """A tokenizer stand-in: token id i is WORDS[i]."""
+
+    WORDS = ["<pad>", " ", "I", " can't", "'d", " be", " glad", "Here", " is", " help", "'m", " sorry", " happy"]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.WORDS[i] for i in ids)
+
+
+def test_an_opening_refusals_share_with_answers_is_followed_to_where_they_part():
+    # "I can't help" against "I'd be glad" (12 of 32) and "Here is" (20 of 32): "I" opens 32 harmful and 12
+    # harmless replies (under 4 x as often), so no first token is a refusal token; after "I" they part.
+    harmful = [[2, 3, 9]] * 32
+    harmless = [[2, 4, 5, 6]] * 12 + [[7, 8]] * 20
+    assert refusal_tokens(OpeningCounts({2: 32}, {2: 12, 7: 20}, {}, 32, 32)) == []
+    assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == ([2], [3])
+    # Behind a shared prefix (a lone space), and two tokens deep ("I'm sorry" against "I'm happy to help").
+    harmful = [[1, 2, 10, 11]] * 32
+    harmless = [[1, 2, 10, 12]] * 16 + [[1, 7, 8]] * 16
+    assert refusal_path(_Words(), harmful, harmless, [1], ["I'm sorry"]) == ([1, 2, 10], [11])
+    # Refusals that open no way in common, and none far more often than answers: nothing is found.
+    harmful = [[2, 3]] * 16 + [[7, 3]] * 16
+    harmless = [[2, 4]] * 16 + [[7, 8]] * 16
+    assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == ([], [])
 
 
 def test_separation_is_the_auc():
