@@ -46,7 +46,7 @@ def test_refusal_tokens_are_far_more_frequent_after_harmful_prompts():
 class _Words:
     """A tokenizer stand-in: token id i is WORDS[i]."""
 
-    WORDS = ["<pad>", " ", "I", " can't", "'d", " be", " glad", "Here", " is", " help", "'m", " sorry", " happy"]
+    WORDS = ("<pad>", " ", "I", " can't", "'d", " be", " glad", "Here", " is", " help", "'m", " sorry", " happy")
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(self.WORDS[i] for i in ids)
