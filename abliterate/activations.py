@@ -17,7 +17,7 @@ import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -75,17 +75,23 @@ class Batch:
     input_ids: torch.Tensor  # [batch, pos]
     attention_mask: torch.Tensor  # [batch, pos]
     rows: list[int]  # index of each row in the texts given to `encode`
+    # Per row, the length of its own teacher-forced continuation at the end (`encode`'s `continuations`): the
+    # candidate positions come just before it. Empty: no row has one.
+    tails: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
 
-def encode(tokenizer: Any, texts: Sequence[str], batch_size: int, suffix_ids: Sequence[int] = ()) -> list[Batch]:
-    """Tokenize chat-formatted texts into left-padded batches, each row followed by `suffix_ids`.
+def encode(tokenizer: Any, texts: Sequence[str], batch_size: int, suffix_ids: Sequence[int] = (),
+           continuations: Sequence[Sequence[int]] | None = None) -> list[Batch]:
+    """Tokenize chat-formatted texts into left-padded batches, each row followed by `suffix_ids`, then by its own
+    continuation when `continuations` (one per text) are given.
 
     The texts were rendered by the chat template, which already holds any BOS token, so no special tokens are added.
     The suffix is the reply prefix every reply shares (a lone space, a fixed thinking block), teacher-forced as ids:
-    appended as text it could merge with the prompt's last characters into other tokens.
+    appended as text it could merge with the prompt's last characters into other tokens. A continuation is a
+    prompt's own reasoning up to its decision (`abliterate.decision`); `Batch.tails` records its length per row.
     Rows are sorted by length so that batches carry little padding; `Batch.rows` maps each row back to its text.
     """
     tokenizer.padding_side = "left"
@@ -93,12 +99,14 @@ def encode(tokenizer: Any, texts: Sequence[str], batch_size: int, suffix_ids: Se
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        if suffix_ids:
-            ids = [list(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) + list(suffix_ids) for i in rows]
+        tails = [len(continuations[i]) for i in rows] if continuations is not None else []
+        if suffix_ids or continuations is not None:
+            ids = [list(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) + list(suffix_ids)
+                   + (list(continuations[i]) if continuations is not None else []) for i in rows]
             encoded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         else:
             encoded = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt", add_special_tokens=False)
-        batches.append(Batch(encoded["input_ids"], encoded["attention_mask"], rows))
+        batches.append(Batch(encoded["input_ids"], encoded["attention_mask"], rows, tails))
     return batches
 
 
@@ -186,18 +194,30 @@ class _Sums:
 
 
 @contextmanager
-def _last_positions(model: Any, n_positions: int) -> Iterator[dict[int, torch.Tensor]]:
+def _last_positions(model: Any, n_positions: int,
+                    tails: list[list[int]] | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """While active, each forward pass records every decoder layer's input at the last `n_positions` positions.
 
     Only those positions are kept (as float64 on the CPU), so a long prompt on a big model never holds every
-    layer's full residual stream at once.
+    layer's full residual stream at once. With `tails` (a one-item list the caller sets to each batch's
+    `Batch.tails` before its pass) and rows that carry continuations, the first `n_positions - 1` positions end
+    before each row's own continuation and the last is the row's last position: where its reasoning decides.
     """
     captured: dict[int, torch.Tensor] = {}
 
     def recorder(index: int) -> Any:
         def record(_module: Any, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # [batch, pos, d_model]
-            captured[index] = hidden[:, -n_positions:, :].detach().to("cpu", torch.float64)
+            row_tails = tails[0] if tails else []
+            if row_tails:
+                length, device = hidden.shape[1], hidden.device
+                ends = length - torch.tensor(row_tails, device=device)  # [batch]
+                before = ends[:, None] - (n_positions - 1) + torch.arange(n_positions - 1, device=device)
+                positions = torch.cat([before, torch.full_like(ends[:, None], length - 1)], dim=1)  # [batch, n]
+                picked = hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.shape[2]))
+            else:
+                picked = hidden[:, -n_positions:, :]  # [batch, n_positions, d_model]
+            captured[index] = picked.detach().to("cpu", torch.float64)
         return record
 
     handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
@@ -219,9 +239,10 @@ def mean_activations(model: Any, batches: list[Batch], n_positions: int, refusal
     accumulates, per position and layer, the cosine of each kept prompt's activation with it and the mean of the
     unit-normalized activations.
     """
-    sums, scores = _Sums(reference), []
-    with _last_positions(model, n_positions) as captured:
+    sums, scores, tails = _Sums(reference), [], [[]]
+    with _last_positions(model, n_positions, tails) as captured:
         for batch in progress.track(batches, description):
+            tails[0] = batch.tails
             batch_scores = refusal_score(forward_last(model, batch), refusal_ids).cpu()  # [batch]
             scores.append(batch_scores)
             keep = batch_scores * keep_sign > 0 if keep_sign else torch.ones_like(batch_scores, dtype=torch.bool)

@@ -72,7 +72,7 @@ class MeasureConfig:
         [], "Openings of refusals whose first tokens form the refusal score's token set; empty: found from the "
         "base model's own greedy replies (refusal.json).")
     n_discovery: int = setting(32, "Fit prompts per side whose greedy replies show the shared reply prefix and how the model refuses.")
-    discovery_max_new_tokens: int = setting(48, "Tokens generated per reply for that (enough to pass a fixed thinking block).")
+    discovery_max_new_tokens: int = setting(128, "Tokens generated per reply for that (enough to pass a thinking block; a model that reasons per prompt is scored where its answer begins).")
     kl_max: float = setting(0.1, "Discard candidates whose ablation moves harmless next-token KL above this (paper: 0.1).")
     max_layer_fraction: float = setting(0.8, "Discard candidates from layers >= this fraction of the depth (paper: 0.8).")
     require_induce: bool = setting(True, "Discard candidates whose addition does not induce refusal on harmless prompts (paper).")

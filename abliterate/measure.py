@@ -33,6 +33,7 @@ import torch
 
 from abliterate.activations import SideActivations, cosine_with, difference_of_means, encode, mean_activations
 from abliterate.config import Config, to_dict
+from abliterate.decision import decided
 from abliterate.direction import (
     DIRECTION_JSON,
     DIRECTION_SAFETENSORS,
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 CANDIDATES_FILE = "candidates.safetensors"
 SCORES_FILE = "scores.json"
 SCORES_PLOT = "scores.png"
+DECISION_POSITION = "(each prompt's decision)"  # the label of the per-prompt decision position
 REFERENCE_CSV = "reference_cosines.csv"
 REFERENCE_PLOT = "reference_cosines.png"
 
@@ -101,6 +103,12 @@ class _Fit:
     counts: dict[str, int]
     profile: RefusalProfile
     baseline: dict[str, float] = field(default_factory=dict)  # mean refusal score without any edit, per side
+    tails: dict[str, list[int]] = field(default_factory=dict)  # validation prompt -> its reasoning (per-prompt decisions)
+
+    @property
+    def n_positions(self) -> int:
+        """Candidate positions: the end-of-instruction and prefix tokens, and each prompt's decision when read."""
+        return int(self.candidates.shape[0])
 
 
 def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
@@ -175,18 +183,20 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
                         "end-of-instruction position to measure; pass a chat template with --chat-template.")
     refusal_ids, prefix_ids = list(profile.token_ids), list(profile.prefix_ids)
     eoi_ids += prefix_ids
-    k = len(eoi_ids)
+    # With per-prompt decisions, the position where each prompt's own reasoning decides is a candidate too (last).
+    k = len(eoi_ids) + bool(profile.decision_ids)
     m = config.measure
     sides = {}
     # The per-prompt reference cosines are reported for harmful prompts only (where refusal is expected).
     reference_vector = None if reference is None else reference.vector
     for side, prompts, sign in (("harmful", sets.harmful_train, 1), ("harmless", sets.harmless_train, -1)):
         texts = format_instructions(tokenizer, [p.text for p in prompts], config.model)
-        batches = encode(tokenizer, texts, m.batch_size, prefix_ids)
+        scored, tails = decided(model, tokenizer, texts, profile, config.model, m)
+        batches = encode(tokenizer, scored, m.batch_size, prefix_ids, tails)
         sides[side] = mean_activations(model, batches, k, refusal_ids, keep_sign=sign if m.filter_prompts else 0,
                                        reference=reference_vector if side == "harmful" else None,
                                        description=f"{side} activations")
-        if m.filter_prompts:
+        if m.filter_prompts or len(scored) < len(texts):
             check_kept(side, sides[side].n_kept, len(texts), "training")
     profile.separation = separation_auc(sides["harmful"].scores.tolist(), sides["harmless"].scores.tolist())
     log_profile(profile)
@@ -196,6 +206,8 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
     counts = {"harmful_train": len(sets.harmful_train), "harmless_train": len(sets.harmless_train),
               "harmful_train_kept": sides["harmful"].n_kept, "harmless_train_kept": sides["harmless"].n_kept}
     token_texts = {i - k: tokenizer.decode([token_id]) for i, token_id in enumerate(eoi_ids)}
+    if profile.decision_ids:
+        token_texts[-1] = DECISION_POSITION
     return _Fit(n_layers=int(candidates.shape[1]), d_model=int(candidates.shape[2]), eoi_ids=eoi_ids,
                 refusal_ids=refusal_ids, token_texts=token_texts, harmful=sides["harmful"], harmless=sides["harmless"],
                 candidates=candidates, counts={**counts, "refusal_token_ids": len(refusal_ids)}, profile=profile)
@@ -207,8 +219,15 @@ def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: 
 
     harmful = format_instructions(tokenizer, [p.text for p in sets.harmful_val], config.model)
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
-    val = _encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size, fit)
     fit.counts.update(harmful_val=len(harmful), harmless_val=len(harmless))
+    # With per-prompt decisions, a prompt is scored after its own greedy reasoning (and only if it reaches one).
+    scored, tails = decided(model, tokenizer, harmful + harmless, fit.profile, config.model, config.measure)
+    fit.tails = dict(zip(scored, tails)) if tails is not None else {}
+    if fit.tails:
+        harmful, harmless = [t for t in harmful if t in fit.tails], [t for t in harmless if t in fit.tails]
+        check_kept("harmful", len(harmful), fit.counts["harmful_val"], "validation")
+        check_kept("harmless", len(harmless), fit.counts["harmless_val"], "validation")
+    val = _encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size, fit)
     if config.measure.filter_prompts:
         keep = torch.where(val.is_harmful, val.base_scores > 0, val.base_scores < 0)  # [n]
         texts = harmful + harmless
@@ -226,9 +245,13 @@ def _encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless:
                        fit: _Fit) -> ValidationSet:
     texts, prefix = harmful + harmless, fit.profile.prefix_ids
     is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
-    return build_validation_set(model, encode(tokenizer, texts, batch_size, prefix),
-                                encode(tokenizer, harmless, batch_size, prefix), is_harmful, fit.refusal_ids,
-                                kl_positions=len(prefix) + 1)
+
+    def tails(chosen: list[str]) -> list[list[int]] | None:
+        return [fit.tails[text] for text in chosen] if fit.tails else None
+
+    return build_validation_set(model, encode(tokenizer, texts, batch_size, prefix, tails(texts)),
+                                encode(tokenizer, harmless, batch_size, prefix, tails(harmless)), is_harmful,
+                                fit.refusal_ids, kl_positions=len(prefix) + 1)
 
 
 def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
@@ -241,7 +264,7 @@ def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
     best = choose(scores)
     log.info("Chose layer %d, position %d: bypass %.3f, KL %.4f, induce %.3f.", best.layer, best.position,
              best.bypass, best.kl, best.induce)
-    vector = fit.candidates[best.position + len(fit.eoi_ids), best.layer]  # [d_model] float64
+    vector = fit.candidates[best.position + fit.n_positions, best.layer]  # [d_model] float64
     return scores, {"vector": vector, "layer": best.layer, "position": best.position, "bypass": best.bypass,
                     "kl": best.kl, "induce": best.induce, "norm": float(torch.linalg.vector_norm(vector))}
 
@@ -252,7 +275,7 @@ def _reference_choice(model: Any, fit: _Fit, val: ValidationSet, reference: Dire
     that candidate's norm scales it for the induce score, so every later step has a layer to work with.
     """
     layer, position, norm = reference.layer, reference.position, reference.meta.get("candidate_norm")
-    k = len(fit.eoi_ids)
+    k = fit.n_positions
     if layer is None or not 0 <= layer < fit.n_layers or position is None or not -k <= position < 0:
         cosines = cosine_with(fit.candidates, reference.vector)  # [position, layer]
         index, layer = divmod(int(cosines.argmax()), fit.n_layers)
@@ -279,7 +302,7 @@ def _reference_tables(fit: _Fit, reference: Direction) -> dict[str, torch.Tensor
 
 
 def _reference_summary(tables: dict[str, torch.Tensor], fit: _Fit, chosen: dict[str, Any]) -> dict[str, Any]:
-    k = len(fit.eoi_ids)
+    k = fit.n_positions
     cosines = tables["candidate_cosine"]  # [position, layer]
     flat = int(cosines.abs().argmax())
     best_position, best_layer = divmod(flat, fit.n_layers)
@@ -331,7 +354,7 @@ def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, sco
     if reference is not None:
         tables = _reference_tables(fit, reference)
         summary = _reference_summary(tables, fit, chosen or {})
-        _write_reference_csv(folder / REFERENCE_CSV, tables, len(fit.eoi_ids))
+        _write_reference_csv(folder / REFERENCE_CSV, tables, fit.n_positions)
         plot_cosine_heatmap(tables["candidate_cosine"], folder / REFERENCE_PLOT, token_texts=fit.token_texts)
     save_profile(fit.profile, folder)
     payload = _scores_payload(source, config, fit, scores, chosen, summary)

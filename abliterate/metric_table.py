@@ -171,10 +171,20 @@ def _duplicates(inputs: ModelInputs) -> dict[str, Any]:
 
 
 def _refusal_score(side: str) -> Callable[[ModelInputs], dict[str, Any]]:
-    """The mean refusal score at the first reply position (after the profile's prefix)."""
+    """The mean refusal score at the first reply position (after the profile's prefix); with per-prompt decisions,
+    where each reply's own reasoning decides (the model's own reply teacher-forced up to its first marker)."""
     def compute(inputs: ModelInputs) -> dict[str, Any]:
+        from abliterate.decision import cut_at_decision, segments_of
+
         refusal_ids, prefix_ids = inputs.scoring
-        prompts = [ids + prefix_ids for ids in inputs.prompt_ids[side]]
+        profile = inputs.context.profile
+        if profile is None or not profile.decision_ids:
+            prompts = [ids + prefix_ids for ids in inputs.prompt_ids[side]]
+        else:  # replies that reach no decision are not scored (`n` says how many were)
+            segments = segments_of(inputs.tokenizer, profile)
+            cuts = [cut_at_decision(reply.token_ids, segments, set(profile.decision_ids))
+                    for reply in inputs.replies[side]]
+            prompts = [ids + prefix_ids + cut for ids, cut in zip(inputs.prompt_ids[side], cuts) if cut is not None]
         return mean_refusal_score(inputs.model, prompts, refusal_ids, inputs.pad_id, inputs.batch_size)
     return compute
 

@@ -32,6 +32,7 @@ import torch
 from abliterate import progress
 from abliterate.activations import encode, refusal_score
 from abliterate.config import Config, OptimizeConfig
+from abliterate.decision import decided
 from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
 from abliterate.files import write_atomic
@@ -242,8 +243,16 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     harmful = format_instructions(tokenizer, [p.text for p in sets.harmful_val], config.model)
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
     size = config.measure.batch_size
-    scores = refusal_score(last_log_probs(model, encode(tokenizer, harmful + harmless, size, prefix_ids)),
-                           refusal_ids)  # [n]
+    # With per-prompt decisions, each prompt is scored after its own reasoning (as measure scored it).
+    scored, tails = decided(model, tokenizer, harmful + harmless, profile, config.model, config.measure)
+    tail_of = dict(zip(scored, tails)) if tails is not None else {}
+    if tail_of:
+        harmful, harmless = [t for t in harmful if t in tail_of], [t for t in harmless if t in tail_of]
+
+    def encoded(texts: list[str]) -> list[Any]:
+        return encode(tokenizer, texts, size, prefix_ids, [tail_of[t] for t in texts] if tail_of else None)
+
+    scores = refusal_score(last_log_probs(model, encoded(harmful + harmless)), refusal_ids)  # [n]
     harmful_scores = scores[:len(harmful)]  # [n_harmful] base refusal scores
     if config.measure.filter_prompts:  # as measure: harmful prompts the base refuses, harmless ones it answers
         harmless = [t for t, score in zip(harmless, scores[len(harmful):]) if score < 0]
@@ -252,8 +261,7 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
         if not harmful or not harmless:
             raise UserError("No validation prompt is left after the refusal filter; set measure.filter_prompts = "
                             "false or check the chat template (--chat-template).")
-    harmful_batches = encode(tokenizer, harmful, size, prefix_ids)
-    harmless_batches = encode(tokenizer, harmless, size, prefix_ids)
+    harmful_batches, harmless_batches = encoded(harmful), encoded(harmless)
     # `batches` holds the harmful rows only: the harmless side is scored on whole replies (`abliterate.search`).
     val = ValidationSet(harmful_batches, harmless_batches, torch.ones(len(harmful), dtype=torch.bool),
                         last_log_probs(model, harmless_batches), harmful_scores)

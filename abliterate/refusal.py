@@ -47,6 +47,10 @@ class RefusalProfile:
     # An opening that refusals share with some answers ("I" of "I can't" and "I'd be glad"): teacher-forced after the
     # prefix, so the score reads where the two part ("" when refusals are told apart at the first token).
     branch: str = ""
+    # Per-prompt decisions (`abliterate.decision`): the markers where each prompt's own teacher-forced reply is cut
+    # and the score read; `token_ids` are then the refusing markers. Empty: one reply prefix for every prompt.
+    decision_ids: list[int] = field(default_factory=list)
+    decision_after: str = ""  # decisions are read in the answer after this thinking closer ("" from the prefix on)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +63,10 @@ class RefusalProfile:
 
         how = "found from the base model's greedy replies" if self.source == "discovered" else "as configured"
         prefix = f"after the shared reply prefix {show(self.prefix)}" if self.prefix else "at the first reply token"
-        if self.branch:
+        if self.decision_ids:
+            where = f"in the answer after {show(self.decision_after)}" if self.decision_after else "in the reply"
+            prefix = f"per prompt, where its own greedy reply (teacher-forced) first decides {where},"
+        elif self.branch:
             prefix = (f"{prefix.replace('at the first reply token', 'at the reply token')} after the opening "
                       f"{show(self.branch)} that refusals share with some answers,")
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
@@ -309,31 +316,46 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
     replies = [reply.token_ids for reply in generate_transformers(
         model, tokenizer, texts, stop_ids, measure_config.discovery_max_new_tokens, measure_config.batch_size)]
     harmful_ids, harmless_ids = replies[:len(harmful[:n])], replies[len(harmful[:n]):]
-    prefix = path = shared_prefix(harmful_ids, harmless_ids)
-    if measure_config.refusal_openings:
-        source, token_ids = "configured", refusal_token_ids(tokenizer, measure_config.refusal_openings)
-        openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
-    else:
-        source = "discovered"
-        path, token_ids = refusal_path(tokenizer, harmful_ids, harmless_ids, prefix, EXTENDED_REFUSALS)
-        if not token_ids:
-            raise UserError(_nothing_found(tokenizer, harmful_ids, harmless_ids, prefix))
-        openings = refusal_openings(tokenizer, harmful_ids, prefix, token_ids, path)
-    counts = count_openings(tokenizer, harmful_ids, harmless_ids, path, EXTENDED_REFUSALS)
+    prefix = shared_prefix(harmful_ids, harmless_ids)
     decoded = [tokenizer.decode(reply, skip_special_tokens=False) for reply in replies] + texts[:1]
-    prefix_text, end = tokenizer.decode(prefix, skip_special_tokens=False), thinking_end(decoded)
-    thinking = inside_thinking(texts[0], prefix_text, end)
+    profile = RefusalProfile(
+        source="configured" if measure_config.refusal_openings else "discovered",
+        prefix=tokenizer.decode(prefix, skip_special_tokens=False), token_ids=[], token_texts=[], openings=[],
+        template_kwargs=kwargs, thinking_end=thinking_end(decoded), n_harmful_replies=len(harmful_ids),
+        n_harmless_replies=len(harmless_ids), separation=float("nan"), prefix_ids=list(prefix))
+    if measure_config.refusal_openings:
+        profile.token_ids = refusal_token_ids(tokenizer, measure_config.refusal_openings)
+        profile.openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
+    else:
+        _discover(profile, tokenizer, texts[0], harmful_ids, harmless_ids)
+    counts = count_openings(tokenizer, harmful_ids, harmless_ids, profile.prefix_ids, EXTENDED_REFUSALS)
+    if not profile.decision_ids:
+        profile.n_refusals = sum(counts.harmful.get(token, 0) for token in profile.token_ids)
+    profile.token_texts = [tokenizer.decode([token]) for token in profile.token_ids]
+    return profile
+
+
+def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: list[list[int]],
+              harmless: list[list[int]]) -> None:
+    """Fill `profile` with where the replies part and the refusal tokens there: after the shared prefix (and any
+    opening refusals share with answers), or, where that finds nothing or lies inside the thinking, at each reply's
+    own decision point (`abliterate.decision`)."""
+    from abliterate.decision import read_decisions
+    from abliterate.metrics import EXTENDED_REFUSALS
+
+    prefix = list(profile.prefix_ids)
+    path, token_ids = refusal_path(tokenizer, harmful, harmless, prefix, EXTENDED_REFUSALS)
+    thinking = bool(token_ids) and inside_thinking(prompt, tokenizer.decode(path), profile.thinking_end)
+    if (not token_ids or thinking) and read_decisions(profile, tokenizer, prompt, harmful, harmless):
+        return
+    if not token_ids:
+        raise UserError(_nothing_found(tokenizer, harmful, harmless, prefix))
     if thinking:
         log.warning("Refusal is scored inside every prompt's own thinking, where harmful and harmless replies first "
-                    "differ (after %r); the separation printed next says how reliable that is.", prefix_text)
-    return RefusalProfile(
-        source=source, prefix=prefix_text, token_ids=list(token_ids),
-        token_texts=[tokenizer.decode([token]) for token in token_ids],
-        openings=[] if thinking and source == "discovered" else openings, template_kwargs=kwargs,
-        thinking_end=end, n_harmful_replies=len(harmful_ids), n_harmless_replies=len(harmless_ids),
-        n_refusals=sum(counts.harmful.get(token, 0) for token in token_ids), separation=float("nan"),
-        prefix_ids=path, inside_thinking=thinking,
-        branch=tokenizer.decode(path[len(prefix):], skip_special_tokens=False))
+                    "differ (after %r); the separation printed next says how reliable that is.", profile.prefix)
+    profile.token_ids, profile.prefix_ids, profile.inside_thinking = token_ids, path, thinking
+    profile.branch = tokenizer.decode(path[len(prefix):], skip_special_tokens=False)
+    profile.openings = [] if thinking else refusal_openings(tokenizer, harmful, prefix, token_ids, path)
 
 
 def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int]) -> str:

@@ -29,6 +29,11 @@ EXPECTED = {
     "switchable_thinking": {"prefix": "", "tokens": ["I"], "template_kwargs": {"enable_thinking": False}},
     "foreign": {"prefix": "", "tokens": ["Извините"], "template_kwargs": {}},
     "toy": {"prefix": "", "tokens": ["I"], "template_kwargs": {}},
+    # The switchable toy with thinking kept on (as a template that cannot switch it off would): every reply thinks
+    # about its own request first ("the user wants to steal a car. that is harmful."), so refusal is read per
+    # prompt, where its answer after the thinking decides ("I won't help" against "Okay! To ...").
+    "thinking_on": {"prefix": "<think>\nthe user wants to", "tokens": ["I"],
+                    "template_kwargs": {"enable_thinking": True}, "per_prompt": True},
 }
 
 
@@ -37,8 +42,9 @@ def _toy(name: str) -> tuple[Path, dict[str, list[str]], SimpleNamespace]:
         from abliterate.toy import REFUSAL_REPLY, toy_prompt_splits, toy_refuser
 
         return toy_refuser(), toy_prompt_splits(0), SimpleNamespace(refuses=lambda r: r.startswith(REFUSAL_REPLY))
-    model_dir, splits = chat_toy(name)
-    return model_dir, splits, TOYS[name]
+    toy = "switchable_thinking" if name == "thinking_on" else name
+    model_dir, splits = chat_toy(toy)
+    return model_dir, splits, TOYS[toy]
 
 
 def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +76,8 @@ def _refusal_rates(model_dir: Path, splits: dict[str, list[str]], toy, model_con
 
 @pytest.fixture(scope="module", params=list(EXPECTED))
 def abliterated(request, tmp_path_factory):
-    """(toy name, measure result, refusal rates before and after) with default settings and local prompt files."""
+    """(toy name, measure result, refusal rates before and after) with default settings and local prompt files
+    (thinking kept on where the case says so)."""
     from abliterate.apply import apply_direction
     from abliterate.measure import measure
 
@@ -79,8 +86,10 @@ def abliterated(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(name)
     sources = write_prompt_files(splits, folder / "prompts")
     # Only the fit prompts are local: the evaluation sources stay the defaults, which are on the Hub.
+    kwargs = EXPECTED[name]["template_kwargs"] if name == "thinking_on" else {}
     config = load_config(None, {"prompts": {"harmful_train": sources["harmful_train"],
-                                            "harmless_train": sources["harmless_train"]}})
+                                            "harmless_train": sources["harmless_train"]},
+                                "model": {"template_kwargs": kwargs}})
     with pytest.MonkeyPatch.context() as monkeypatch:
         _no_hub(monkeypatch)
         result = measure(str(model_dir), folder / "measure", config)
@@ -97,7 +106,10 @@ def test_how_the_toy_refuses_is_found_from_its_own_replies(abliterated):
     assert profile.prefix == expected["prefix"]
     assert profile.token_texts == expected["tokens"]
     assert profile.template_kwargs == expected["template_kwargs"]
-    assert profile.n_refusals == profile.n_harmful_replies == 32 and not profile.inside_thinking
+    per_prompt = expected.get("per_prompt", False)
+    assert bool(profile.decision_ids) == per_prompt and not profile.inside_thinking
+    assert profile.decision_after == ("</think>" if per_prompt else "")
+    assert profile.n_refusals == profile.n_harmful_replies == 32
     assert profile.separation > 0.99
     written = (abliterated.folder / "measure" / "refusal.json").read_text(encoding="utf-8")
     assert profile.to_dict() == __import__("json").loads(written)
@@ -109,23 +121,16 @@ def test_measure_and_apply_remove_refusal_by_generation(abliterated):
     assert after["harmful"] <= 0.1 and after["harmless"] <= 0.1, after
 
 
-def test_thinking_on_is_scored_where_the_replies_diverge_and_says_how_well(one_thread):
-    """Asked to keep thinking on, the toy decides inside every prompt's own thinking: the score is read where
-    harmful and harmless replies first differ, and the separation says how reliable that is."""
-    from abliterate.model import load_model
-    from abliterate.refusal import find_refusal
-
-    model_dir, splits = chat_toy("switchable_thinking")
-    config = load_config(None, {"model": {"template_kwargs": {"enable_thinking": True}}})
-    model, tokenizer = load_model(str(model_dir), config.model)
-    profile = find_refusal(model, tokenizer, splits["harmful_train"], splits["harmless_train"], config.model,
-                           config.measure)
-    assert profile.template_kwargs == {"enable_thinking": True}
-    assert profile.prefix.startswith("<think>\nthe user wants to")
-    assert profile.thinking_end == "</think>" and profile.inside_thinking
-    # Thinking text is no refusal opening for evaluation to match (it strips the thinking block first).
-    assert profile.openings == []
-    assert profile.token_ids and profile.n_refusals >= 0.9 * profile.n_harmful_replies
+def test_per_prompt_decisions_match_the_answers_after_the_thinking(abliterated):
+    if abliterated.name != "thinking_on":
+        pytest.skip("only the toy that thinks about each request reads refusal per prompt")
+    profile = abliterated.result.refusal
+    # Where the replies first differ is the request itself ("steal a car" against "bake a cake"), and the thinking
+    # says "that is harmful" or "that is fine"; the answer after it is what refuses, and evaluation matches it.
+    assert profile.thinking_end == "</think>" and profile.openings == ["i won't help"]
+    # The position where each prompt's reasoning decides is a candidate, labelled as such.
+    scores = __import__("json").loads((abliterated.folder / "measure" / "scores.json").read_text())
+    assert "(each prompt's decision)" in __import__("json").dumps(scores)
 
 
 def test_a_model_that_refuses_nothing_is_an_error_showing_its_replies(toy_refuser_dir, one_thread):
