@@ -185,6 +185,26 @@ def test_mean_activations_match_hidden_states_and_filter_by_score(tiny):
             assert torch.allclose(side.mean, rows[kept].mean(0), atol=1e-6)
 
 
+def test_with_continuations_the_positions_end_before_each_rows_own_and_the_last_is_its_decision(tiny):
+    """Rows followed by continuations of their own lengths (a prompt's reasoning up to its decision): the first
+    k - 1 positions are the ones just before the continuation, the last is the row's last position."""
+    batches = _batches([9, 6, 8], batch_size=3, seed=2)
+    (batch,) = batches
+    tails = [3, 0, 2]
+    batch.tails = tails
+    k = 3
+    with torch.no_grad():
+        out = tiny(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states[:4], dim=2).double()  # [batch, pos, layer, d]
+    width = batch.input_ids.shape[1]
+    expected = torch.stack([torch.cat([hidden[row, width - tail - (k - 1):width - tail], hidden[row, -1:]])
+                            for row, tail in enumerate(tails)])  # [batch, k, layer, d]
+    side = mean_activations(tiny, [batch], k, [7])
+    assert torch.allclose(side.mean, expected.mean(0), atol=1e-6)
+    # Scores are read at each row's last position: where its continuation ends.
+    assert torch.allclose(side.scores, refusal_score(out.logits[:, -1], [7]), atol=1e-5)
+
+
 def test_in_text_order_undoes_length_sorting():
     class Chars:  # a tokenizer stand-in: one token per character
         padding_side = "right"
