@@ -298,14 +298,18 @@ def build_once(target: Path, marker: str, label: str, build: Callable[[Path], No
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def toy_refuser_path(cache_dir: Path | None = None, settings: ToySettings = ToySettings()) -> Path:
+    """Where the toy refuser of `settings` is cached (built or not)."""
+    return (Path(cache_dir) if cache_dir else cache_root()) / f"toy-{toy_fingerprint(settings)}"
+
+
 def toy_refuser(cache_dir: Path | None = None, settings: ToySettings = ToySettings()) -> Path:
     """The cached toy refuser's checkpoint folder, built on first use.
 
     The build happens in a temporary folder next to the target and is renamed into place; if another process won
     the race, its finished copy is kept and ours is discarded.
     """
-    root = Path(cache_dir) if cache_dir else cache_root()
-    target = root / f"toy-{toy_fingerprint(settings)}"
+    target = toy_refuser_path(cache_dir, settings)
     if (target / "toy_refuser.json").is_file():
         return target
     logger.info("Building the toy refuser (once per machine: a minute or two on a CPU).")

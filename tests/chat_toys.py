@@ -225,11 +225,14 @@ def _fingerprint(toy: ChatToy) -> str:
     return digest.hexdigest()[:16]
 
 
+def chat_toy_dir(name: str) -> Path:
+    """Where the toy `name` is cached (built or not)."""
+    return cache_root() / "chat-toys" / f"{name}-{_fingerprint(TOYS[name])}"
+
+
 def chat_toy(name: str) -> tuple[Path, dict[str, list[str]]]:
     """The cached toy `name` (built on first use, renamed into place whole) and its prompt splits."""
-    toy = TOYS[name]
-    root = cache_root() / "chat-toys"
-    target = root / f"{name}-{_fingerprint(toy)}"
+    toy, target = TOYS[name], chat_toy_dir(name)
     if not (target / "chat_toy.json").is_file():
         build_once(target, "chat_toy.json", name, lambda staging: build_chat_toy(toy, staging))
     return target, toy_prompt_splits(toy.seed)
