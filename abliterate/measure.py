@@ -50,10 +50,10 @@ from abliterate.selection import (
     CandidateScore,
     NoDirectionError,
     ValidationSet,
-    build_validation_set,
     bypass_and_kl,
     check_kept,
     choose,
+    encode_validation,
     induce_score,
     layer_cutoff,
     score_candidates,
@@ -103,7 +103,6 @@ class _Fit:
     counts: dict[str, int]
     profile: RefusalProfile
     baseline: dict[str, float] = field(default_factory=dict)  # mean refusal score without any edit, per side
-    tails: dict[str, list[int]] = field(default_factory=dict)  # validation prompt -> its reasoning (per-prompt decisions)
 
     @property
     def n_positions(self) -> int:
@@ -221,13 +220,18 @@ def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: 
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
     fit.counts.update(harmful_val=len(harmful), harmless_val=len(harmless))
     # With per-prompt decisions, a prompt is scored after its own greedy reasoning (and only if it reaches one).
-    scored, tails = decided(model, tokenizer, harmful + harmless, fit.profile, config.model, config.measure)
-    fit.tails = dict(zip(scored, tails)) if tails is not None else {}
-    if fit.tails:
-        harmful, harmless = [t for t in harmful if t in fit.tails], [t for t in harmless if t in fit.tails]
+    scored, continuations = decided(model, tokenizer, harmful + harmless, fit.profile, config.model, config.measure)
+    tails = dict(zip(scored, continuations)) if continuations is not None else {}
+    if tails:
+        harmful, harmless = [t for t in harmful if t in tails], [t for t in harmless if t in tails]
         check_kept("harmful", len(harmful), fit.counts["harmful_val"], "validation")
         check_kept("harmless", len(harmless), fit.counts["harmless_val"], "validation")
-    val = _encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size, fit)
+
+    def encoded(harmful: list[str], harmless: list[str]) -> ValidationSet:
+        return encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size,
+                                 fit.profile.prefix_ids, fit.refusal_ids, tails)
+
+    val = encoded(harmful, harmless)
     if config.measure.filter_prompts:
         keep = torch.where(val.is_harmful, val.base_scores > 0, val.base_scores < 0)  # [n]
         texts = harmful + harmless
@@ -236,22 +240,9 @@ def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: 
         check_kept("harmful", len(kept_harmful), len(harmful), "validation")
         check_kept("harmless", len(kept_harmless), len(harmless), "validation")
         if len(kept_harmful) + len(kept_harmless) < len(texts):
-            val = _encode_validation(model, tokenizer, kept_harmful, kept_harmless, config.measure.batch_size, fit)
+            val = encoded(kept_harmful, kept_harmless)
         fit.counts.update(harmful_val_kept=len(kept_harmful), harmless_val_kept=len(kept_harmless))
     return val
-
-
-def _encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], batch_size: int,
-                       fit: _Fit) -> ValidationSet:
-    texts, prefix = harmful + harmless, fit.profile.prefix_ids
-    is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
-
-    def tails(chosen: list[str]) -> list[list[int]] | None:
-        return [fit.tails[text] for text in chosen] if fit.tails else None
-
-    return build_validation_set(model, encode(tokenizer, texts, batch_size, prefix, tails(texts)),
-                                encode(tokenizer, harmless, batch_size, prefix, tails(harmless)), is_harmful,
-                                fit.refusal_ids, kl_positions=len(prefix) + 1)
 
 
 def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,

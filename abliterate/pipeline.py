@@ -299,6 +299,19 @@ def _scrub(model: str, model_dir: Path, out_dir: Path, config: Config) -> None:
     scrub_tree(prov, machine_paths(), RECORD_SUFFIXES)
 
 
+def _check_eval(config: Config) -> None:
+    """What evaluation needs (a judge's key, vLLM) must fail now, not after measuring and applying."""
+    if config.run.skip_eval:
+        return
+    from abliterate.generation import check_backend
+    from abliterate.judge import check_judge
+    from abliterate.refusal_judge import check_refusal_judge
+
+    check_judge(config.eval)
+    check_refusal_judge(config.eval)
+    check_backend(config.eval.backend)
+
+
 def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunResult:
     """measure -> apply -> eval (unless skipped) -> model card -> push (if asked), reusing finished steps.
 
@@ -308,14 +321,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
 
     out_dir = Path(out_dir).expanduser().resolve()
     check_out_dir(out_dir, force, resume_marker=PROVENANCE_DIR)
-    if not config.run.skip_eval:
-        from abliterate.generation import check_backend
-        from abliterate.judge import check_judge
-        from abliterate.refusal_judge import check_refusal_judge
-
-        check_judge(config.eval)  # a missing judge key must fail now, not after measuring and applying
-        check_refusal_judge(config.eval)
-        check_backend(config.eval.backend)
+    _check_eval(config)
     model_dir = resolve_model(model, config.model.revision)
     if out_dir == model_dir.resolve() or model_dir.resolve() in out_dir.parents or out_dir in model_dir.resolve().parents:
         raise UserError(f"--out {out_dir} overlaps the input model {model_dir}; abliterate never writes into its "

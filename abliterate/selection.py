@@ -28,7 +28,15 @@ from typing import Any
 import torch
 
 from abliterate import progress
-from abliterate.activations import Batch, forward_last, forward_tail, in_text_order, kl_divergence, refusal_score
+from abliterate.activations import (
+    Batch,
+    encode,
+    forward_last,
+    forward_tail,
+    in_text_order,
+    kl_divergence,
+    refusal_score,
+)
 from abliterate.config import MeasureConfig
 from abliterate.errors import UserError
 from abliterate.hooks import ablate_direction, add_direction
@@ -155,6 +163,21 @@ def build_validation_set(model: Any, batches: list[Batch], harmless_batches: lis
     log_probs = tail_log_probs(model, batches, kl_positions, "base validation pass")  # [n, kl_positions, vocab]
     base_scores = refusal_score(log_probs[:, -1], refusal_ids)  # [n]
     return ValidationSet(batches, harmless_batches, is_harmful, log_probs[~is_harmful], base_scores, kl_positions)
+
+
+def encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], batch_size: int,
+                      prefix_ids: Sequence[int], refusal_ids: Sequence[int],
+                      tails: dict[str, list[int]] | None = None) -> ValidationSet:
+    """The validation set of chat-formatted texts, each followed by the shared reply prefix and, with `tails`
+    (per-prompt decisions), by its own continuation; the KL reads the prefix's positions too."""
+    texts = harmful + harmless
+    is_harmful = torch.tensor([True] * len(harmful) + [False] * len(harmless))  # [n]
+
+    def batches(chosen: list[str]) -> list[Batch]:
+        return encode(tokenizer, chosen, batch_size, prefix_ids, [tails[t] for t in chosen] if tails else None)
+
+    return build_validation_set(model, batches(texts), batches(harmless), is_harmful, refusal_ids,
+                                kl_positions=len(prefix_ids) + 1)
 
 
 # ---- scoring ----

@@ -4,7 +4,10 @@ For each toy of tests/chat_toys.py and the demo toy: `measure` with default sett
 configuration), `apply`, then greedy replies to the held-out prompts, judged by the toy's own refusal text (the true
 share). The same figures the tests in tests/test_chat_toys.py assert, printed as a table.
 
-Run: python benchmarks/refusal_toys.py [lowercase_space thinking switchable_thinking foreign toy]
+`thinking_on` is the switchable toy with thinking kept on (`enable_thinking=True`), as a template without the switch
+would leave it: every reply reasons about its own request first, so refusal is read per prompt.
+
+Run: python benchmarks/refusal_toys.py [lowercase_space thinking switchable_thinking foreign toy thinking_on]
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from chat_toys import TOYS, chat_toy, write_prompt_files
 
 from abliterate.config import load_config
 
-NAMES = [*TOYS, "toy"]
+NAMES = [*TOYS, "toy", "thinking_on"]
+THINKING_ON = {"enable_thinking": True}
 
 
 def _toy(name: str):
@@ -32,8 +36,9 @@ def _toy(name: str):
         from abliterate.toy import REFUSAL_REPLY, toy_prompt_splits, toy_refuser
 
         return toy_refuser(), toy_prompt_splits(0), SimpleNamespace(refuses=lambda r: r.startswith(REFUSAL_REPLY))
-    model_dir, splits = chat_toy(name)
-    return model_dir, splits, TOYS[name]
+    toy = "switchable_thinking" if name == "thinking_on" else name
+    model_dir, splits = chat_toy(toy)
+    return model_dir, splits, TOYS[toy]
 
 
 def _rates(model_dir: Path, splits: dict, toy, model_config) -> str:
@@ -59,7 +64,8 @@ def main(names: list[str]) -> None:
     for name in names:
         model_dir, splits, toy = _toy(name)
         folder = Path(tempfile.mkdtemp(prefix=f"refusal-{name}-"))
-        config = load_config(None, {"prompts": write_prompt_files(splits, folder / "prompts")})
+        config = load_config(None, {"prompts": write_prompt_files(splits, folder / "prompts"),
+                                    "model": {"template_kwargs": THINKING_ON if name == "thinking_on" else {}}})
         result = measure(str(model_dir), folder / "measure", config)
         apply_direction(str(model_dir), result.direction_path, folder / "edited", config)
         model_config = dataclasses.replace(config.model, template_kwargs=result.refusal.template_kwargs)
