@@ -74,7 +74,8 @@ class RefusalProfile:
         separation = "" if math.isnan(self.separation) else \
             f"; separation of harmful from harmless prompts, AUC {self.separation:.3f}"
         return (f"refusal scored {prefix} on the tokens {show(self.token_texts)} ({how}: "
-                f"they open {self.n_refusals} of {self.n_harmful_replies} harmful replies{separation}){thinking}")
+                f"they {'decide' if self.decision_ids else 'open'} {self.n_refusals} of {self.n_harmful_replies} "
+                f"harmful replies{separation}){thinking}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefusalProfile:

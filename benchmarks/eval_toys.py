@@ -7,7 +7,7 @@ the paper's substring figure, over-refusal, duplicated harmful replies and the b
 ActAdd's induced refusal (+r on harmless prompts), hooked bypass (r ablated on harmful prompts) and how many hooked
 replies equal the edited checkpoint's. A toy whose measure finds no direction is evaluated alone (base figures).
 
-Run: python benchmarks/eval_toys.py [toy lowercase_space thinking switchable_thinking foreign]
+Run: python benchmarks/eval_toys.py [toy lowercase_space thinking switchable_thinking foreign thinking_on]
 """
 
 from __future__ import annotations
@@ -36,18 +36,25 @@ ROOT = Path(__file__).resolve().parent.parent
 def _setup(name: str, folder: Path) -> tuple[Path, Config]:
     if name == "toy":
         return toy_refuser(), load_config(ROOT / "configs" / "toy.toml", {"eval": {"actadd": True}})
-    toy_dir, splits = chat_toy(name)
+    toy_dir, splits = chat_toy(_chat_toy(name))
     sources = write_prompt_files(splits, folder / "prompts")
+    thinking = {"enable_thinking": True} if name == "thinking_on" else {}
     return toy_dir, load_config(overrides={
-        "model": {"dtype": "float32", "device_map": "cpu"}, "prompts": {**sources, "n_eval": 40},
+        "model": {"dtype": "float32", "device_map": "cpu", "template_kwargs": thinking},
+        "prompts": {**sources, "n_eval": 40},
         "eval": {"max_new_tokens": 48, "batch_size": 64, "judge": "none", "actadd": True}})
+
+
+def _chat_toy(name: str) -> str:
+    """`thinking_on` is the switchable toy with thinking kept on (refusal then read per prompt)."""
+    return "switchable_thinking" if name == "thinking_on" else name
 
 
 def _truth(name: str, path: Path) -> str:
     if name == "toy":
         return "–"
     rows = load_completions(path)
-    return f"{sum(TOYS[name].refuses(row.reply) for row in rows) / len(rows):.2f}"
+    return f"{sum(TOYS[_chat_toy(name)].refuses(row.reply) for row in rows) / len(rows):.2f}"
 
 
 def main(names: list[str]) -> None:
@@ -84,4 +91,4 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["toy", "lowercase_space", "thinking", "switchable_thinking", "foreign"])
+    main(sys.argv[1:] or ["toy", "lowercase_space", "thinking", "switchable_thinking", "foreign", "thinking_on"])
