@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliterate import metric_table
+from abliterate.decision import DECISION_POSITION
 from abliterate.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ def _front_matter(facts: CardFacts, name: str) -> str:
 def _what_was_done(facts: CardFacts) -> list[str]:
     # json.dumps shows a newline or tab token as \n or \t instead of breaking the line.
     token = f" (the token `{json.dumps(facts.position_token)[1:-1]}`)" if facts.position_token else ""
+    if facts.position_token == DECISION_POSITION:
+        token = " (where each prompt's own reply, teacher-forced, reaches its decision)"
     counts = facts.n_prompts
     fitted = (f"{counts['harmful_train']} harmful and {counts['harmless_train']} harmless instructions"
               if "harmful_train" in counts and "harmless_train" in counts else "harmful and harmless instructions")

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MARKER_SHARE = 0.5
 # ... and by this many times fewer of the other side's (as refusal tokens must be; see refusal.ENRICHMENT).
 MARKER_ENRICHMENT = 4.0
+DECISION_POSITION = "(each prompt's decision)"  # how the per-prompt decision position is labelled among candidates
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 
 from abliterate.activations import SideActivations, cosine_with, difference_of_means, encode, mean_activations
 from abliterate.config import Config, to_dict
-from abliterate.decision import decided
+from abliterate.decision import DECISION_POSITION, decided
 from abliterate.direction import (
     DIRECTION_JSON,
     DIRECTION_SAFETENSORS,
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 CANDIDATES_FILE = "candidates.safetensors"
 SCORES_FILE = "scores.json"
 SCORES_PLOT = "scores.png"
-DECISION_POSITION = "(each prompt's decision)"  # the label of the per-prompt decision position
 REFERENCE_CSV = "reference_cosines.csv"
 REFERENCE_PLOT = "reference_cosines.png"
 
