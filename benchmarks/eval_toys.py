@@ -57,6 +57,13 @@ def _truth(name: str, path: Path) -> str:
     return f"{sum(TOYS[_chat_toy(name)].refuses(row.reply) for row in rows) / len(rows):.2f}"
 
 
+def _rate(section: dict) -> str:
+    """A refusal rate, or why there is none (every reply empty or still thinking when it was cut)."""
+    if section["rate"] is not None:
+        return f"{section['rate']:.2f}"
+    return f"none of {section['n_prompts']} answered ({section['unfinished_thinking']} still thinking)"
+
+
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)
     print("| toy | model | eval refusal | true share | paper figure | over-refusal | duplicated | fluency | "
@@ -81,7 +88,7 @@ def main(names: list[str]) -> None:
                 extra = ["–"] * 3
                 if actadd and column == "edited":
                     equal = actadd["equal_to_edited"]
-                    extra = [f"{actadd['induced_refusal']['rate']:.2f}", f"{actadd['hooked_refusal']['rate']:.2f}",
+                    extra = [_rate(actadd["induced_refusal"]), _rate(actadd["hooked_refusal"]),
                              f"{equal['n_equal']}/{equal['n']}"]
                 cells = [name, column, f"{s['refusal']['rate']:.2f}",
                          _truth(name, folder / "eval" / f"completions_{column}_harmful.jsonl"),
