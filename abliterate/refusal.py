@@ -274,10 +274,11 @@ def thinking_end(texts: Sequence[str]) -> str:
 
 
 def inside_thinking(prompt: str, prefix: str, end: str) -> bool:
-    """Whether a thinking block is open where the score is read: the prompt's tail plus the prefix opened one last."""
+    """Whether a thinking block is open where the score is read: the prompt's tail plus the prefix opened one last
+    (and did not close it; with no closer seen in the replies, an opened block never closed within them)."""
     text = prompt + prefix
     opened = max(text.rfind(start) for start in THINKING_STARTS)
-    return bool(end) and opened > text.rfind(end)
+    return opened >= 0 and opened > (text.rfind(end) if end else -1)
 
 
 def separation_auc(harmful: Sequence[float], harmless: Sequence[float]) -> float:
@@ -350,7 +351,8 @@ def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: lis
     if (not token_ids or thinking) and read_decisions(profile, tokenizer, prompt, harmful, harmless):
         return
     if not token_ids:
-        raise UserError(_nothing_found(tokenizer, harmful, harmless, prefix))
+        unclosed = not profile.thinking_end and inside_thinking(prompt, profile.prefix, "")
+        raise UserError(_nothing_found(tokenizer, harmful, harmless, prefix, unclosed))
     if thinking:
         log.warning("Refusal is scored inside every prompt's own thinking, where harmful and harmless replies first "
                     "differ (after %r); the separation printed next says how reliable that is.", profile.prefix)
@@ -359,12 +361,16 @@ def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: lis
     profile.openings = [] if thinking else refusal_openings(tokenizer, harmful, prefix, token_ids, path)
 
 
-def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int]) -> str:
+def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
+                   unclosed: bool = False) -> str:
     where = f" after the shared prefix {tokenizer.decode(prefix)!r}" if prefix else ""
+    longer = (" The replies open a thinking block that none closed within measure.discovery_max_new_tokens: raise "
+              "it (--discovery-max-new-tokens) so that the answers after the thinking can be read, or switch "
+              "thinking off in the template (model.template_kwargs, --chat-template).") if unclosed else ""
     return (f"Found no refusal in the base model's replies: no token opens its harmful replies{where} far more often "
             f"than its harmless ones. Harmful replies open like {describe_openings(tokenizer, harmful)}; harmless "
-            f"like {describe_openings(tokenizer, harmless)}. If the model does refuse, check the chat template "
-            "(--chat-template, --system-prompt) or name its refusal openings in measure.refusal_openings.")
+            f"like {describe_openings(tokenizer, harmless)}.{longer} If the model does refuse, check the chat "
+            "template (--chat-template, --system-prompt) or name its refusal openings in measure.refusal_openings.")
 
 
 def log_profile(profile: RefusalProfile) -> None:

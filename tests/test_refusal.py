@@ -13,6 +13,8 @@ from abliterate.errors import UserError
 from abliterate.refusal import (
     OpeningCounts,
     RefusalProfile,
+    _discover,
+    inside_thinking,
     load_profile,
     refusal_path,
     refusal_tokens,
@@ -67,6 +69,27 @@ def test_an_opening_refusals_share_with_answers_is_followed_to_where_they_part()
     harmful = [[2, 3]] * 16 + [[7, 3]] * 16
     harmless = [[2, 4]] * 16 + [[7, 8]] * 16
     assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == ([], [])
+
+
+def test_a_thinking_block_that_never_closed_in_the_replies_is_still_open_where_the_score_is_read():
+    assert inside_thinking("<|im_start|>assistant\n", "<think>\nOkay, the user", "</think>")
+    assert inside_thinking("<|im_start|>assistant\n", "<think>\nOkay, the user", "")  # no closer seen at all
+    assert not inside_thinking("<|im_start|>assistant\n", "<think>\n\n</think>\n\n", "</think>")
+    assert not inside_thinking("<|im_start|>assistant\n", " ", "")
+
+
+def test_replies_cut_inside_their_thinking_name_the_setting_that_lets_them_finish():
+    class Think(_Words):
+        WORDS = ("<pad>", "<think>", "\n", "Okay", " the", " user", " wants", " to", " steal", " bake", " a", " car")
+
+    # Every reply is still thinking when generation stopped: "<think>\nOkay the user wants to steal/bake a car".
+    harmful = [[1, 2, 3, 4, 5, 6, 7, 8, 10, 11]] * 16 + [[1, 2, 3, 4, 5, 6, 7, 9, 10, 11]] * 16
+    harmless = list(harmful)
+    profile = RefusalProfile(source="discovered", prefix="<think>\nOkay the user wants to", token_ids=[],
+                             token_texts=[], openings=[], prefix_ids=[1, 2, 3, 4, 5, 6, 7])
+    with pytest.raises(UserError, match=r"thinking block that none closed within measure.discovery_max_new_tokens: "
+                                        r"raise it \(--discovery-max-new-tokens\)"):
+        _discover(profile, Think(), "<|im_start|>assistant\n", harmful, harmless)
 
 
 def test_separation_is_the_auc():
