@@ -132,18 +132,19 @@ def cut_at_decision(reply: list[int], segments: Segments, markers: set[int]) -> 
     return None if index is None else list(reply[len(segments.prefix):index])
 
 
-def answer_openings(tokenizer: Any, harmful: list[list[int]], segments: Segments, markers: Markers,
-                    n_words: int) -> list[str]:
-    """The first `n_words` words (lower case) of the answers after the thinking block of the harmful replies that
-    decide to refuse, most frequent first: how evaluation recognises this model's refusals. Without a thinking
-    block there are none: a reply's first words would be its own restatement of the request."""
+def answer_openings(tokenizer: Any, harmful: list[list[int]], segments: Segments, markers: Markers) -> list[str]:
+    """How the answers after the thinking block open (`refusal.opening_of`) in the harmful replies that decide to
+    refuse, most frequent first: how evaluation recognises this model's refusals. Without a thinking block there
+    are none: a reply's first words would be its own restatement of the request."""
+    from abliterate.refusal import opening_of
+
     seen: Counter = Counter()
     for reply in harmful:
         start = segments.start(reply)
         if segments.closer and start is not None and decides(reply, segments, markers):
-            words = tokenizer.decode(reply[start:], skip_special_tokens=True).split()[:n_words]
-            if words:
-                seen[" ".join(words).lower()] += 1
+            opening = opening_of(tokenizer.decode(reply[start:], skip_special_tokens=True))
+            if opening:
+                seen[opening] += 1
     return sorted(seen, key=lambda text: (-seen[text], text))
 
 
@@ -152,7 +153,7 @@ def read_decisions(profile: Any, tokenizer: Any, prompt: str, harmful: list[list
     """Per-prompt decisions of a `refusal.RefusalProfile`: looked for in the answers after the thinking block when the
     replies close one, else from the shared prefix on. Fills `profile` and returns True when markers tell the
     sides apart on held-out replies."""
-    from abliterate.refusal import MAX_OPENINGS, MIN_HELD_OUT_MARGIN, OPENING_WORDS, inside_thinking
+    from abliterate.refusal import MAX_OPENINGS, MIN_HELD_OUT_MARGIN, inside_thinking
 
     prefix = tuple(profile.prefix_ids)
     end = profile.thinking_end
@@ -167,7 +168,7 @@ def read_decisions(profile: Any, tokenizer: Any, prompt: str, harmful: list[list
         profile.decision_after, profile.decision_ids = after, sorted(markers.all)
         profile.token_ids = decision_tokens(harmful, segments, markers)
         profile.n_refusals = len(refusing)
-        profile.openings = answer_openings(tokenizer, harmful, segments, markers, OPENING_WORDS)[:MAX_OPENINGS]
+        profile.openings = answer_openings(tokenizer, harmful, segments, markers)[:MAX_OPENINGS]
         profile.inside_thinking = bool(refusing) and inside_thinking(prompt, tokenizer.decode(
             refusing[0][:segments.first_marker(refusing[0], markers.all)], skip_special_tokens=False), end)
         return True

@@ -128,6 +128,9 @@ MIN_UNCONFIRMED = 2
 # they were not chosen on, only real refusal tokens do (a model that refuses nothing gives a margin near 0).
 MIN_HELD_OUT_MARGIN = 0.5
 OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
+# A first "word" in wide characters (Chinese, Japanese) or longer than this is a clause of a script written without
+# spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
+LONGEST_WORD = 20
 # How many tokens of an opening shared by refusals and answers are followed to where they part ("I", "'m" of
 # "I'm sorry" and "I'm glad to help"); a deeper split is not a refusal opening.
 MAX_BRANCH_TOKENS = 3
@@ -252,6 +255,19 @@ def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[lis
     return sum(margins) / len(margins)
 
 
+def opening_of(text: str) -> str:
+    """How a reply opens, for matching (lower case): its first OPENING_WORDS words, or in a script written without
+    spaces its first clause or characters ("抱歉，我不能帮助你。" opens with "抱歉")."""
+    import unicodedata
+
+    words = text.split()[:OPENING_WORDS]
+    first = words[0] if words else ""
+    if len(first) > LONGEST_WORD or any(unicodedata.east_asian_width(char) in "WF" for char in first):
+        cut = next((i for i, char in enumerate(first) if i and unicodedata.category(char).startswith("P")), None)
+        return first[:cut if cut is not None else 2 * OPENING_WORDS].lower()
+    return " ".join(words).lower()
+
+
 def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int],
                      path: list[int] | None = None) -> list[str]:
     """The first words (lower case) after the shared `prefix` of the harmful replies that follow `path` (the prefix,
@@ -261,9 +277,8 @@ def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int]
     seen: dict[str, int] = {}
     for reply in harmful:
         if len(reply) > n and reply[:n] == path and reply[n] in token_ids:
-            words = tokenizer.decode(reply[len(prefix):], skip_special_tokens=True).split()[:OPENING_WORDS]
-            if words:
-                opening = " ".join(words).lower()
+            opening = opening_of(tokenizer.decode(reply[len(prefix):], skip_special_tokens=True))
+            if opening:
                 seen[opening] = seen.get(opening, 0) + 1
     return sorted(seen, key=lambda text: (-seen[text], text))[:MAX_OPENINGS]
 

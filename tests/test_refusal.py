@@ -16,6 +16,7 @@ from abliterate.refusal import (
     _discover,
     inside_thinking,
     load_profile,
+    opening_of,
     refusal_path,
     refusal_tokens,
     save_profile,
@@ -90,6 +91,13 @@ def test_replies_cut_inside_their_thinking_name_the_setting_that_lets_them_finis
     with pytest.raises(UserError, match=r"thinking block that none closed within measure.discovery_max_new_tokens: "
                                         r"raise it \(--discovery-max-new-tokens\)"):
         _discover(profile, Think(), "<|im_start|>assistant\n", harmful, harmless)
+
+
+def test_an_opening_is_a_few_words_or_in_a_script_without_spaces_its_first_clause():
+    assert opening_of("Unfortunately, I can not help with that.") == "unfortunately, i can"
+    assert opening_of("抱歉，我不能帮助你。这个请求可能会伤害他人。") == "抱歉"
+    assert opening_of("申し訳ありませんがお手伝いできません") == "申し訳ありま"  # no punctuation: a few characters
+    assert opening_of("  ") == ""
 
 
 def test_separation_is_the_auc():
