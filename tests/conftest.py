@@ -17,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def _build_toy(name: str) -> str:
     """Build one cached toy (in a worker process): the demo's toy refuser or a chat toy by name."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the collection phase's output is not captured
     if name == "toy":
         from abliterate.toy import toy_refuser
 
