@@ -3,9 +3,9 @@
 Selection only scores the direction by logits; this generates with it. On harmless prompts the raw direction (the
 chosen candidate, unnormalized) is added at its own layer's input: refusal should be induced (the paper: 0.00-0.05
 -> 0.88-1.00). On harmful prompts the unit direction is ablated from every residual writer, the embedding included,
-with the same hooks selection uses (so no layer input ever holds it): refusal should be bypassed. The ablated model is the weight edit applied in memory, so
-its greedy replies must equal the edited checkpoint's word for word; `compare_with_edited` lists any difference (a
-wrong edit, or a hook that is not the edit, shows up here).
+with the same hooks selection uses (so no layer input ever holds it): refusal should be bypassed. The ablated model
+is the weight edit applied in memory, so its greedy replies must equal the edited checkpoint's word for word;
+`compare_with_edited` lists any difference (a wrong edit, or a hook that is not the edit, shows up here).
 """
 
 from __future__ import annotations

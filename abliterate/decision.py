@@ -13,7 +13,7 @@ user reads and what evaluation counts, and a model can reason "this is fine" and
 block they are looked for from the shared prefix on (a model that restates each request before refusing).
 
 `refusal.find_refusal` turns to this when no first token after the shared prefix tells the sides apart, or when
-that position lies inside a thinking block. Every prompt that is scored then needs its continuation: `decided`
+that position lies inside a thinking block. Every prompt that is scored then needs its continuation: `decision_tails`
 generates them with the base model.
 """
 
@@ -181,22 +181,33 @@ def segments_of(tokenizer: Any, profile: Any) -> Segments:
     return Segments(tuple(profile.prefix_ids), tuple(closer))
 
 
-def decided(model: Any, tokenizer: Any, texts: Sequence[str], profile: Any, model_config: Any,
-            measure_config: Any) -> tuple[list[str], list[list[int]] | None]:
-    """The prompts to score and their continuations: every prompt and None where the profile reads one shared
-    position; otherwise the prompts whose greedy reply reaches a decision, each with its reply up to there."""
+def decision_tails(model: Any, tokenizer: Any, texts: Sequence[str], profile: Any, model_config: Any,
+                   measure_config: Any) -> dict[str, list[int]]:
+    """Per prompt, its continuation: the base model's own greedy reply after the shared prefix up to its decision.
+    Empty where the profile reads one shared position for every prompt (nothing to generate); otherwise only the
+    prompts whose reply reaches a decision are in it (the others cannot be scored)."""
     from abliterate.chat import stop_token_ids
     from abliterate.generation import generate_transformers
 
     if profile is None or not profile.decision_ids:
-        return list(texts), None
+        return {}
     stop_ids = stop_token_ids(tokenizer, model.generation_config, model_config)
     replies = generate_transformers(model, tokenizer, texts, stop_ids, measure_config.discovery_max_new_tokens,
                                     measure_config.batch_size)
     segments, markers = segments_of(tokenizer, profile), set(profile.decision_ids)
-    kept = [(text, cut) for text, reply in zip(texts, replies)
-            if (cut := cut_at_decision(reply.token_ids, segments, markers)) is not None]
-    if len(kept) < len(texts):
+    tails = {text: cut for text, reply in zip(texts, replies)
+             if (cut := cut_at_decision(reply.token_ids, segments, markers)) is not None}
+    if len(tails) < len(set(texts)):
         log.info("%d of %d prompts reached no decision marker within %d new tokens (measure.discovery_max_new_tokens)"
-                 " and are not scored.", len(texts) - len(kept), len(texts), measure_config.discovery_max_new_tokens)
-    return [text for text, _ in kept], [cut for _, cut in kept]
+                 " and are not scored.", len(set(texts)) - len(tails), len(set(texts)),
+                 measure_config.discovery_max_new_tokens)
+    return tails
+
+
+def scored_with(texts: list[str], tails: dict[str, list[int]]) -> tuple[list[str], list[list[int]] | None]:
+    """The texts that can be scored and their continuations for `activations.encode` (all texts and None when
+    `tails` is empty: no per-prompt decisions)."""
+    if not tails:
+        return texts, None
+    kept = [text for text in texts if text in tails]
+    return kept, [tails[text] for text in kept]

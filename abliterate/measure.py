@@ -33,7 +33,7 @@ import torch
 
 from abliterate.activations import SideActivations, cosine_with, difference_of_means, encode, mean_activations
 from abliterate.config import Config, to_dict
-from abliterate.decision import DECISION_POSITION, decided
+from abliterate.decision import DECISION_POSITION, decision_tails, scored_with
 from abliterate.direction import (
     DIRECTION_JSON,
     DIRECTION_SAFETENSORS,
@@ -189,7 +189,7 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
     reference_vector = None if reference is None else reference.vector
     for side, prompts, sign in (("harmful", sets.harmful_train, 1), ("harmless", sets.harmless_train, -1)):
         texts = format_instructions(tokenizer, [p.text for p in prompts], config.model)
-        scored, tails = decided(model, tokenizer, texts, profile, config.model, m)
+        scored, tails = scored_with(texts, decision_tails(model, tokenizer, texts, profile, config.model, m))
         batches = encode(tokenizer, scored, m.batch_size, prefix_ids, tails)
         sides[side] = mean_activations(model, batches, k, refusal_ids, keep_sign=sign if m.filter_prompts else 0,
                                        reference=reference_vector if side == "harmful" else None,
@@ -219,10 +219,9 @@ def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: 
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
     fit.counts.update(harmful_val=len(harmful), harmless_val=len(harmless))
     # With per-prompt decisions, a prompt is scored after its own greedy reasoning (and only if it reaches one).
-    scored, continuations = decided(model, tokenizer, harmful + harmless, fit.profile, config.model, config.measure)
-    tails = dict(zip(scored, continuations)) if continuations is not None else {}
+    tails = decision_tails(model, tokenizer, harmful + harmless, fit.profile, config.model, config.measure)
     if tails:
-        harmful, harmless = [t for t in harmful if t in tails], [t for t in harmless if t in tails]
+        harmful, harmless = scored_with(harmful, tails)[0], scored_with(harmless, tails)[0]
         check_kept("harmful", len(harmful), fit.counts["harmful_val"], "validation")
         check_kept("harmless", len(harmless), fit.counts["harmless_val"], "validation")
 

@@ -32,7 +32,7 @@ import torch
 from abliterate import progress
 from abliterate.activations import encode, refusal_score
 from abliterate.config import Config, OptimizeConfig
-from abliterate.decision import decided
+from abliterate.decision import decision_tails, scored_with
 from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
 from abliterate.files import write_atomic
@@ -244,13 +244,12 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     harmless = format_instructions(tokenizer, [p.text for p in sets.harmless_val], config.model)
     size = config.measure.batch_size
     # With per-prompt decisions, each prompt is scored after its own reasoning (as measure scored it).
-    scored, tails = decided(model, tokenizer, harmful + harmless, profile, config.model, config.measure)
-    tail_of = dict(zip(scored, tails)) if tails is not None else {}
-    if tail_of:
-        harmful, harmless = [t for t in harmful if t in tail_of], [t for t in harmless if t in tail_of]
+    tails = decision_tails(model, tokenizer, harmful + harmless, profile, config.model, config.measure)
+    harmful, harmless = scored_with(harmful, tails)[0], scored_with(harmless, tails)[0]
 
     def encoded(texts: list[str]) -> list[Any]:
-        return encode(tokenizer, texts, size, prefix_ids, [tail_of[t] for t in texts] if tail_of else None)
+        scored, continuations = scored_with(texts, tails)
+        return encode(tokenizer, scored, size, prefix_ids, continuations)
 
     scores = refusal_score(last_log_probs(model, encoded(harmful + harmless)), refusal_ids)  # [n]
     harmful_scores = scores[:len(harmful)]  # [n_harmful] base refusal scores

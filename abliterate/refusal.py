@@ -67,8 +67,8 @@ class RefusalProfile:
             where = f"in the answer after {show(self.decision_after)}" if self.decision_after else "in the reply"
             prefix = f"per prompt, where its own greedy reply (teacher-forced) first decides {where},"
         elif self.branch:
-            prefix = (f"{prefix.replace('at the first reply token', 'at the reply token')} after the opening "
-                      f"{show(self.branch)} that refusals share with some answers,")
+            shared = f" after the shared reply prefix {show(self.prefix)} and" if self.prefix else ""
+            prefix = f"at the reply token{shared} after the opening {show(self.branch)} that refusals share with some answers,"
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
                     if self.template_kwargs else "")
         separation = "" if math.isnan(self.separation) else \
@@ -362,7 +362,8 @@ def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: lis
 
     prefix = list(profile.prefix_ids)
     path, token_ids = refusal_path(tokenizer, harmful, harmless, prefix, EXTENDED_REFUSALS)
-    thinking = bool(token_ids) and inside_thinking(prompt, tokenizer.decode(path), profile.thinking_end)
+    thinking = bool(token_ids) and inside_thinking(prompt, tokenizer.decode(path, skip_special_tokens=False),
+                                                   profile.thinking_end)
     if (not token_ids or thinking) and read_decisions(profile, tokenizer, prompt, harmful, harmless):
         return
     if not token_ids:
