@@ -36,11 +36,7 @@ class Command:
         self._reader.start()
 
     def wait_for(self, text: str, timeout_s: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not any(text in line for line in self.lines):
-            assert self.process.poll() is None, f"exited before '{text}':\n{''.join(self.lines)}"
-            assert time.monotonic() < deadline, f"no '{text}' within {timeout_s} s:\n{''.join(self.lines)}"
-            time.sleep(0.02)
+        self.wait_until(lambda: any(text in line for line in self.lines), f"'{text}' printed", timeout_s)
 
     def wait_until(self, ready: Callable[[], bool], what: str, timeout_s: float = 240.0) -> None:
         """Poll `ready` (every 5 ms: apply's staging folder lives well under a second) while the command runs."""
