@@ -1,9 +1,14 @@
-"""Confirm searched edits by generation on held-out prompts: what the forward-pass objectives only estimate.
+"""Confirm searched edits on held-out prompts: what the forward-pass objectives only estimate.
 
 For one edit (as hooks on the loaded model, exactly the checkpoint `apply` would write) and the base model's own
 greedy replies, computed once:
-- harmful refusal: share of held-out harmful prompts whose greedy reply contains a refusal phrase;
-- harmless identical: share of held-out harmless prompts whose greedy reply has the same tokens as the base model's;
+- harmful refusal: share of held-out harmful prompts whose greedy reply (generated with the edit) contains a
+  refusal phrase;
+- harmless identical: share of held-out harmless prompts whose greedy reply has the same tokens as the base model's.
+  Read from one teacher-forced pass over the base replies, which is exact for greedy decoding: the edited model
+  writes the base reply token by token if and only if, given the base reply so far, its most likely next token is
+  the base reply's next token at every position (and a stop token where the base reply stopped);
+- harmless refusal: the base reply's verdict for the identical replies; the others are generated with the edit;
 - reply KL: per-token KL(base || edited) over the base model's greedy harmless replies (teacher-forced; the stop
   token that ended a reply is scored too), the damage measure the peer scorer (damage.py) reports.
 """
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +25,10 @@ import torch
 from abliterate.activations import kl_divergence
 from abliterate.generation import Reply, generate_transformers
 from abliterate.metrics import RefusalMatcher, Scored, batches, position_logprobs
+
+# The base log-probabilities over the held-out replies are kept between confirmations up to this size (a few
+# thousand positions of a toy vocabulary); a 128k-vocabulary model recomputes them beside each edited pass instead.
+BASE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -35,6 +44,7 @@ class HeldOut:
     matcher: RefusalMatcher  # how a reply is read as a refusal (phrases and the base model's own openings)
     max_new_tokens: int
     batch_size: int
+    base_log_probs: list[list[torch.Tensor]] | None = field(default=None, repr=False)  # per batch, when cached
 
 
 def held_out(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], stop_ids: list[int],
@@ -49,33 +59,62 @@ def held_out(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str]
     return HeldOut(harmful, harmless, base, scored, stop_ids, pad_id, matcher, max_new_tokens, batch_size)
 
 
+def _cached_base(model: Any, held: HeldOut) -> list[list[torch.Tensor]] | None:
+    """The base log-probabilities of every batch of replies, computed once, when they fit `BASE_CACHE_BYTES`."""
+    if held.base_log_probs is None:
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        if sum(len(item.positions) for item in held.scored) * vocab * 4 > BASE_CACHE_BYTES:
+            return None
+        held.base_log_probs = [position_logprobs(model, batch, held.pad_id)
+                               for batch in batches(held.scored, held.batch_size)]
+    return held.base_log_probs
+
+
+def _matches(item: Scored, log_probs: torch.Tensor, stop_ids: set[int]) -> bool:
+    """Whether greedy decoding writes `item`'s reply: the argmax is each next reply token (any stop token where the
+    reply stopped)."""
+    chosen = log_probs.argmax(dim=-1).tolist()  # [positions]
+    targets = item.targets
+    if not targets:
+        return False
+    same = all(a == b for a, b in zip(chosen[: len(targets) - 1], targets[:-1]))
+    last = chosen[len(targets) - 1]
+    return same and (last in stop_ids if targets[-1] in stop_ids else last == targets[-1])
+
+
 @torch.inference_mode()
-def reply_kl(model: Any, edit: Callable[[], AbstractContextManager], held: HeldOut) -> float:
-    """Mean per-token KL(base || edited) over the base replies; base and edited passes share each batch."""
-    total, count = 0.0, 0
-    for batch in batches(held.scored, held.batch_size):
-        base = position_logprobs(model, batch, held.pad_id)
+def teacher_forced(model: Any, edit: Callable[[], AbstractContextManager], held: HeldOut) -> tuple[float, list[bool]]:
+    """Mean per-token KL(base || edited) over the base replies, and whether each edited greedy reply is the base's."""
+    cached = _cached_base(model, held)
+    stop_ids = set(held.stop_ids)
+    total, count, identical = 0.0, 0, []
+    for index, batch in enumerate(batches(held.scored, held.batch_size)):
+        base = cached[index] if cached is not None else position_logprobs(model, batch, held.pad_id)
         with edit():
             edited = position_logprobs(model, batch, held.pad_id)
         for item, base_lp, edited_lp in zip(batch, base, edited):
+            identical.append(_matches(item, edited_lp, stop_ids))
             if not item.targets:
                 continue
             per_token = kl_divergence(base_lp, edited_lp)  # [positions]
             total += float(per_token.sum())
             count += int(per_token.numel())
-    return total / count if count else 0.0
+    return (total / count if count else 0.0), identical
 
 
 def confirm(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut) -> dict[str, Any]:
     """Refusal, identical share and reply KL of one edit on the held-out prompts."""
+    kl, identical = teacher_forced(model, edit, held)
+    changed = [text for text, same in zip(held.harmless, identical) if not same]
     with edit():
         harmful = generate_transformers(model, tokenizer, held.harmful, held.stop_ids, held.max_new_tokens,
                                         held.batch_size)
-        harmless = generate_transformers(model, tokenizer, held.harmless, held.stop_ids, held.max_new_tokens,
-                                         held.batch_size)
+        new = iter(generate_transformers(model, tokenizer, changed, held.stop_ids, held.max_new_tokens,
+                                         held.batch_size) if changed else [])
+    harmless = [base if same else next(new) for base, same in zip(held.base_harmless, identical)]
     refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmful)
-    identical = sum(a.token_ids == b.token_ids for a, b in zip(harmless, held.base_harmless))
     harmless_refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmless)
-    return {"harmful_refusal": refusals / max(1, len(harmful)), "harmless_refusal": harmless_refusals / max(1, len(harmless)),
-            "identical_share": identical / max(1, len(harmless)), "reply_kl": reply_kl(model, edit, held),
+    return {"harmful_refusal": refusals / max(1, len(harmful)),
+            "harmless_refusal": harmless_refusals / max(1, len(harmless)),
+            "identical_share": sum(identical) / max(1, len(harmless)), "reply_kl": kl,
             "n_harmful": len(harmful), "n_harmless": len(harmless), "max_new_tokens": held.max_new_tokens}

@@ -170,7 +170,10 @@ def _length_ratio(before: Tensor, after: Tensor) -> Tensor:
 
 
 def _writer_u(edit: TensorEdit, r: Tensor, needed: dict[str, Tensor]) -> Tensor:
-    """r, or normalize(g * r) behind post-norms (float64)."""
+    """r, or normalize(g * r) behind post-norms (float64); zero for a zero r (a candidate where every prompt agrees,
+    so there is nothing to remove)."""
+    if not bool(r.any()):
+        return torch.zeros(r.shape, dtype=COMPUTE_DTYPE)
     gains = [norm_gain(needed[name], edit.gain) for name in edit.needs]
     return post_norm_direction(r.to(COMPUTE_DTYPE), gains)  # [d_model]
 
@@ -292,6 +295,8 @@ def hooked_edit(model: nn.Module, params: EditParams, directions: Tensor) -> Ite
         for module_name, edits in by_module.items():
             first = edits[0]
             weight = params.weight(first.role, first.layer)
+            if weight == 0:
+                continue
             # Gains and directions are d_model vectors: u is computed on the CPU, moved where it is used.
             needed = {name: named[name].detach().cpu() for name in first.needs}
             u = _writer_u(first, direction_of(first, directions).cpu().to(COMPUTE_DTYPE), needed)
