@@ -76,7 +76,7 @@ class MeasureConfig:
     kl_max: float = setting(0.1, "Discard candidates whose ablation moves harmless next-token KL above this (paper: 0.1).")
     max_layer_fraction: float = setting(0.8, "Discard candidates from layers >= this fraction of the depth (paper: 0.8).")
     require_induce: bool = setting(True, "Discard candidates whose addition does not induce refusal on harmless prompts (paper).")
-    score_all: bool = setting(False, "Compute the induce score of every candidate (full figure) instead of only where it can change the choice.")
+    score_all: bool = setting(False, "Compute the KL and induce scores of every candidate (full figure) instead of only where they can change the choice.")
     direction_file: str = setting("", "A reference direction file to compare every candidate with by cosine similarity.")
     use_reference: bool = setting(False, "Skip selection and use the reference direction from direction_file.")
 

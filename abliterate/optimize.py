@@ -41,7 +41,9 @@ from abliterate.search import (
     ReplySet,
     SearchState,
     load_study,
+    pareto_front,
     params_of,
+    searched_positions,
     search,
     seeded_trials,
     trial_rows,
@@ -124,7 +126,7 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     from safetensors.torch import load_file
 
     from abliterate.direction import DIRECTION_JSON, load_direction
-    from abliterate.measure import CANDIDATES_FILE, measure
+    from abliterate.measure import CANDIDATES_FILE, SCORES_FILE, measure
     from abliterate.model import load_model
 
     out_dir = Path(out_dir)
@@ -151,16 +153,21 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     state, held = _prepare(model, tokenizer, config, tables["candidates"], tables["harmless_mean"], profile)
     timings["prepare_s"] = time.perf_counter() - start
     n_positions, n_layers, _ = state.candidates.shape
+    scores = json.loads((out_dir / SCORES_FILE).read_text())
+    n_positions = searched_positions(scores["candidates"], paper.position, n_positions)
     study = load_study(out_dir, config.optimize)
     n_before = len(study.trials)  # trials replayed from an earlier run are not part of this run's speed
-    timings["search_s"] = search(study, state, (paper.layer, paper.position), n_layers, n_positions, out_dir)
+    seeds = seeded_trials(paper.layer, paper.position, n_layers, config.optimize)
+    timings["search_s"] = search(study, state, seeds, n_layers, n_positions, out_dir)
     n_new = len(study.trials) - n_before
     trials = [t for t in study.trials if t.values is not None]
-    pareto = sorted(t.number for t in study.best_trials)
-    paper_trial = _paper_trial(trials, seeded_trials(paper.layer, paper.position, n_layers, config.optimize)[0])
+    pareto = pareto_front(trials)
+    feasible = sorted(t.number for t in study.best_trials)  # the front of the trials meeting the target
+    paper_trial = _paper_trial(trials, seeds[0])
     start = time.perf_counter()
     confirmed = []
-    for number in progress.track(confirm_order(trials, pareto, paper_trial, config.optimize), "confirming edits"):
+    order = confirm_order(trials, feasible or pareto, paper_trial, config.optimize)
+    for number in progress.track(order, "confirming edits"):
         confirmed.append({"trial": number, **_confirm_trial(state, tokenizer, held, study.trials[number])})
     chosen = choose(confirmed, config.optimize)
     timings["confirm_s"] = time.perf_counter() - start
@@ -169,7 +176,7 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     n_run = len(trials)
     payload = {"model": paper.meta.get("model", source), "objectives": ["harmful refusal probability (validation)",
                "harmless per-token KL over the base replies (validation)"], "n_trials": n_run, "paper_trial": paper_trial,
-               "pareto": pareto, "trials": trial_rows(trials, pareto), "confirmation": confirmed, "chosen": chosen,
+               "pareto": pareto, "feasible_front": feasible, "trials": trial_rows(trials, pareto), "confirmation": confirmed, "chosen": chosen,
                "chosen_params": params.to_dict(), "target_refusal": config.optimize.target_refusal,
                "timings_s": timings,
                "trials_this_run": n_new, "trials_per_s": n_new / timings["search_s"] if n_new else None}

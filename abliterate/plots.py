@@ -73,7 +73,10 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
         axis.set_xlabel("layer")
         axis.set_ylabel(y_label)
         axis.set_title(label, fontsize=10)
-    if any(math.isnan(s.induce) and not math.isnan(s.bypass) and not s.failed for s in scores):
+    if any(math.isnan(s.kl) and not math.isnan(s.bypass) for s in scores):
+        axes[2].text(0.02, 0.97, "scored only where it could change the choice;\n--score-all scores every candidate",
+                     transform=axes[2].transAxes, fontsize=7, color="grey", verticalalignment="top")
+    if any(math.isnan(s.induce) and not math.isnan(s.bypass) for s in scores):
         axes[1].text(0.02, 0.97, "scored only where it could change the choice;\n--score-all scores every candidate",
                      transform=axes[1].transAxes, fontsize=7, color="grey", verticalalignment="top")
     axes[0].legend(fontsize=7)

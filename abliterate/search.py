@@ -103,6 +103,18 @@ def suggest(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfig)
                       embed_weight=trial.suggest_float("embed_weight", 0.0, config.max_weight), **flags)
 
 
+def searched_positions(candidates: list[dict[str, Any]], paper_position: int, n_positions: int) -> int:
+    """How many of the last measured positions the search draws from: back to the earliest position where ablating
+    one of its candidates turned the harmful validation prompts' mean refusal score negative in measure's scoring
+    (`candidates` are scores.json's rows), and at least back to the paper's position. Positions before it never
+    removed refusal at full strength, so the search would only spend trials on them; all positions when none did.
+    """
+    useful = [int(row["position"]) for row in candidates if row.get("bypass") is not None and row["bypass"] < 0]
+    if not useful:
+        return n_positions
+    return min(n_positions, -min(*useful, paper_position))
+
+
 def seeded_trials(layer: int, position: int, n_layers: int, config: OptimizeConfig) -> list[dict[str, Any]]:
     """The paper's edit (every writer at weight 1, one direction) as trial values, and its two variants."""
     full = {"peak_weight": 1.0, "peak_layer": 0.0, "min_fraction": 1.0, "width": float(n_layers)}
@@ -138,13 +150,29 @@ def objectives(search: SearchState, params: EditParams) -> tuple[float, float, f
     return float(torch.sigmoid(scores).mean()), kl, float((scores > 0).double().mean())
 
 
+def violation(refusing_share: float, refusal: float, target: float) -> float:
+    """The trial's constraint: at most 0 when its refusing share meets the target; above it, the excess plus the
+    mean refusal probability, so infeasible trials are ordered by how far they are from shipping."""
+    excess = refusing_share - target
+    return excess if excess <= 0 else excess + refusal
+
+
+def pareto_front(trials: list[Any]) -> list[int]:
+    """The numbers of the trials no other trial dominates on both objectives, feasible or not."""
+    def dominates(a: Any, b: Any) -> bool:
+        return all(x <= y for x, y in zip(a.values, b.values)) and a.values != b.values
+
+    return sorted(t.number for t in trials if not any(dominates(other, t) for other in trials))
+
+
 def load_study(out_dir: Path, config: OptimizeConfig) -> Any:
     """An in-memory study holding every trial already logged in `out_dir` (so a stopped search resumes).
 
     Optuna's journal file fsyncs on every suggested value (about 1000 fsyncs for 60 trials of this search, 3.4 s on
     the development VM: as long as the search itself), so finished trials are logged one JSON line each instead
     (`TRIALS_LOG`, flushed, not fsynced) and replayed with Optuna's own `create_trial` on resume: a crash loses at
-    most the trial in flight.
+    most the trial in flight. The constraints are recomputed from the logged values with the current target (which
+    may change between runs without invalidating the trials).
     """
     import optuna
     from optuna.distributions import json_to_distribution
@@ -160,8 +188,10 @@ def load_study(out_dir: Path, config: OptimizeConfig) -> Any:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash: that trial is simply run again
             continue
+        refusing = row["user_attrs"].get("refusing_share", 1.0)
         study.add_trial(optuna.trial.create_trial(
             params=row["params"], values=row["values"], user_attrs=row["user_attrs"],
+            constraints={"refusal": violation(refusing, row["values"][0], config.target_refusal)},
             distributions={name: json_to_distribution(text) for name, text in row["distributions"].items()}))
     return study
 
@@ -176,14 +206,14 @@ def log_trial(out_dir: Path, trial: Any) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def search(study: Any, state: SearchState, paper: tuple[int, int], n_layers: int, n_positions: int,
+def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers: int, n_positions: int,
            out_dir: Path) -> float:
-    """Run the trials the study still lacks; returns the seconds they took."""
+    """Run the trials the study still lacks, `seeds` (trial values) first; returns the seconds they took."""
     from optuna.trial import TrialState
 
     config = state.config
     if not study.trials:
-        for values in seeded_trials(paper[0], paper[1], n_layers, config):
+        for values in seeds:
             study.enqueue_trial(values)
     done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
     remaining = max(0, config.n_trials - done)
@@ -193,6 +223,7 @@ def search(study: Any, state: SearchState, paper: tuple[int, int], n_layers: int
         params = suggest(trial, n_layers, n_positions, config)
         refusal, kl, refusing = objectives(state, params)
         trial.set_user_attr("refusing_share", refusing)
+        trial.set_constraint("refusal", violation(refusing, refusal, config.target_refusal))
         log_trial(out_dir, study.tell(trial, [refusal, kl]))
     elapsed = time.perf_counter() - start
     if remaining:

@@ -8,11 +8,11 @@ For every candidate r (one per end-of-instruction position and layer):
 Candidates from the last layers, with KL above the limit, with induce < 0 or with any NaN are discarded
 (MeasureConfig), and the lowest bypass that passes is chosen.
 
-Only the last position's logits matter, so every pass runs the output layer on that position alone, the base logits
-are computed once, and harmful and harmless validation prompts share one set of batches per candidate. The
-search is pruned without changing its result: candidates from discarded layers are not scored, and the induce
-pass visits the others in order of bypass; once one passes every filter no candidate with a higher bypass can be
-chosen, so their induce score is not needed (`MeasureConfig.score_all` scores everything, for the full figure).
+Only the last positions' logits matter, so every pass runs the output layer on those positions alone and the base
+logits are computed once. The search is pruned without changing its result: candidates from discarded layers are
+not scored, every other candidate's bypass is (harmful prompts only), and the KL and induce passes visit them in
+order of bypass; once one passes every filter no candidate with a higher bypass can be chosen, so their KL and
+induce scores are not needed (`MeasureConfig.score_all` scores everything, for the full figure).
 When nothing passes, `NoDirectionError` lists the best candidates, the filter each failed and a hint, instead of
 the paper code's bare assert.
 """
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MIN_KEPT_PROMPTS = 2
 MIN_KEPT_FRACTION = 0.1
 INDUCE_NOT_SCORED = "induce not scored (a lower bypass passed first)"
+KL_NOT_SCORED = "KL and induce not scored (a lower bypass passed first)"
 WRONG_TEMPLATE_HINT = ("this usually means the chat template is wrong (check --chat-template and --system-prompt) "
                        "or the refusal openings do not match how this model refuses (measure.refusal_openings)")
 
@@ -139,6 +140,7 @@ class ValidationSet:
     # and, with a teacher-forced reply prefix, every position that predicts a prefix token. An edit that keeps the
     # scored position's distribution but stops the model from opening its reply with the prefix is not harmless.
     kl_positions: int = 1
+    harmful_batches: list[Batch] = field(default_factory=list)  # harmful rows only, for the bypass pass
 
 
 @torch.inference_mode()
@@ -158,11 +160,13 @@ def tail_log_probs(model: Any, batches: list[Batch], n_positions: int, descripti
 
 
 def build_validation_set(model: Any, batches: list[Batch], harmless_batches: list[Batch], is_harmful: torch.Tensor,
-                         refusal_ids: Sequence[int], kl_positions: int = 1) -> ValidationSet:
+                         refusal_ids: Sequence[int], kl_positions: int = 1,
+                         harmful_batches: list[Batch] | None = None) -> ValidationSet:
     """Run the base model once over the validation prompts and cache what every candidate is compared with."""
     log_probs = tail_log_probs(model, batches, kl_positions, "base validation pass")  # [n, kl_positions, vocab]
     base_scores = refusal_score(log_probs[:, -1], refusal_ids)  # [n]
-    return ValidationSet(batches, harmless_batches, is_harmful, log_probs[~is_harmful], base_scores, kl_positions)
+    return ValidationSet(batches, harmless_batches, is_harmful, log_probs[~is_harmful], base_scores, kl_positions,
+                         harmful_batches or [])
 
 
 def encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], batch_size: int,
@@ -177,10 +181,27 @@ def encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: 
         return encode(tokenizer, chosen, batch_size, prefix_ids, [tails[t] for t in chosen] if tails else None)
 
     return build_validation_set(model, batches(texts), batches(harmless), is_harmful, refusal_ids,
-                                kl_positions=len(prefix_ids) + 1)
+                                kl_positions=len(prefix_ids) + 1, harmful_batches=batches(harmful))
 
 
 # ---- scoring ----
+
+def bypass_score(model: Any, direction: torch.Tensor, val: ValidationSet, refusal_ids: Sequence[int]) -> float:
+    """Mean harmful refusal score with `direction` ablated everywhere."""
+    with ablate_direction(model, direction):
+        if val.harmful_batches:
+            log_probs = last_log_probs(model, val.harmful_batches)  # [n_harmful, vocab]
+        else:  # a set built without harmful-only batches: the harmful rows of the shared ones
+            log_probs = last_log_probs(model, val.batches)[val.is_harmful]  # [n_harmful, vocab]
+    return float(refusal_score(log_probs, refusal_ids).mean())
+
+
+def ablated_kl(model: Any, direction: torch.Tensor, val: ValidationSet) -> float:
+    """Mean harmless KL(base || ablated) over the KL positions, with `direction` ablated everywhere."""
+    with ablate_direction(model, direction):
+        log_probs = tail_log_probs(model, val.harmless_batches, val.kl_positions)  # [n_harmless, kl_positions, vocab]
+    return float(kl_divergence(val.base_log_probs, log_probs).mean())  # over rows and positions
+
 
 def bypass_and_kl(model: Any, direction: torch.Tensor, val: ValidationSet,
                   refusal_ids: Sequence[int]) -> tuple[float, float]:
@@ -202,39 +223,46 @@ def induce_score(model: Any, vector: torch.Tensor, layer: int, val: ValidationSe
 
 def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, refusal_ids: Sequence[int],
                      config: MeasureConfig) -> list[CandidateScore]:
-    """Bypass and KL for every candidate `[position, layer, d_model]`, then induce where it can matter."""
+    """Bypass for every candidate `[position, layer, d_model]`, then KL and induce in bypass order until one passes."""
     n_positions, n_layers, _ = candidates.shape
     cutoff = layer_cutoff(n_layers, config.max_layer_fraction)
     scores = [CandidateScore(position=p - n_positions, layer=layer, bypass=math.nan, kl=math.nan,
                              failed=[f"layer >= {cutoff}"])
               for p in range(n_positions) for layer in range(n_layers)]
+
+    def vector(score: CandidateScore) -> torch.Tensor:
+        return candidates[score.position + n_positions, score.layer]  # [d_model]
+
     # Candidates from discarded layers can never be chosen: they are only scored for the full figure.
     wanted = [s for s in scores if s.layer < cutoff or config.score_all]
-    for score in progress.track(wanted, "scoring candidates (bypass, KL)"):
-        vector = candidates[score.position + n_positions, score.layer]  # [d_model]
-        if not bool(vector.any()):
+    for score in progress.track(wanted, "scoring candidates (bypass)"):
+        if not bool(vector(score).any()):
             # Every prompt has the same tokens at these positions, so the embeddings (layer 0's input) agree exactly.
             score.failed = ["zero vector"]
             continue
-        score.bypass, score.kl = bypass_and_kl(model, vector, val, refusal_ids)
-        score.failed = failed_filters(score, n_layers, config, induce_known=False)
-    pending = sorted((s for s in scores if not s.failed or config.score_all),
-                     key=lambda s: (math.isnan(s.bypass), s.bypass))
+        score.bypass = bypass_score(model, vector(score), val, refusal_ids)
+        score.failed = []
+    pending = sorted((s for s in wanted if s.failed != ["zero vector"]), key=lambda s: (math.isnan(s.bypass), s.bypass))
     found = False
-    for score in progress.track(pending, "scoring candidates (induce)"):
+    for score in progress.track(pending, "scoring candidates (KL, induce)"):
         if found and not config.score_all:
             break
-        vector = candidates[score.position + n_positions, score.layer]  # [d_model]
-        score.induce = induce_score(model, vector, score.layer, val, refusal_ids)
+        score.kl = ablated_kl(model, vector(score), val)
+        score.failed = failed_filters(score, n_layers, config, induce_known=False)
+        if score.failed and not config.score_all:
+            continue
+        score.induce = induce_score(model, vector(score), score.layer, val, refusal_ids)
         score.failed = failed_filters(score, n_layers, config)
         found = found or not score.failed
     for score in scores:
-        if not score.failed and math.isnan(score.induce):
+        if math.isnan(score.kl) and not score.failed:
+            score.failed = [KL_NOT_SCORED]
+        elif not score.failed and math.isnan(score.induce):
             # Pruned: a candidate with a lower bypass already passed. An empty list would read as a pass.
             score.failed = [INDUCE_NOT_SCORED]
     n_scored = sum(not math.isnan(s.bypass) for s in scores)
-    n_induced = sum(not math.isnan(s.induce) for s in scores)
-    log.info("Scored %d of %d candidates; induce computed for %d.", n_scored, len(scores), n_induced)
+    n_kl, n_induced = (sum(not math.isnan(getattr(s, key)) for s in scores) for key in ("kl", "induce"))
+    log.info("Scored %d of %d candidates; KL computed for %d, induce for %d.", n_scored, len(scores), n_kl, n_induced)
     return scores
 
 

@@ -221,27 +221,55 @@ def test_in_text_order_undoes_length_sorting():
     assert in_text_order(batches, per_batch).tolist() == [3, 1, 2, 4, 1]
 
 
+def _split_batches(lengths: list[int], is_harmful: list[bool], seed: int) -> tuple[list[Batch], ...]:
+    """One mixed batch of random rows, and the same rows as a harmful-only and a harmless-only batch."""
+    (mixed,) = _batches(lengths, batch_size=len(lengths), seed=seed)
+
+    def side(wanted: bool) -> list[Batch]:
+        rows = [row for row, harmful in enumerate(is_harmful) if harmful == wanted]
+        keep = mixed.attention_mask[rows].sum(0) > 0  # drop the columns only the other side pads into
+        return [Batch(mixed.input_ids[rows][:, keep], mixed.attention_mask[rows][:, keep], list(range(len(rows))))]
+
+    return [mixed], side(True), side(False)
+
+
+def test_bypass_and_kl_passes_equal_the_shared_pass(tiny):
+    """The harmful-only bypass pass and the harmless-only KL pass give what one pass over both sides gives."""
+    from abliterate.selection import ablated_kl, bypass_and_kl, bypass_score
+
+    flags = [True, False, True, False, False]
+    batches, harmful, harmless = _split_batches([6, 5, 7, 6, 8], flags, seed=7)
+    val = build_validation_set(tiny, batches, harmless, torch.tensor(flags), [3, 4], harmful_batches=harmful)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    bypass, kl = bypass_and_kl(tiny, direction, val, [3, 4])
+    assert bypass_score(tiny, direction, val, [3, 4]) == pytest.approx(bypass, rel=1e-5)
+    assert ablated_kl(tiny, direction, val) == pytest.approx(kl, rel=1e-3)  # padding differs: float noise
+    assert kl > 0
+
+
 def test_pruned_search_chooses_what_the_full_search_chooses(tiny):
+    from abliterate.selection import KL_NOT_SCORED
+
     torch.manual_seed(3)
     candidates = torch.randn(2, 4, 32, dtype=torch.float64) * 3  # [position, layer, d_model]
-    batches = _batches([6, 5, 7, 6, 8, 5], batch_size=6, seed=2)
-    is_harmful = torch.tensor([True, True, True, False, False, False])
-    harmless = _batches([8, 5, 6], batch_size=6, seed=2)
+    flags = [True, True, True, False, False, False]
+    batches, harmful, harmless = _split_batches([6, 5, 7, 6, 8, 5], flags, seed=2)
     refusal_ids = [3, 4, 5]
-    val = build_validation_set(tiny, batches, harmless, is_harmful, refusal_ids)
+    val = build_validation_set(tiny, batches, harmless, torch.tensor(flags), refusal_ids, harmful_batches=harmful)
     for kl_max, require_induce in ((float("inf"), False), (0.02, False), (float("inf"), True), (0.05, True)):
         config = MeasureConfig(kl_max=kl_max, require_induce=require_induce)
         full = score_candidates(tiny, candidates, val, refusal_ids, MeasureConfig(**{**vars(config), "score_all": True}))
         pruned = score_candidates(tiny, candidates, val, refusal_ids, config)
-        kept = [(s.bypass, s.kl) for s in full if s.layer < 3]  # int(0.8 * 4) = 3: layer 3 is never chosen
-        assert kept == [(s.bypass, s.kl) for s in pruned if s.layer < 3]
+        kept = [s for s in pruned if s.layer < 3]  # int(0.8 * 4) = 3: layer 3 is never chosen
+        assert [s.bypass for s in full if s.layer < 3] == [s.bypass for s in kept]
+        assert all(math.isnan(b.kl) or a.kl == b.kl for a, b in zip([s for s in full if s.layer < 3], kept))
         assert all(math.isnan(s.bypass) and s.failed == ["layer >= 3"] for s in pruned if s.layer == 3)
         assert all(not math.isnan(s.induce) for s in full)
         assert sum(not math.isnan(s.induce) for s in pruned) < len(pruned)
-        # A candidate whose induce pass was pruned never reads as a pass (an empty list of failed filters).
-        assert all(s.failed for s in pruned if math.isnan(s.induce))
-        assert {s.failed[0] for s in pruned if math.isnan(s.induce)} <= {INDUCE_NOT_SCORED, "layer >= 3",
-                                                                        f"kl > {kl_max:g}"}
+        # A candidate whose KL or induce pass was pruned never reads as a pass (an empty list of failed filters).
+        assert all(s.failed for s in pruned if math.isnan(s.induce) or math.isnan(s.kl))
+        assert {s.failed[0] for s in pruned if math.isnan(s.induce)} <= {INDUCE_NOT_SCORED, KL_NOT_SCORED,
+                                                                        "layer >= 3", f"kl > {kl_max:g}"}
         try:
             best_full = choose(full)
         except NoDirectionError:
