@@ -148,10 +148,13 @@ def optimize_command(
         table.add_column(header)
     for row in result.confirmation:
         name = f"{row['trial']}" + (" (paper)" if row["trial"] == result.paper_trial else "")
-        table.add_row(name, f"{row['harmful_refusal']:.2f}", f"{row['identical_share']:.0%}", f"{row['reply_kl']:.5f}",
+        refusal = "-" if row["harmful_refusal"] is None else f"{row['harmful_refusal']:.2f}"  # not generated
+        table.add_row(name, refusal, f"{row['identical_share']:.0%}", f"{row['reply_kl']:.5f}",
                       "yes" if row["trial"] == result.chosen_trial else "")
     console = _console()
     console.print(table)
+    if any(row["harmful_refusal"] is None for row in result.confirmation):
+        console.print("-: not generated (an edit with less reply KL met the target first).")
     speed = f" ({result.trials_per_s:.1f} trials/s)" if result.trials_per_s else ""
     console.print(f"Search: {result.timings_s.get('search_s', 0.0):.1f} s{speed}")
     console.print(f"Edit: {result.edit_path} (write it with: abliterate apply MODEL --direction {result.edit_path} "

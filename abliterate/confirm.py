@@ -102,9 +102,10 @@ def teacher_forced(model: Any, edit: Callable[[], AbstractContextManager], held:
     return (total / count if count else 0.0), identical
 
 
-def confirm(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut) -> dict[str, Any]:
-    """Refusal, identical share and reply KL of one edit on the held-out prompts."""
-    kl, identical = teacher_forced(model, edit, held)
+def generated(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut,
+              identical: list[bool]) -> dict[str, float]:
+    """Harmful and harmless refusal of one edit by generation; only the harmless replies that changed (`identical`
+    from `teacher_forced`) are generated, the others are the base model's own."""
     changed = [text for text, same in zip(held.harmless, identical) if not same]
     with edit():
         harmful = generate_transformers(model, tokenizer, held.harmful, held.stop_ids, held.max_new_tokens,
@@ -115,6 +116,37 @@ def confirm(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManage
     refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmful)
     harmless_refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmless)
     return {"harmful_refusal": refusals / max(1, len(harmful)),
-            "harmless_refusal": harmless_refusals / max(1, len(harmless)),
-            "identical_share": sum(identical) / max(1, len(harmless)), "reply_kl": kl,
-            "n_harmful": len(harmful), "n_harmless": len(harmless), "max_new_tokens": held.max_new_tokens}
+            "harmless_refusal": harmless_refusals / max(1, len(harmless))}
+
+
+def _forced_figures(kl: float, identical: list[bool], held: HeldOut) -> dict[str, Any]:
+    return {"identical_share": sum(identical) / max(1, len(identical)), "reply_kl": kl, "n_harmful": len(held.harmful),
+            "n_harmless": len(held.harmless), "max_new_tokens": held.max_new_tokens}
+
+
+def confirm(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut) -> dict[str, Any]:
+    """Refusal, identical share and reply KL of one edit on the held-out prompts."""
+    kl, identical = teacher_forced(model, edit, held)
+    return {**generated(model, tokenizer, edit, held, identical), **_forced_figures(kl, identical, held)}
+
+
+def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], AbstractContextManager]],
+                     held: HeldOut, target: float, only: int | None = None) -> list[dict[str, Any]]:
+    """Confirm several edits (keyed by trial) for a choice of the least reply KL meeting the refusal `target`.
+
+    Every edit's reply KL and identical share come from its teacher-forced pass (cheap); the refusals need
+    generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target:
+    no later edit can be chosen over it, so theirs stay None ("not generated"). With `only`, that edit alone is
+    generated (the user's pick).
+    """
+    rows, forced = [], {}
+    for trial, edit in edits.items():
+        kl, forced[trial] = teacher_forced(model, edit, held)
+        rows.append({"trial": trial, "harmful_refusal": None, "harmless_refusal": None,
+                     **_forced_figures(kl, forced[trial], held)})
+    ranked = sorted(rows, key=lambda row: (row["reply_kl"], -row["identical_share"]))
+    for row in ranked if only is None else [row for row in rows if row["trial"] == only]:
+        row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]]))
+        if only is None and row["harmful_refusal"] <= target:
+            break
+    return rows

@@ -8,8 +8,10 @@ The stages, in order:
    the edit as hooks (exactly the checkpoint that would be written); the paper's edit and two variants of it are
    the first trials, so the front is never worse than the paper's point. Finished trials are logged in the output
    folder, so a stopped search resumes;
-3. confirmation by generation on the held-out prompts (`abliterate.confirm`) of the Pareto points with the lowest
-   KL among those whose validation refusal is at most the target, and of the paper's edit;
+3. confirmation on the held-out prompts (`abliterate.confirm`) of the lowest-KL points of the feasible front (the
+   trials whose validation refusing share is at most the target) and of the paper's edit: each edit's reply KL
+   and identical share from one teacher-forced pass, its refusal by generation, in order of KL until one meets
+   the target;
 4. the choice: the confirmed point with the least reply KL whose held-out refusal is at most the target (else the
    lowest refusal), or `optimize.trial`; it is written as edit.json, which `apply --direction edit.json` writes.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,6 @@ from typing import Any
 
 import torch
 
-from abliterate import progress
 from abliterate.activations import encode, refusal_score
 from abliterate.config import Config, OptimizeConfig
 from abliterate.decision import decision_tails, scored_with
@@ -78,14 +80,15 @@ class OptimizeResult:
 
 # ---- choosing ----
 
-def confirm_order(trials: list[Any], pareto: list[int], paper: int, config: OptimizeConfig) -> list[int]:
-    """The trials to confirm: the lowest-KL Pareto points meeting the target on validation, then the paper's."""
+def confirm_order(trials: list[Any], feasible: list[int], paper: int, config: OptimizeConfig) -> list[int]:
+    """The trials to confirm: the lowest-KL points of the feasible front (refusing share at most the target on
+    validation), else the least refusing trials; then `optimize.trial` and the paper's edit."""
     by_number = {t.number: t for t in trials}
-    front = sorted((by_number[n] for n in pareto), key=lambda t: t.values[1])
-    meeting = [t.number for t in front if t.user_attrs.get("refusing_share", 1.0) <= config.target_refusal]
-    if not meeting:  # none meets the target on validation: confirm the least refusing points instead
-        meeting = [t.number for t in sorted(front, key=lambda t: t.values[0])]
-    chosen = meeting[: config.n_confirm]
+    if feasible:
+        ranked = sorted((by_number[n] for n in feasible), key=lambda t: t.values[1])
+    else:  # none meets the target on validation: confirm the least refusing edits instead
+        ranked = sorted(trials, key=lambda t: (t.values[0], t.values[1]))
+    chosen = [t.number for t in ranked][: config.n_confirm]
     if config.trial >= 0 and config.trial not in chosen:
         if config.trial not in by_number:
             raise UserError(f"optimize.trial {config.trial} is not a finished trial (0..{len(trials) - 1}); see "
@@ -96,15 +99,16 @@ def confirm_order(trials: list[Any], pareto: list[int], paper: int, config: Opti
 
 def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str, Any]:
     """`optimize.trial` if set, else the least reply KL among those at or under the target refusal, else the least
-    refusing (ties broken by KL)."""
+    refusing (ties broken by KL); edits whose refusal was not generated (`confirm_in_order`) are not candidates."""
     if config.trial >= 0:
         return next(c for c in confirmed if c["trial"] == config.trial)
-    meeting = [c for c in confirmed if c["harmful_refusal"] <= config.target_refusal]
+    generated = [c for c in confirmed if c["harmful_refusal"] is not None]
+    meeting = [c for c in generated if c["harmful_refusal"] <= config.target_refusal]
     if meeting:
         return min(meeting, key=lambda c: (c["reply_kl"], -c["identical_share"]))
     log.warning("No confirmed edit reaches harmful refusal <= %.2f held out; shipping the least refusing one.",
                 config.target_refusal)
-    return min(confirmed, key=lambda c: (c["harmful_refusal"], c["reply_kl"]))
+    return min(generated, key=lambda c: (c["harmful_refusal"], c["reply_kl"]))
 
 
 def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, directions: torch.Tensor) -> Path:
@@ -165,10 +169,8 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     feasible = sorted(t.number for t in study.best_trials)  # the front of the trials meeting the target
     paper_trial = _paper_trial(trials, seeds[0])
     start = time.perf_counter()
-    confirmed = []
-    order = confirm_order(trials, feasible or pareto, paper_trial, config.optimize)
-    for number in progress.track(order, "confirming edits"):
-        confirmed.append({"trial": number, **_confirm_trial(state, tokenizer, held, study.trials[number])})
+    order = confirm_order(trials, feasible, paper_trial, config.optimize)
+    confirmed = _confirm_trials(state, tokenizer, held, [study.trials[number] for number in order])
     chosen = choose(confirmed, config.optimize)
     timings["confirm_s"] = time.perf_counter() - start
     params = params_of(study.trials[chosen["trial"]], n_layers, n_positions, config.optimize)
@@ -225,15 +227,25 @@ def _paper_trial(trials: list[Any], values: dict[str, Any]) -> int:
     return trials[0].number
 
 
-def _confirm_trial(state: SearchState, tokenizer: Any, held: Any, trial: Any) -> dict[str, Any]:
-    from abliterate.confirm import confirm
+def _confirm_trials(state: SearchState, tokenizer: Any, held: Any, trials: list[Any]) -> list[dict[str, Any]]:
+    """The held-out figures of each trial's edit (`abliterate.confirm.confirm_in_order`), beside its validation ones."""
+    from abliterate.confirm import confirm_in_order
 
     n_positions, n_layers, _ = state.candidates.shape
-    params = params_of(trial, n_layers, n_positions, state.config)
-    directions = layer_directions(params, state.candidates, state.harmless_mean)
-    figures = confirm(state.model, tokenizer, lambda: hooked_edit(state.model, params, directions), held)
-    return {**figures, "validation_refusal": trial.values[0], "validation_kl": trial.values[1],
-            "validation_refusing_share": trial.user_attrs.get("refusing_share")}
+
+    def edit_of(trial: Any) -> Any:
+        params = params_of(trial, n_layers, n_positions, state.config)
+        directions = layer_directions(params, state.candidates, state.harmless_mean)
+        return lambda: hooked_edit(state.model, params, directions)
+
+    only = state.config.trial if state.config.trial >= 0 else None
+    rows = confirm_in_order(state.model, tokenizer, {t.number: edit_of(t) for t in trials}, held,
+                            state.config.target_refusal, only)
+    for row, trial in zip(rows, trials):
+        refusal, kl = (value if math.isfinite(value) else None for value in trial.values)  # None: not computed
+        row.update({"validation_refusal": refusal, "validation_kl": kl,
+                    "validation_refusing_share": trial.user_attrs.get("refusing_share")})
+    return rows
 
 
 def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tensor, harmless_mean: torch.Tensor,

@@ -116,8 +116,10 @@ def plot_pareto(trials: Sequence[dict], chosen: int, paper: int, path: Path, tit
     """Every trial's validation refusal against KL, the Pareto front joined, the chosen and the paper's edit marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    finite = [t for t in trials if all(map(math.isfinite, (t["refusal"], t["kl"])))]
-    ax.scatter([t["kl"] for t in finite], [t["refusal"] for t in finite], s=12, color="0.6", label="trial")
+    finite = [t for t in trials if all(v is not None and math.isfinite(v) for v in (t["refusal"], t["kl"]))]
+    unscored = sum(t["kl"] is None for t in trials)  # edits that kept refusing on validation: no KL computed
+    ax.scatter([t["kl"] for t in finite], [t["refusal"] for t in finite], s=12, color="0.6",
+               label="trial" + (f" ({unscored} more kept refusing: no KL computed)" if unscored else ""))
     front = sorted((t for t in finite if t["pareto"]), key=lambda t: t["kl"])
     ax.plot([t["kl"] for t in front], [t["refusal"] for t in front], "o-", color="tab:blue", ms=4, label="Pareto front")
     for number, marker, colour, label in ((paper, "s", "tab:orange", "paper's edit"), (chosen, "*", "tab:red", "chosen")):

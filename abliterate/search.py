@@ -130,24 +130,28 @@ def seeded_trials(layer: int, position: int, n_layers: int, config: OptimizeConf
 # ---- objectives ----
 
 @torch.inference_mode()
-def objectives(search: SearchState, params: EditParams) -> tuple[float, float, float]:
+def objectives(search: SearchState, params: EditParams, always_kl: bool = False) -> tuple[float, float, float]:
     """(mean harmful refusal probability, mean per-token harmless reply KL, share of harmful prompts refusing).
 
     The refusal probability is sigmoid(refusal score) at the last prompt position of the harmful validation prompts;
     the KL is KL(base || edited) at every position of the base model's own greedy replies to the harmless validation
     prompts (teacher-forced, so still forward passes only): the first reply token's distribution, which is the
-    paper's KL, and every later one, which is what decides whether harmless replies stay the same.
+    paper's KL, and every later one, which is what decides whether harmless replies stay the same. An infeasible
+    edit (its refusing share above the target) gets no KL pass unless `always_kl`: the sampler orders infeasible
+    trials by their violation alone, so the KL would be computed for nothing; it is recorded as infinite.
     """
     directions = layer_directions(params, search.candidates, search.harmless_mean)
     with hooked_edit(search.model, params, directions):
-        log_probs = last_log_probs(search.model, search.val.batches)  # [n_harmful, vocab]
+        scores = refusal_score(last_log_probs(search.model, search.val.batches), search.refusal_ids)  # [n_harmful]
+        if not bool(torch.isfinite(scores).all()):
+            return math.inf, math.inf, 1.0
+        refusing = float((scores > 0).double().mean())
+        if refusing > search.config.target_refusal and not always_kl:
+            return float(torch.sigmoid(scores).mean()), math.inf, refusing
         edited = [replies.log_probs(search.model) for replies in search.replies]  # each [tokens, vocab]
-    scores = refusal_score(log_probs, search.refusal_ids)  # [n_harmful]
     per_token = torch.cat([kl_divergence(r.base, new) for r, new in zip(search.replies, edited)])  # [tokens]
     kl = float(per_token.mean())
-    if not bool(torch.isfinite(scores).all()) or not math.isfinite(kl):
-        return math.inf, math.inf, 1.0
-    return float(torch.sigmoid(scores).mean()), kl, float((scores > 0).double().mean())
+    return float(torch.sigmoid(scores).mean()), (kl if math.isfinite(kl) else math.inf), refusing
 
 
 def violation(refusing_share: float, refusal: float, target: float) -> float:
@@ -158,11 +162,13 @@ def violation(refusing_share: float, refusal: float, target: float) -> float:
 
 
 def pareto_front(trials: list[Any]) -> list[int]:
-    """The numbers of the trials no other trial dominates on both objectives, feasible or not."""
+    """The numbers of the trials no other trial dominates on both objectives, feasible or not (trials without a KL,
+    see `objectives`, are left out)."""
     def dominates(a: Any, b: Any) -> bool:
         return all(x <= y for x, y in zip(a.values, b.values)) and a.values != b.values
 
-    return sorted(t.number for t in trials if not any(dominates(other, t) for other in trials))
+    scored = [t for t in trials if all(map(math.isfinite, t.values))]
+    return sorted(t.number for t in scored if not any(dominates(other, t) for other in scored))
 
 
 def load_study(out_dir: Path, config: OptimizeConfig) -> Any:
@@ -221,7 +227,8 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
     for _ in progress.track(range(remaining), "optimizing the edit (trials)"):
         trial = study.ask()
         params = suggest(trial, n_layers, n_positions, config)
-        refusal, kl, refusing = objectives(state, params)
+        # The seeded edits (the paper's and its variants) always get their KL: the plot and the record show them.
+        refusal, kl, refusing = objectives(state, params, always_kl=trial.number < len(seeds))
         trial.set_user_attr("refusing_share", refusing)
         trial.set_constraint("refusal", violation(refusing, refusal, config.target_refusal))
         log_trial(out_dir, study.tell(trial, [refusal, kl]))
@@ -239,9 +246,14 @@ def params_of(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfi
     return suggest(fixed, n_layers, n_positions, config)
 
 
+def _finite(value: float) -> float | None:
+    """A JSON-safe objective value: None where it was not computed (or not finite)."""
+    return value if math.isfinite(value) else None
+
+
 def trial_rows(trials: list[Any], pareto: list[int]) -> list[dict[str, Any]]:
     """Every finished trial as JSON rows: its values, whether it is on the front, its raw parameters."""
     front = set(pareto)
-    return [{"trial": t.number, "refusal": t.values[0], "kl": t.values[1],
+    return [{"trial": t.number, "refusal": _finite(t.values[0]), "kl": _finite(t.values[1]),
              "refusing_share": t.user_attrs.get("refusing_share"), "pareto": t.number in front, "params": t.params}
             for t in trials if t.values is not None]

@@ -85,3 +85,21 @@ def test_identical_share_and_harmless_refusal_equal_generation(toy, weight: floa
         assert 0 < sum(identical) < len(identical) / 2  # both kinds of reply are compared
     if weight < 0:
         assert 0 < sum(refusing) < len(refusing)
+
+
+def test_refusal_is_generated_in_order_of_kl_until_an_edit_meets_the_target(toy) -> None:
+    """No edit (least KL, still refusing) is generated, then the refusal direction removed (meets the target); the
+    overshooting edit has more KL and is never generated. With `only`, that edit alone is."""
+    from abliterate.confirm import confirm_in_order
+
+    model, tokenizer, held = toy
+    direction = _refusal_direction(model, tokenizer, held)
+    direction = direction / direction.norm()
+    edits = {7: _edit(model, 1.6, direction), 3: _edit(model, 0.0, direction), 5: _edit(model, 1.0, direction)}
+    rows = {row["trial"]: row for row in confirm_in_order(model, tokenizer, edits, held, target=0.05)}
+    assert rows[3]["reply_kl"] < rows[5]["reply_kl"] < rows[7]["reply_kl"]
+    assert rows[3]["harmful_refusal"] == 1.0 and rows[5]["harmful_refusal"] <= 0.05
+    assert rows[7]["harmful_refusal"] is None and rows[7]["harmless_refusal"] is None
+    only = {row["trial"]: row for row in confirm_in_order(model, tokenizer, edits, held, target=0.05, only=7)}
+    assert only[7]["harmful_refusal"] is not None
+    assert only[3]["harmful_refusal"] is None and only[5]["harmful_refusal"] is None

@@ -66,7 +66,12 @@ def test_the_papers_edit_is_a_confirmed_trial_and_the_shipped_edit_meets_the_tar
     assert 0 in confirmed and result.chosen_trial in confirmed
     chosen = confirmed[result.chosen_trial]
     assert chosen["harmful_refusal"] <= 0.05
-    assert chosen["reply_kl"] <= confirmed[0]["reply_kl"] or confirmed[0]["harmful_refusal"] > 0.05
+    paper = confirmed[0]
+    assert chosen["reply_kl"] <= paper["reply_kl"] or paper["harmful_refusal"] > 0.05
+    # Refusal is generated in order of reply KL until an edit meets the target: those left are the gentler-first
+    # ones' followers, never an edit with less KL than the one shipped.
+    for row in record["confirmation"]:
+        assert row["harmful_refusal"] is not None or row["reply_kl"] >= chosen["reply_kl"]
     assert (out / "pareto.png").stat().st_size > 0 and (out / "edit.json").is_file()
 
 

@@ -78,16 +78,18 @@ def test_pareto_figure_marks_the_front_the_chosen_and_the_papers_edit(tmp_path: 
               {"trial": 1, "refusal": 0.03, "kl": 0.0005, "pareto": True},
               {"trial": 2, "refusal": 0.60, "kl": 0.0001, "pareto": True},
               {"trial": 3, "refusal": 0.50, "kl": 0.01, "pareto": False},
-              {"trial": 4, "refusal": float("nan"), "kl": 0.01, "pareto": False}]
+              {"trial": 4, "refusal": float("nan"), "kl": 0.01, "pareto": False},
+              {"trial": 5, "refusal": 0.9, "kl": None, "pareto": False}]  # kept refusing: KL not computed
     path = plots.plot_pareto(trials, chosen=1, paper=0, path=tmp_path / "pareto.png", title="toy-model: refusal vs KL")
     assert path.stat().st_size > 0
     (figure,) = drawn
     (axis,) = figure.axes
     assert axis.get_xlabel().startswith("per-token KL") and axis.get_ylabel().startswith("refusal probability")
     labels = [text.get_text() for text in axis.get_legend().get_texts()]
-    assert labels == ["trial", "Pareto front", "paper's edit (trial 0)", "chosen (trial 1)"]
+    assert labels == ["trial (1 more kept refusing: no KL computed)", "Pareto front", "paper's edit (trial 0)",
+                      "chosen (trial 1)"]
     (front,) = [line for line in axis.get_lines() if line.get_label() == "Pareto front"]
     assert list(front.get_xdata()) == [0.0001, 0.0005, 0.004]  # joined in order of KL, trial 3 is not on it
     marked = {c.get_label(): c.get_offsets().tolist() for c in axis.collections}
     assert marked["paper's edit (trial 0)"] == [[0.004, 0.02]] and marked["chosen (trial 1)"] == [[0.0005, 0.03]]
-    assert len(marked["trial"]) == 4  # the trial without a finite refusal is left out
+    assert len(marked[labels[0]]) == 4  # the trials without a finite refusal or a KL are left out
