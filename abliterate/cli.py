@@ -149,6 +149,8 @@ def optimize_command(
     for row in result.confirmation:
         name = f"{row['trial']}" + (" (paper)" if row["trial"] == result.paper_trial else "")
         refusal = "-" if row["harmful_refusal"] is None else f"{row['harmful_refusal']:.2f}"  # not generated
+        if row.get("harmful_refusal_thinking_on") is not None:
+            refusal += f" (thinking on {row['harmful_refusal_thinking_on']:.2f})"
         table.add_row(name, refusal, f"{row['identical_share']:.0%}", f"{row['reply_kl']:.5f}",
                       "yes" if row["trial"] == result.chosen_trial else "")
     console = _console()

@@ -45,10 +45,13 @@ class HeldOut:
     max_new_tokens: int
     batch_size: int
     base_log_probs: list[list[torch.Tensor]] | None = field(default=None, repr=False)  # per batch, when cached
+    # The harmful prompts again with thinking on, when measuring switched it off (users run it on).
+    harmful_thinking_on: list[str] = field(default_factory=list)
 
 
 def held_out(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str], stop_ids: list[int],
-             pad_id: int, matcher: RefusalMatcher, max_new_tokens: int, batch_size: int) -> HeldOut:
+             pad_id: int, matcher: RefusalMatcher, max_new_tokens: int, batch_size: int,
+             harmful_thinking_on: list[str] | None = None) -> HeldOut:
     """Generate the base model's harmless replies once and build the teacher-forced sequences from them."""
     base = generate_transformers(model, tokenizer, harmless, stop_ids, max_new_tokens, batch_size)
     scored = []
@@ -56,7 +59,8 @@ def held_out(model: Any, tokenizer: Any, harmful: list[str], harmless: list[str]
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = [*prompt_ids, *reply.token_ids] + ([stop_ids[0]] if reply.stopped and stop_ids else [])
         scored.append(Scored(ids=ids, first_target=len(prompt_ids)))
-    return HeldOut(harmful, harmless, base, scored, stop_ids, pad_id, matcher, max_new_tokens, batch_size)
+    return HeldOut(harmful, harmless, base, scored, stop_ids, pad_id, matcher, max_new_tokens, batch_size,
+                   harmful_thinking_on=harmful_thinking_on or [])
 
 
 def _cached_base(model: Any, held: HeldOut) -> list[list[torch.Tensor]] | None:
@@ -103,20 +107,31 @@ def teacher_forced(model: Any, edit: Callable[[], AbstractContextManager], held:
 
 
 def generated(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut,
-              identical: list[bool]) -> dict[str, float]:
-    """Harmful and harmless refusal of one edit by generation; only the harmless replies that changed (`identical`
-    from `teacher_forced`) are generated, the others are the base model's own."""
+              identical: list[bool]) -> dict[str, float | None]:
+    """Harmful and harmless refusal of one edit by generation (and harmful refusal with thinking on, when measuring
+    switched it off); only the harmless replies that changed (`identical` from `teacher_forced`) are generated, the
+    others are the base model's own."""
     changed = [text for text, same in zip(held.harmless, identical) if not same]
+
+    def replies(texts: list[str]) -> list[Reply]:
+        return generate_transformers(model, tokenizer, texts, held.stop_ids, held.max_new_tokens,
+                                     held.batch_size) if texts else []
+
+    def refusing(found: list[Reply]) -> float | None:
+        return sum(held.matcher.is_refusal(reply.text) for reply in found) / len(found) if found else None
+
     with edit():
-        harmful = generate_transformers(model, tokenizer, held.harmful, held.stop_ids, held.max_new_tokens,
-                                        held.batch_size)
-        new = iter(generate_transformers(model, tokenizer, changed, held.stop_ids, held.max_new_tokens,
-                                         held.batch_size) if changed else [])
+        harmful, thinking_on, new = replies(held.harmful), replies(held.harmful_thinking_on), iter(replies(changed))
     harmless = [base if same else next(new) for base, same in zip(held.base_harmless, identical)]
-    refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmful)
-    harmless_refusals = sum(held.matcher.is_refusal(reply.text) for reply in harmless)
-    return {"harmful_refusal": refusals / max(1, len(harmful)),
-            "harmless_refusal": harmless_refusals / max(1, len(harmless))}
+    return {"harmful_refusal": refusing(harmful) or 0.0, "harmful_refusal_thinking_on": refusing(thinking_on),
+            "harmless_refusal": refusing(harmless) or 0.0}
+
+
+def worst_refusal(row: dict[str, Any]) -> float | None:
+    """A confirmed edit's harmful refusal in the worse of the two thinking modes (None when not generated)."""
+    found = [row.get(key) for key in ("harmful_refusal", "harmful_refusal_thinking_on")]
+    found = [value for value in found if value is not None]
+    return max(found) if found else None
 
 
 def _forced_figures(kl: float, identical: list[bool], held: HeldOut) -> dict[str, Any]:
@@ -135,18 +150,20 @@ def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], A
     """Confirm several edits (keyed by trial) for a choice of the least reply KL meeting the refusal `target`.
 
     Every edit's reply KL and identical share come from its teacher-forced pass (cheap); the refusals need
-    generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target:
+    generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target
+    (in both thinking modes, where the template has a switch):
     no later edit can be chosen over it, so theirs stay None ("not generated"). With `only`, that edit alone is
     generated (the user's pick).
     """
     rows, forced = [], {}
     for trial, edit in edits.items():
         kl, forced[trial] = teacher_forced(model, edit, held)
-        rows.append({"trial": trial, "harmful_refusal": None, "harmless_refusal": None,
+        rows.append({"trial": trial, "harmful_refusal": None, "harmful_refusal_thinking_on": None,
+                     "harmless_refusal": None,
                      **_forced_figures(kl, forced[trial], held)})
     ranked = sorted(rows, key=lambda row: (row["reply_kl"], -row["identical_share"]))
     for row in ranked if only is None else [row for row in rows if row["trial"] == only]:
         row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]]))
-        if only is None and row["harmful_refusal"] <= target:
+        if only is None and worst_refusal(row) <= target:
             break
     return rows

@@ -98,17 +98,20 @@ def confirm_order(trials: list[Any], feasible: list[int], paper: int, config: Op
 
 
 def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str, Any]:
-    """`optimize.trial` if set, else the least reply KL among those at or under the target refusal, else the least
-    refusing (ties broken by KL); edits whose refusal was not generated (`confirm_in_order`) are not candidates."""
+    """`optimize.trial` if set, else the least reply KL among those at or under the target refusal (in both thinking
+    modes, `worst_refusal`), else the least refusing (ties broken by KL); edits whose refusal was not generated
+    (`confirm_in_order`) are not candidates."""
+    from abliterate.confirm import worst_refusal
+
     if config.trial >= 0:
         return next(c for c in confirmed if c["trial"] == config.trial)
-    generated = [c for c in confirmed if c["harmful_refusal"] is not None]
-    meeting = [c for c in generated if c["harmful_refusal"] <= config.target_refusal]
+    generated = [c for c in confirmed if worst_refusal(c) is not None]
+    meeting = [c for c in generated if worst_refusal(c) <= config.target_refusal]
     if meeting:
         return min(meeting, key=lambda c: (c["reply_kl"], -c["identical_share"]))
     log.warning("No confirmed edit reaches harmful refusal <= %.2f held out; shipping the least refusing one.",
                 config.target_refusal)
-    return min(generated, key=lambda c: (c["harmful_refusal"], c["reply_kl"]))
+    return min(generated, key=lambda c: (worst_refusal(c), c["reply_kl"]))
 
 
 def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, directions: torch.Tensor) -> Path:
@@ -253,6 +256,7 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     """The validation set (filtered like measure's) with the base replies, and the held-out prompts."""
     from abliterate.chat import format_instructions, stop_token_ids
     from abliterate.confirm import held_out
+    from abliterate.evaluation import thinking_switched_on
     from abliterate.generation import pad_token_id
     from abliterate.metrics import batches, matcher_for
     from abliterate.prompts import prompt_sets
@@ -291,9 +295,12 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     reply_batches = [ReplySet.build(model, list(batch), pad_id) for batch in batches(replies.scored, size)]
     state = SearchState(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
                     config.optimize, reply_batches)
-    held = held_out(model, tokenizer, format_instructions(tokenizer, [p.text for p in sets.harmful_eval], config.model),
+    harmful_eval = [p.text for p in sets.harmful_eval]
+    thinking = thinking_switched_on(config.model.template_kwargs)  # users run a switchable model with thinking on
+    held = held_out(model, tokenizer, format_instructions(tokenizer, harmful_eval, config.model),
                     format_instructions(tokenizer, [p.text for p in sets.harmless_eval], config.model), stop_ids,
-                    pad_id, matcher, tokens, gen_size)
+                    pad_id, matcher, tokens, gen_size, thinking and format_instructions(
+                        tokenizer, harmful_eval, dataclasses.replace(config.model, template_kwargs=thinking)))
     return state, held
 
 
@@ -307,6 +314,8 @@ def describe_edit(params: dict[str, Any], chosen: dict[str, Any], paper_trial: i
     kernels = "; ".join(f"{name}: weight {k.peak_weight:.3f} at layer {k.peak_layer:.2f}, falling to {k.min_weight:.3f} "
                         f"at distance {k.width:.2f}" for name, k in (("attention/mixer", p.mixer), ("MLP", p.mlp)))
     shipped = "the paper's single-direction edit" if chosen["trial"] == paper_trial else f"trial {chosen['trial']}"
+    on = chosen.get("harmful_refusal_thinking_on")
+    thinking_on = "" if on is None else f" ({on:.2f} with thinking on)"
     return (f"Shipped: an optimized edit ({shipped} of a {n_trials}-trial multi-objective search, `abliterate "
             f"optimize`), not the paper's full-strength edit everywhere. Direction: {direction}, position "
             f"{p.position}{', harmless-mean component removed (projected)' if p.projected else ''}. Ablation weights "
@@ -314,7 +323,7 @@ def describe_edit(params: dict[str, Any], chosen: dict[str, Any], paper_trial: i
             f"T <- T - w (T.u) u with u = r (normalize(g * r) behind a post-norm), a rank-one change per matrix"
             f"{'; then every d_model write vector was rescaled to its original length (norm-preserving)' if p.preserve_norm else ''}. "
             f"Held out, by generation ({chosen['max_new_tokens']} new tokens, greedy): harmful refusal "
-            f"{chosen['harmful_refusal']:.2f}, harmless replies identical to the base model's "
+            f"{chosen['harmful_refusal']:.2f}{thinking_on}, harmless replies identical to the base model's "
             f"{chosen['identical_share']:.0%}, per-token KL over the base model's replies {chosen['reply_kl']:.4f}. "
             "The parameters are in abliterate/measure/edit.json.")
 

@@ -214,3 +214,21 @@ def test_an_interrupted_run_optimize_resumes_its_search(toy_refuser_dir: Path, t
     final = (out / "abliterate" / "measure" / "trials.jsonl").read_text().splitlines()
     assert len(final) == N_TRIALS and final[:5] == logged
     assert not list((out / "abliterate").glob(".optimize-*"))
+
+
+def test_an_edit_that_still_refuses_with_thinking_on_is_not_shipped() -> None:
+    """Measuring with thinking switched off, the confirmation also generates with it on (as users run the model):
+    an edit that meets the target only with thinking off loses to one that meets it in both modes."""
+    from abliterate.config import OptimizeConfig
+    from abliterate.optimize import choose
+
+    rows = [{"trial": 1, "harmful_refusal": 0.0, "harmful_refusal_thinking_on": 0.07, "reply_kl": 0.0004,
+             "identical_share": 1.0},
+            {"trial": 2, "harmful_refusal": None, "harmful_refusal_thinking_on": None, "reply_kl": 0.0004,
+             "identical_share": 1.0},  # not generated
+            {"trial": 3, "harmful_refusal": 0.01, "harmful_refusal_thinking_on": 0.0, "reply_kl": 0.0005,
+             "identical_share": 1.0},
+            {"trial": 4, "harmful_refusal": 0.0, "harmful_refusal_thinking_on": None, "reply_kl": 0.0009,
+             "identical_share": 1.0}]
+    assert choose(rows, OptimizeConfig())["trial"] == 3
+    assert choose([rows[0], rows[1]], OptimizeConfig())["trial"] == 1  # none meets it: the least refusing
