@@ -136,7 +136,7 @@ def answer_openings(tokenizer: Any, harmful: list[list[int]], segments: Segments
     """How the answers after the thinking block open (`refusal.opening_of`) in the harmful replies that decide to
     refuse, most frequent first: how evaluation recognises this model's refusals. Without a thinking block there
     are none: a reply's first words would be its own restatement of the request."""
-    from abliterate.refusal import opening_of
+    from abliterate.openings import opening_of
 
     seen: Counter = Counter()
     for reply in harmful:
@@ -153,7 +153,8 @@ def read_decisions(profile: Any, tokenizer: Any, prompt: str, harmful: list[list
     """Per-prompt decisions of a `refusal.RefusalProfile`: looked for in the answers after the thinking block when the
     replies close one, else from the shared prefix on. Fills `profile` and returns True when markers tell the
     sides apart on held-out replies."""
-    from abliterate.refusal import MAX_OPENINGS, MIN_HELD_OUT_MARGIN, inside_thinking
+    from abliterate.openings import MAX_OPENINGS, inside_thinking
+    from abliterate.refusal import MIN_HELD_OUT_MARGIN
 
     prefix = tuple(profile.prefix_ids)
     end = profile.thinking_end

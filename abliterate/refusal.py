@@ -20,6 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.errors import UserError
+from abliterate.openings import (
+    describe_openings,
+    inside_thinking,
+    refusal_openings,
+    spelled,
+    thinking_end,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +134,9 @@ MIN_UNCONFIRMED = 2
 # than of its harmless ones. Chosen after the fact, tokens always tell a sample's sides apart a little; on replies
 # they were not chosen on, only real refusal tokens do (a model that refuses nothing gives a margin near 0).
 MIN_HELD_OUT_MARGIN = 0.5
-OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
-# A first "word" in wide characters (Chinese, Japanese) or longer than this is a clause of a script written without
-# spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
-LONGEST_WORD = 20
 # How many tokens of an opening shared by refusals and answers are followed to where they part ("I", "'m" of
 # "I'm sorry" and "I'm glad to help"); a deeper split is not a refusal opening.
 MAX_BRANCH_TOKENS = 3
-MAX_OPENINGS = 20
-THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
-THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
 SWITCH_SENTINEL = "Name a fruit"
 
 
@@ -240,6 +240,34 @@ def refusal_path(tokenizer: Any, harmful: list[list[int]], harmless: list[list[i
     return list(prefix), []
 
 
+def configured_path(tokenizer: Any, openings: Sequence[str], harmful: list[list[int]], harmless: list[list[int]],
+                    prefix: list[int]) -> tuple[list[int], list[int]]:
+    """(path, refusal tokens) for the user's refusal openings (measure.refusal_openings), as the replies spell them.
+
+    Their first tokens are the refusal tokens, unless all the openings begin with the same token and that token
+    opens the base model's harmless replies too (under `ENRICHMENT` times as often as its harmful ones: "I can't"
+    and "I cannot" against answers opening "I'd be glad"); then it is teacher-forced and their next tokens are
+    scored, as for a discovered shared opening (up to `MAX_BRANCH_TOKENS` deep). Empty tokens: score the openings'
+    first tokens as they are (`chat.refusal_token_ids`).
+    """
+    sequences = [spelled(tokenizer, text, harmful, len(prefix)) for text in openings]
+    path, depth = list(prefix), 0
+    while depth < MAX_BRANCH_TOKENS:
+        tokens = sorted({seq[depth] for seq in sequences if len(seq) > depth})
+        if len(tokens) != 1 or any(len(seq) <= depth + 1 for seq in sequences):
+            break
+        counts = count_openings(tokenizer, harmful, harmless, path, ())
+        harmful_rate = counts.harmful.get(tokens[0], 0) / max(counts.n_harmful, 1)
+        harmless_rate = counts.harmless.get(tokens[0], 0) / max(counts.n_harmless, 1)
+        if harmful_rate >= ENRICHMENT * harmless_rate:  # it tells refusals from answers already: score it here
+            break
+        path.append(tokens[0])
+        depth += 1
+    if depth == 0:
+        return list(prefix), []
+    return path, sorted({seq[depth] for seq in sequences})
+
+
 def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
                     phrases: Sequence[str]) -> float:
     """Refusal tokens chosen on every other reply, tried on the rest (and the other way round): the mean of
@@ -255,59 +283,12 @@ def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[lis
     return sum(margins) / len(margins)
 
 
-def opening_of(text: str) -> str:
-    """How a reply opens, for matching (lower case): its first OPENING_WORDS words, or in a script written without
-    spaces its first clause or characters ("抱歉，我不能帮助你。" opens with "抱歉")."""
-    import unicodedata
-
-    words = text.split()[:OPENING_WORDS]
-    first = words[0] if words else ""
-    if len(first) > LONGEST_WORD or any(unicodedata.east_asian_width(char) in "WF" for char in first):
-        cut = next((i for i, char in enumerate(first) if i and unicodedata.category(char).startswith("P")), None)
-        return first[:cut if cut is not None else 2 * OPENING_WORDS].lower()
-    return " ".join(words).lower()
-
-
-def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int],
-                     path: list[int] | None = None) -> list[str]:
-    """The first words (lower case) after the shared `prefix` of the harmful replies that follow `path` (the prefix,
-    then any shared opening) with a refusal token, most frequent first."""
-    path = list(prefix) if path is None else path
-    n = len(path)
-    seen: dict[str, int] = {}
-    for reply in harmful:
-        if len(reply) > n and reply[:n] == path and reply[n] in token_ids:
-            opening = opening_of(tokenizer.decode(reply[len(prefix):], skip_special_tokens=True))
-            if opening:
-                seen[opening] = seen.get(opening, 0) + 1
-    return sorted(seen, key=lambda text: (-seen[text], text))[:MAX_OPENINGS]
-
-
-def thinking_end(texts: Sequence[str]) -> str:
-    """The first known closer of a thinking block that occurs in any of `texts` ("" when none does)."""
-    return next((end for end in THINKING_ENDS if any(end in text for text in texts)), "")
-
-
-def inside_thinking(prompt: str, prefix: str, end: str) -> bool:
-    """Whether a thinking block is open where the score is read: the prompt's tail plus the prefix opened one last
-    (and did not close it; with no closer seen in the replies, an opened block never closed within them)."""
-    text = prompt + prefix
-    opened = max(text.rfind(start) for start in THINKING_STARTS)
-    return opened >= 0 and opened > (text.rfind(end) if end else -1)
-
-
 def separation_auc(harmful: Sequence[float], harmless: Sequence[float]) -> float:
     """The chance that a harmful prompt's score is above a harmless one's (ties count half): the AUC."""
     if not harmful or not harmless:
         return float("nan")
     above = sum((h > g) + 0.5 * (h == g) for h in harmful for g in harmless)
     return above / (len(harmful) * len(harmless))
-
-
-def describe_openings(tokenizer: Any, replies: list[list[int]], n_shown: int = 2) -> str:
-    """A couple of reply openings, quoted, for an error message."""
-    texts = [tokenizer.decode(reply[:12], skip_special_tokens=False) for reply in replies[:n_shown]]
-    return ", ".join(repr(text) for text in texts) or "(no replies)"
 
 
 def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], model_config: Any,
@@ -318,7 +299,7 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
     With `measure_config.refusal_openings` set, those openings give the refusal tokens (source "configured") and
     only the prefix is read from the replies.
     """
-    from abliterate.chat import format_instructions, refusal_token_ids, stop_token_ids
+    from abliterate.chat import format_instructions, stop_token_ids
     from abliterate.generation import generate_transformers
     from abliterate.metrics import EXTENDED_REFUSALS
 
@@ -341,8 +322,7 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
         template_kwargs=kwargs, thinking_end=thinking_end(decoded), n_harmful_replies=len(harmful_ids),
         n_harmless_replies=len(harmless_ids), separation=float("nan"), prefix_ids=list(prefix))
     if measure_config.refusal_openings:
-        profile.token_ids = refusal_token_ids(tokenizer, measure_config.refusal_openings)
-        profile.openings = [" ".join(text.split()).lower() for text in measure_config.refusal_openings]
+        _configure(profile, tokenizer, measure_config.refusal_openings, harmful_ids, harmless_ids)
     else:
         _discover(profile, tokenizer, texts[0], harmful_ids, harmless_ids)
     counts = count_openings(tokenizer, harmful_ids, harmless_ids, profile.prefix_ids, EXTENDED_REFUSALS)
@@ -350,6 +330,23 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
         profile.n_refusals = sum(counts.harmful.get(token, 0) for token in profile.token_ids)
     profile.token_texts = [tokenizer.decode([token]) for token in profile.token_ids]
     return profile
+
+
+def _configure(profile: RefusalProfile, tokenizer: Any, openings: Sequence[str], harmful: list[list[int]],
+               harmless: list[list[int]]) -> None:
+    """Fill `profile` from the user's refusal openings (`configured_path`)."""
+    from abliterate.chat import refusal_token_ids
+
+    prefix = list(profile.prefix_ids)
+    path, token_ids = configured_path(tokenizer, openings, harmful, harmless, prefix)
+    if token_ids:
+        profile.token_ids, profile.prefix_ids = token_ids, path
+        profile.branch = tokenizer.decode(path[len(prefix):], skip_special_tokens=False)
+        log.info("Every refusal opening begins with %r, which opens the harmless replies too: it is teacher-forced "
+                 "and the refusal score read after it.", profile.branch)
+    else:
+        profile.token_ids = refusal_token_ids(tokenizer, openings)
+    profile.openings = [" ".join(text.split()).lower() for text in openings]
 
 
 def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: list[list[int]],

@@ -10,13 +10,14 @@ import pytest
 
 from abliterate.chat import refusal_token_ids
 from abliterate.errors import UserError
+from abliterate.openings import inside_thinking, opening_of
 from abliterate.refusal import (
     OpeningCounts,
     RefusalProfile,
+    _configure,
     _discover,
-    inside_thinking,
+    configured_path,
     load_profile,
-    opening_of,
     refusal_path,
     refusal_tokens,
     save_profile,
@@ -70,6 +71,39 @@ def test_an_opening_refusals_share_with_answers_is_followed_to_where_they_part()
     harmful = [[2, 3]] * 16 + [[7, 3]] * 16
     harmless = [[2, 4]] * 16 + [[7, 8]] * 16
     assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == ([], [])
+
+
+class _Spelling(_Words):
+    """`_Words` that also encodes: each text is split into the longest words of WORDS, in order."""
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = []
+        while text:
+            word = max((w for w in self.WORDS[1:] if text.startswith(w)), key=len)
+            ids.append(self.WORDS.index(word))
+            text = text[len(word):]
+        return {"input_ids": ids}
+
+
+def test_configured_openings_that_begin_like_answers_are_followed_past_the_shared_word():
+    # Refusals "I can't" and "I'm sorry"; answers open "I'd be glad" (12 of 32) and "Here is": "I" opens them too, so
+    # it is teacher-forced and " can't" / "'m" are scored after it.
+    harmful = [[2, 3, 9]] * 16 + [[2, 10, 11]] * 16
+    harmless = [[2, 4, 5, 6]] * 12 + [[7, 8]] * 20
+    assert configured_path(_Spelling(), ["I can't", "I'm sorry"], harmful, harmless, []) == ([2], [3, 10])
+    # Behind a prefix (a lone space): the same path from there.
+    spaced = [[1, *reply] for reply in harmful], [[1, *reply] for reply in harmless]
+    assert configured_path(_Spelling(), ["I can't"], *spaced, [1]) == ([1, 2], [3])
+    # "I" that answers never open tells refusals apart already: scored where it is (no path).
+    assert configured_path(_Spelling(), ["I can't"], harmful, [[7, 8]] * 32, []) == ([], [])
+    # Openings that begin differently: their first tokens are scored, as before.
+    assert configured_path(_Spelling(), ["I can't", "Here is"], harmful, harmless, []) == ([], [])
+    profile = RefusalProfile(source="configured", prefix="", token_ids=[], token_texts=[], openings=[],
+                             template_kwargs={}, thinking_end="", n_harmful_replies=32, n_harmless_replies=32,
+                             separation=math.nan, prefix_ids=[])
+    _configure(profile, _Spelling(), ["I can't", "I'm sorry"], harmful, harmless)
+    assert (profile.prefix_ids, profile.token_ids, profile.branch) == ([2], [3, 10], "I")
+    assert profile.openings == ["i can't", "i'm sorry"]
 
 
 def test_a_thinking_block_that_never_closed_in_the_replies_is_still_open_where_the_score_is_read():

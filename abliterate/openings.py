@@ -1,0 +1,79 @@
+"""How replies open: a thinking block, the words a refusal opens with (for matching replies in evaluation), and how a
+reply spells a configured opening in tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
+# A first "word" in wide characters (Chinese, Japanese) or longer than this is a clause of a script written without
+# spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
+LONGEST_WORD = 20
+MAX_OPENINGS = 20
+THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
+THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
+
+
+def opening_of(text: str) -> str:
+    """How a reply opens, for matching (lower case): its first OPENING_WORDS words, or in a script written without
+    spaces its first clause or characters ("抱歉，我不能帮助你。" opens with "抱歉")."""
+    import unicodedata
+
+    words = text.split()[:OPENING_WORDS]
+    first = words[0] if words else ""
+    if len(first) > LONGEST_WORD or any(unicodedata.east_asian_width(char) in "WF" for char in first):
+        cut = next((i for i, char in enumerate(first) if i and unicodedata.category(char).startswith("P")), None)
+        return first[:cut if cut is not None else 2 * OPENING_WORDS].lower()
+    return " ".join(words).lower()
+
+
+def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int], token_ids: list[int],
+                     path: list[int] | None = None) -> list[str]:
+    """The first words (lower case) after the shared `prefix` of the harmful replies that follow `path` (the prefix,
+    then any shared opening) with a refusal token, most frequent first."""
+    path = list(prefix) if path is None else path
+    n = len(path)
+    seen: dict[str, int] = {}
+    for reply in harmful:
+        if len(reply) > n and reply[:n] == path and reply[n] in token_ids:
+            opening = opening_of(tokenizer.decode(reply[len(prefix):], skip_special_tokens=True))
+            if opening:
+                seen[opening] = seen.get(opening, 0) + 1
+    return sorted(seen, key=lambda text: (-seen[text], text))[:MAX_OPENINGS]
+
+
+def describe_openings(tokenizer: Any, replies: list[list[int]], n_shown: int = 2) -> str:
+    """A couple of reply openings, quoted, for an error message."""
+    texts = [tokenizer.decode(reply[:12], skip_special_tokens=False) for reply in replies[:n_shown]]
+    return ", ".join(repr(text) for text in texts) or "(no replies)"
+
+
+def spelled(tokenizer: Any, text: str, replies: list[list[int]], start: int) -> list[int]:
+    """`text`'s token ids as the replies would write it at index `start`: with or without a leading space, whichever
+    first token opens more of `replies` there (a SentencePiece bare "▁" before the word is dropped)."""
+    variants = []
+    for variant in (text, " " + text):
+        tokens = list(tokenizer(variant, add_special_tokens=False)["input_ids"])
+        if len(tokens) > 1 and not tokenizer.decode(tokens[:1]).strip():
+            tokens = tokens[1:]
+        if tokens:
+            variants.append(tokens)
+    if not variants:
+        return []
+    opened = [reply[start] for reply in replies if len(reply) > start]
+    return max(variants, key=lambda tokens: opened.count(tokens[0]))
+
+
+def thinking_end(texts: Sequence[str]) -> str:
+    """The first known closer of a thinking block that occurs in any of `texts` ("" when none does)."""
+    return next((end for end in THINKING_ENDS if any(end in text for text in texts)), "")
+
+
+def inside_thinking(prompt: str, prefix: str, end: str) -> bool:
+    """Whether a thinking block is open where the score is read: the prompt's tail plus the prefix opened one last
+    (and did not close it; with no closer seen in the replies, an opened block never closed within them)."""
+    text = prompt + prefix
+    opened = max(text.rfind(start) for start in THINKING_STARTS)
+    return opened >= 0 and opened > (text.rfind(end) if end else -1)
