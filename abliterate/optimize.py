@@ -43,10 +43,10 @@ from abliterate.search import (
     ReplySet,
     SearchState,
     load_study,
-    pareto_front,
     params_of,
-    searched_positions,
+    pareto_front,
     search,
+    searched_positions,
     seeded_trials,
     trial_rows,
 )
