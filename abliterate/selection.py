@@ -242,17 +242,21 @@ def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, r
             continue
         score.bypass = bypass_score(model, vector(score), val, refusal_ids)
         score.failed = []
-    pending = sorted((s for s in wanted if s.failed != ["zero vector"]), key=lambda s: (math.isnan(s.bypass), s.bypass))
+    # A zero vector cannot be ablated; with score_all its induce (adding nothing) is still drawn, as the baseline.
+    pending = sorted((s for s in wanted if s.failed != ["zero vector"] or config.score_all),
+                     key=lambda s: (math.isnan(s.bypass), s.bypass))
     found = False
     for score in progress.track(pending, "scoring candidates (KL, induce)"):
         if found and not config.score_all:
             break
-        score.kl = ablated_kl(model, vector(score), val)
-        score.failed = failed_filters(score, n_layers, config, induce_known=False)
-        if score.failed and not config.score_all:
-            continue
+        zero = score.failed == ["zero vector"]
+        if not zero:
+            score.kl = ablated_kl(model, vector(score), val)
+            score.failed = failed_filters(score, n_layers, config, induce_known=False)
+            if score.failed and not config.score_all:
+                continue
         score.induce = induce_score(model, vector(score), score.layer, val, refusal_ids)
-        score.failed = failed_filters(score, n_layers, config)
+        score.failed = score.failed if zero else failed_filters(score, n_layers, config)
         found = found or not score.failed
     for score in scores:
         if math.isnan(score.kl) and not score.failed:
