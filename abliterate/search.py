@@ -195,9 +195,10 @@ def load_study(out_dir: Path, config: OptimizeConfig) -> Any:
         except json.JSONDecodeError:  # a line cut short by a crash: that trial is simply run again
             continue
         refusing = row["user_attrs"].get("refusing_share", 1.0)
+        values = [math.inf if value is None else value for value in row["values"]]  # None: not computed
         study.add_trial(optuna.trial.create_trial(
-            params=row["params"], values=row["values"], user_attrs=row["user_attrs"],
-            constraints={"refusal": violation(refusing, row["values"][0], config.target_refusal)},
+            params=row["params"], values=values, user_attrs=row["user_attrs"],
+            constraints={"refusal": violation(refusing, values[0], config.target_refusal)},
             distributions={name: json_to_distribution(text) for name, text in row["distributions"].items()}))
     return study
 
@@ -206,7 +207,8 @@ def log_trial(out_dir: Path, trial: Any) -> None:
     """Append one finished trial to the study's log (see `load_study`)."""
     from optuna.distributions import distribution_to_json
 
-    row = {"number": trial.number, "params": trial.params, "values": trial.values, "user_attrs": trial.user_attrs,
+    row = {"number": trial.number, "params": trial.params, "values": [_finite(v) for v in trial.values],
+           "user_attrs": trial.user_attrs,
            "distributions": {name: distribution_to_json(d) for name, d in trial.distributions.items()}}
     with (out_dir / TRIALS_LOG).open("a") as handle:
         handle.write(json.dumps(row) + "\n")

@@ -232,3 +232,25 @@ def test_an_edit_that_still_refuses_with_thinking_on_is_not_shipped() -> None:
              "identical_share": 1.0}]
     assert choose(rows, OptimizeConfig())["trial"] == 3
     assert choose([rows[0], rows[1]], OptimizeConfig())["trial"] == 1  # none meets it: the least refusing
+
+
+def test_the_search_draws_positions_back_to_the_earliest_that_removed_refusal() -> None:
+    from abliterate.search import searched_positions
+
+    rows = [{"position": -5, "layer": 1, "bypass": 2.0}, {"position": -3, "layer": 2, "bypass": -0.5},
+            {"position": -1, "layer": 2, "bypass": -3.0}, {"position": -4, "layer": 0, "bypass": None}]
+    assert searched_positions(rows, paper_position=-2, n_positions=5) == 3
+    assert searched_positions(rows, paper_position=-4, n_positions=5) == 4  # never after the paper's position
+    assert searched_positions([{"position": -2, "bypass": 1.0}], paper_position=-1, n_positions=5) == 5  # none did
+
+
+def test_infeasible_trials_are_ordered_by_how_far_they_are_from_shipping_and_left_off_the_front() -> None:
+    import math
+    from types import SimpleNamespace
+
+    from abliterate.search import pareto_front, violation
+
+    assert violation(0.03, 0.2, target=0.05) <= 0 < violation(0.10, 0.2, 0.05) < violation(0.10, 0.6, 0.05)
+    trials = [SimpleNamespace(number=n, values=v) for n, v in enumerate(
+        [[0.02, 0.004], [0.03, 0.0005], [0.9, math.inf], [0.6, 0.0001], [0.5, 0.01]])]
+    assert pareto_front(trials) == [0, 1, 3]  # 2 has no KL (kept refusing), 4 is dominated by 3
