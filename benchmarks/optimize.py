@@ -12,6 +12,7 @@ the search time, the whole time (measure + search + confirmation + apply) of eac
 peer's, and the targets.
 
 Run:  python benchmarks/optimize.py                      # 60 trials, one torch thread, the demo toy
+      python benchmarks/optimize.py --toy thinking --more-seeds 7   # and seven more draws of the search
       python benchmarks/optimize.py --toy switchable_thinking --prompts-out /tmp/switchable_thinking.json
       python benchmarks/optimize.py --n-trials 100 --peers /work/shared/peers
 """
@@ -123,6 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-trials", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the search's sampler.")
+    parser.add_argument("--more-seeds", type=int, default=0,
+                        help="Also run the search with this many further seeds and print each shipped edit's figures "
+                             "(one search is one draw: this shows how much the figures move between draws).")
     parser.add_argument("--peers", default="/work/shared/peers", help="Folder holding the peer's damage.py.")
     parser.add_argument("--toy", default="toy", choices=("toy", *CHAT_TOYS), help="The toy refuser to run on.")
     parser.add_argument("--prompts-out", default=None, help="Also write the peer's prompt file here.")
@@ -141,6 +145,11 @@ def main() -> None:
         best = optimized(model, root / "optimized", config)
         figures = {"paper": damage(Path(args.peers), model, root / "paper" / "model", prompts),
                    "optimized": damage(Path(args.peers), model, root / "optimized" / "model", prompts)}
+        draws = [(args.seed, best, figures["optimized"])]
+        for seed in range(args.seed + 1, args.seed + 1 + args.more_seeds):
+            config.optimize.seed = seed
+            again = optimized(model, root / f"optimized-{seed}", config)
+            draws.append((seed, again, damage(Path(args.peers), model, root / f"optimized-{seed}" / "model", prompts)))
     print(f"{args.toy}, {torch.get_num_threads()} torch thread, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} (CPU time is what a quiet machine's wall time would be with one thread)")
     print(f"search: {args.n_trials} trials in {best['search_s']:.2f} s = {best['trials_per_s']:.1f} trials/s "
@@ -151,6 +160,22 @@ def main() -> None:
           f"{json.dumps(best['confirmed'])}")
     print(f"shipped trial {best['trial']}: {json.dumps(best['params'])}")
     report(args.toy, paper, best, figures)
+    if len(draws) > 1:
+        print_draws(draws)
+
+
+def print_draws(draws: list) -> None:
+    """Each seed's shipped edit (damage.py's figures and the CPU time), and the median of each column."""
+    import statistics
+
+    keys = ("harmful_refusal", "identical_share", "reply_kl")
+    print(f"{'seed':>6}{'refusal':>10}{'identical':>11}{'reply KL':>10}{'CPU s':>8}")
+    for seed, run, scored in draws:
+        print(f"{seed:>6}{scored[keys[0]]:>10.2f}{scored[keys[1]]:>11.2f}{scored[keys[2]]:>10.4f}"
+              f"{run['whole_cpu_s']:>8.2f}")
+    medians = [statistics.median(scored[key] for _, _, scored in draws) for key in keys]
+    cpu = statistics.median(run["whole_cpu_s"] for _, run, _ in draws)
+    print(f"{'median':>6}{medians[0]:>10.2f}{medians[1]:>11.2f}{medians[2]:>10.4f}{cpu:>8.2f}")
 
 
 def report(name: str, paper: dict, best: dict, figures: dict) -> None:
