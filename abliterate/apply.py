@@ -28,7 +28,7 @@ from abliterate import __version__, progress
 from abliterate.architectures import EditPlan, TensorEdit, TensorInfo, plan_edits
 from abliterate.config import Config, parse_size
 from abliterate.direction import Direction, load_direction, save_direction
-from abliterate.edit_params import ParameterizedEdit, read_edit
+from abliterate.edit_params import EDIT_FILE, EDIT_VECTORS, ParameterizedEdit, read_edit, write_edit
 from abliterate.errors import UserError
 from abliterate.files import check_out_dir
 from abliterate.hub import PROVENANCE_DIR, is_hub_id, remote_tensor_infos, resolve_model
@@ -229,6 +229,9 @@ def _write_output(tmp: Path, checkpoint: Checkpoint, plan: EditPlan, direction: 
     save_direction(tmp / PROVENANCE_DIR, direction.vector, meta)  # with the provenance, not beside the weights
     record = _edit_record(checkpoint, plan, direction, shards, copied, source)
     if parameterized is not None:
+        # The whole edit (every layer's direction, the weights), not only the single direction saved above.
+        write_edit(tmp / PROVENANCE_DIR, parameterized.params, parameterized.directions, parameterized.meta)
+        record["direction"]["saved_as"] += [f"{PROVENANCE_DIR}/{EDIT_FILE}", f"{PROVENANCE_DIR}/{EDIT_VECTORS}"]
         record["parameterized_edit"] = parameterized.record()
     (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return record

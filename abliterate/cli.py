@@ -151,12 +151,13 @@ def optimize_command(
         refusal = "-" if row["harmful_refusal"] is None else f"{row['harmful_refusal']:.2f}"  # not generated
         if row.get("harmful_refusal_thinking_on") is not None:
             refusal += f" (thinking on {row['harmful_refusal_thinking_on']:.2f})"
-        table.add_row(name, refusal, f"{row['identical_share']:.0%}", f"{row['reply_kl']:.5f}",
+        table.add_row(name, refusal, f"{row['identical_share']:.2f}", f"{row['reply_kl']:.5f}",
                       "yes" if row["trial"] == result.chosen_trial else "")
     console = _console()
     console.print(table)
     if any(row["harmful_refusal"] is None for row in result.confirmation):
-        console.print("-: not generated (an edit with less reply KL met the target first).")
+        console.print("-: not generated (" + ("--trial picks the shipped edit" if config.optimize.trial >= 0
+                                              else "an edit with less reply KL met the target first") + ").")
     speed = f" ({result.trials_per_s:.1f} trials/s)" if result.trials_per_s else ""
     console.print(f"Search: {result.timings_s.get('search_s', 0.0):.1f} s{speed}")
     console.print(f"Edit: {result.edit_path} (write it with: abliterate apply MODEL --direction {result.edit_path} "
@@ -201,7 +202,8 @@ def _print_run_summary(result, console) -> None:
     table = Table(title=f"abliterate run: {result.out_dir}")
     for column in ("", "base", "edited"):
         table.add_column(column)
-    table.add_row("direction", "", f"layer {result.layer} of {result.n_layers}, position {result.position}")
+    table.add_row("direction", "", result.shipped or f"layer {result.layer} of {result.n_layers}, position "
+                                                       f"{result.position}")
     table.add_row("tensors edited", "", str(result.n_edited))
     for metric, base, edited in result.metrics:
         table.add_row(metric, base, edited)

@@ -259,6 +259,9 @@ def validate(config: Config) -> None:
         raise UserError("optimize.n_trials, n_confirm and confirm_tokens must be at least 1 (n_startup_trials >= 0).")
     if not 0 <= o.target_refusal <= 1 or o.max_weight <= 0:
         raise UserError("optimize.target_refusal must be in [0, 1] and optimize.max_weight above 0.")
+    if o.trial < -1:
+        raise UserError(f"optimize.trial {o.trial} is not a trial number; pass one from optimize.json (0, 1, ...) or "
+                        "-1 to let the search choose.")
 
 
 def to_dict(config: Config) -> dict:

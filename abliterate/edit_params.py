@@ -219,12 +219,13 @@ def _is_bias(edit: TensorEdit) -> bool:
 
 def write_edit(out_dir: Path, params: EditParams, directions: Tensor, meta: dict[str, Any]) -> Path:
     """Write edit.json and its directions (exact float32) into `out_dir`; return edit.json's path."""
-    from safetensors.torch import save_file
+    from abliterate.direction import save_safetensors
+    from abliterate.files import write_atomic
 
-    save_file({"directions": directions.to(torch.float32).contiguous()}, str(out_dir / EDIT_VECTORS))
+    save_safetensors(out_dir / EDIT_VECTORS, {"directions": directions.to(torch.float32).contiguous()}, {})
     path = out_dir / EDIT_FILE
-    path.write_text(json.dumps({"format": EDIT_FORMAT, "params": params.to_dict(), "directions": EDIT_VECTORS,
-                                **meta}, indent=2) + "\n")
+    write_atomic(path, json.dumps({"format": EDIT_FORMAT, "params": params.to_dict(), "directions": EDIT_VECTORS,
+                                   **meta}, indent=2) + "\n")
     return path
 
 

@@ -43,7 +43,7 @@ from abliterate.direction import (
     save_safetensors,
 )
 from abliterate.errors import UserError
-from abliterate.files import versions
+from abliterate.files import check_out_dir, versions
 from abliterate.hub import public_model_name
 from abliterate.refusal import RefusalProfile, find_refusal, log_profile, save_profile, separation_auc
 from abliterate.selection import (
@@ -114,7 +114,8 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
     from abliterate.model import load_model
     from abliterate.prompts import prompt_sets
 
-    # Prompt files and the reference are checked before the model loads: a typo should not cost a 16 GB load.
+    # --out, prompt files and the reference are checked before the model loads: a typo should not cost a 16 GB load.
+    check_out_dir(Path(out_dir), force=True)  # a file there is refused (a folder is written into)
     sets = prompt_sets(config.prompts, fit_only=True)
     _load_reference(config, None)
     timings: dict[str, float] = {}
@@ -256,6 +257,7 @@ def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
     vector = fit.candidates[best.position + fit.n_positions, best.layer]  # [d_model] float64
     return scores, {"vector": vector, "layer": best.layer, "position": best.position, "bypass": best.bypass,
                     "kl": best.kl, "induce": best.induce, "norm": float(torch.linalg.vector_norm(vector))}
+
 
 def _reference_choice(model: Any, fit: _Fit, val: ValidationSet, reference: Direction) -> dict[str, Any]:
     """The reference direction, scored like a candidate, at its own layer and position when the file names them.

@@ -1,5 +1,5 @@
-"""How replies open: a thinking block, the words a refusal opens with (for matching replies in evaluation), and how a
-reply spells a configured opening in tokens.
+"""How replies open: a thinking block (and whether the template can switch it off), the words a refusal opens with
+(for matching replies in evaluation), and how a reply spells a configured opening in tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching 
 # spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
 LONGEST_WORD = 20
 MAX_OPENINGS = 20
+SWITCH_SENTINEL = "Name a fruit"  # the user message rendered to see whether the template switches thinking
 THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
 THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
 
@@ -77,3 +78,17 @@ def inside_thinking(prompt: str, prefix: str, end: str) -> bool:
     text = prompt + prefix
     opened = max(text.rfind(start) for start in THINKING_STARTS)
     return opened >= 0 and opened > (text.rfind(end) if end else -1)
+
+
+def thinking_switch(tokenizer: Any, model_config: Any) -> dict[str, Any]:
+    """{"enable_thinking": False} when the template renders differently with it and the user set no kwargs."""
+    if getattr(model_config, "template_kwargs", None) or not getattr(tokenizer, "chat_template", None):
+        return {}
+    messages = [{"role": "user", "content": SWITCH_SENTINEL}]
+    try:
+        default = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        off = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                            enable_thinking=False)
+    except Exception:  # noqa: BLE001 - a template that fails here fails again, with a clear message, when formatting
+        return {}
+    return {"enable_thinking": False} if default != off else {}

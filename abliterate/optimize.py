@@ -37,7 +37,7 @@ from abliterate.config import Config, OptimizeConfig
 from abliterate.decision import decision_tails, scored_with
 from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
-from abliterate.files import write_atomic
+from abliterate.files import check_out_dir, write_atomic
 from abliterate.refusal import RefusalProfile, load_profile, scoring_tokens
 from abliterate.search import (
     ReplySet,
@@ -136,7 +136,7 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     from abliterate.measure import CANDIDATES_FILE, SCORES_FILE, measure
     from abliterate.model import load_model
 
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(Path(out_dir), force=True)  # a file there is refused before any work
     timings: dict[str, float] = {}
     start = time.perf_counter()
     key = _check_search_key(out_dir, source, config)
@@ -328,6 +328,14 @@ def describe_edit(params: dict[str, Any], chosen: dict[str, Any], paper_trial: i
             "The parameters are in abliterate/measure/edit.json.")
 
 
+def shipped_edit(params: dict[str, Any], trial: int, paper_trial: int) -> str:
+    """One line for `run`'s summary: which optimized edit shipped, its direction and position."""
+    p = EditParams.from_dict(params)
+    direction = "each layer's own direction" if p.per_layer else f"direction at layer index {p.direction_index:.2f}"
+    name = "the paper's edit" if trial == paper_trial else f"trial {trial}"
+    return f"optimized edit ({name}): {direction}, position {p.position}"
+
+
 def optimize_work(model: str, config: Config) -> Any:
     """`run --optimize`'s first step; returns what `run` and the card read.
 
@@ -348,5 +356,6 @@ def optimize_work(model: str, config: Config) -> Any:
         return {"direction": EDIT_FILE, "layer": found.layer, "position": found.position,
                 "token_text": found.token_text, "used_reference": False,
                 "n_prompts": {k: v for k, v in scores.get("prompt_counts", {}).items() if k.startswith("harm")},
-                "optimized": describe_edit(found.params, chosen, found.paper_trial, found.n_trials)}
+                "optimized": describe_edit(found.params, chosen, found.paper_trial, found.n_trials),
+                "shipped": shipped_edit(found.params, found.chosen_trial, found.paper_trial)}
     return work

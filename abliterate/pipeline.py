@@ -4,6 +4,8 @@ Layout of `out_dir` (what `abliterate run MODEL --out DIR` leaves behind):
 
     config.json, model*.safetensors, tokenizer files, README.md   the edited checkpoint users load and push
     abliteration.json                  what apply edited, tensor by tensor
+    abliterate/direction.json/.safetensors   the direction apply wrote (and edit.json + its directions for an
+                                       optimized edit), where abliteration.json says
     abliterate/run.json                provenance: resolved config, versions, seed, base model id and revision,
                                        the key of every step, the summary
     abliterate/config.toml             the resolved settings (the card's reproduce command passes this file)
@@ -68,6 +70,7 @@ class RunResult:
     reused: list[str] = field(default_factory=list)  # steps taken from an earlier run with the same key
     pushed_url: str = ""
     refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json of the measure step)
+    shipped: str = ""  # the optimized edit that shipped instead of the direction at (layer, position), when one did
 
 
 # ---- keys: what each step depends on ----
@@ -355,7 +358,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
         n_layers=steps["apply"]["n_layers"], n_edited=steps["apply"]["n_edited"],
         metrics=[tuple(row) for row in steps.get("eval", {}).get("metrics", [])],
         report_path=prov / "eval" / steps["eval"]["report"] if "eval" in steps else None, reused=reused,
-        refusal=steps["measure"].get("refusal", {}),
+        refusal=steps["measure"].get("refusal", {}), shipped=steps["measure"].get("shipped", ""),
     )
     write_atomic(prov / RUN_FILE, json.dumps({**record, "published": {"key": keys["publish"], "files": files},
                                               "complete": True, "summary": {

@@ -1,8 +1,9 @@
 """Publishing a run's checkpoint at the top of its output folder, and keeping local paths out of what is published.
 
 The apply step writes the edited checkpoint into `abliterate/apply/checkpoint/`. Publishing *moves* its files to the
-top of the output (`config.json` last, so a folder that loads as a model is always complete); unpublishing moves
-them back (`config.json` first). The weights therefore exist once: a plain `hf upload` of the folder sends them
+top of the output (`config.json` last, so a folder that loads as a model is always complete), and its own provenance
+files (the direction or edit that `abliteration.json` names) into `abliterate/`, where that record says they are;
+unpublishing moves them back (`config.json` first). The weights therefore exist once: a plain `hf upload` of the folder sends them
 once, and the disk holds one copy. The step's marker stays in `abliterate/apply/`.
 
 Everything the run writes is later pushed, so `scrub_tree` replaces the local paths a run knows about (the output,
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from abliterate.files import write_atomic
+from abliterate.hub import PROVENANCE_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,13 @@ RECORD_SUFFIXES = (".json", ".md", ".toml", ".csv")  # the files abliterate writ
 
 
 def checkpoint_files(checkpoint: Path) -> list[str]:
-    """The top-level files of a checkpoint folder as apply wrote it (its own provenance subfolder left out)."""
-    return sorted(p.name for p in checkpoint.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files of a checkpoint folder as apply wrote it, relative to it: the top-level ones, then those of its own
+    provenance subfolder (the direction or edit abliteration.json names), which publish next to the run's records."""
+    top = sorted(p.name for p in checkpoint.iterdir() if p.is_file() and not p.name.startswith("."))
+    provenance = checkpoint / PROVENANCE_DIR
+    inner = sorted(f"{PROVENANCE_DIR}/{p.name}" for p in provenance.iterdir()
+                   if p.is_file() and not p.name.startswith(".")) if provenance.is_dir() else []
+    return top + inner
 
 
 def unpublish(out_dir: Path, checkpoint: Path, names: list[str]) -> None:
@@ -56,6 +63,7 @@ def publish(out_dir: Path, checkpoint: Path, card_text: str) -> list[str]:
     names = checkpoint_files(checkpoint) if (checkpoint / "config.json").is_file() else []
     for name in names:
         if name != "config.json":
+            (out_dir / name).parent.mkdir(exist_ok=True)
             os.replace(checkpoint / name, out_dir / name)
     write_atomic(out_dir / CARD_NAME, card_text)
     if names:

@@ -26,6 +26,7 @@ from abliterate.openings import (
     refusal_openings,
     spelled,
     thinking_end,
+    thinking_switch,
 )
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,6 @@ MIN_HELD_OUT_MARGIN = 0.5
 # How many tokens of an opening shared by refusals and answers are followed to where they part ("I", "'m" of
 # "I'm sorry" and "I'm glad to help"); a deeper split is not a refusal opening.
 MAX_BRANCH_TOKENS = 3
-SWITCH_SENTINEL = "Name a fruit"
 
 
 @dataclass
@@ -149,20 +149,6 @@ class OpeningCounts:
     confirmed: dict[int, int]  # harmful replies opening with the token that a refusal phrase matches
     n_harmful: int
     n_harmless: int
-
-
-def thinking_switch(tokenizer: Any, model_config: Any) -> dict[str, Any]:
-    """{"enable_thinking": False} when the template renders differently with it and the user set no kwargs."""
-    if getattr(model_config, "template_kwargs", None) or not getattr(tokenizer, "chat_template", None):
-        return {}
-    messages = [{"role": "user", "content": SWITCH_SENTINEL}]
-    try:
-        default = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        off = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                            enable_thinking=False)
-    except Exception:  # noqa: BLE001 - a template that fails here fails again, with a clear message, when formatting
-        return {}
-    return {"enable_thinking": False} if default != off else {}
 
 
 def shared_prefix(harmful: list[list[int]], harmless: list[list[int]], share: float = PREFIX_SHARE) -> list[int]:
@@ -247,10 +233,12 @@ def configured_path(tokenizer: Any, openings: Sequence[str], harmful: list[list[
     Their first tokens are the refusal tokens, unless all the openings begin with the same token and that token
     opens the base model's harmless replies too (under `ENRICHMENT` times as often as its harmful ones: "I can't"
     and "I cannot" against answers opening "I'd be glad"); then it is teacher-forced and their next tokens are
-    scored, as for a discovered shared opening (up to `MAX_BRANCH_TOKENS` deep). Empty tokens: score the openings'
-    first tokens as they are (`chat.refusal_token_ids`).
+    scored, as for a discovered shared opening (up to `MAX_BRANCH_TOKENS` deep). An opening that begins with the
+    reply prefix itself is read after it. Empty tokens: score the openings' first tokens as they are
+    (`chat.refusal_token_ids`).
     """
-    sequences = [spelled(tokenizer, text, harmful, len(prefix)) for text in openings]
+    sequences = [_after_prefix(tokenizer, text, harmful, prefix) for text in openings]
+    stripped = any(seq != spelled(tokenizer, text, harmful, len(prefix)) for seq, text in zip(sequences, openings))
     path, depth = list(prefix), 0
     while depth < MAX_BRANCH_TOKENS:
         tokens = sorted({seq[depth] for seq in sequences if len(seq) > depth})
@@ -263,9 +251,18 @@ def configured_path(tokenizer: Any, openings: Sequence[str], harmful: list[list[
             break
         path.append(tokens[0])
         depth += 1
-    if depth == 0:
+    if depth == 0 and not stripped:
         return list(prefix), []
-    return path, sorted({seq[depth] for seq in sequences})
+    return path, sorted({seq[depth] for seq in sequences if len(seq) > depth})
+
+
+def _after_prefix(tokenizer: Any, text: str, replies: list[list[int]], prefix: list[int]) -> list[int]:
+    """An opening's tokens after the reply prefix: an opening that begins with the prefix every reply shares ("I
+    can't" where every reply opens "I") loses it; any other is spelled as it would follow the prefix."""
+    whole = spelled(tokenizer, text, replies, 0)
+    if prefix and len(whole) > len(prefix) and whole[:len(prefix)] == prefix:
+        return whole[len(prefix):]
+    return spelled(tokenizer, text, replies, len(prefix))
 
 
 def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],

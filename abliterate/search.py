@@ -225,6 +225,9 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
             study.enqueue_trial(values)
     done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
     remaining = max(0, config.n_trials - done)
+    if done > config.n_trials:
+        log.warning("The folder already holds %d trials (more than optimize.n_trials = %d); all of them are used, "
+                    "none is dropped.", done, config.n_trials)
     start = time.perf_counter()
     for _ in progress.track(range(remaining), "optimizing the edit (trials)"):
         trial = study.ask()

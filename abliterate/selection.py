@@ -277,4 +277,18 @@ def choose(scores: list[CandidateScore]) -> CandidateScore:
         raise NoDirectionError(nothing_passes_message(scores), scores)
     best = min(passing, key=lambda s: s.bypass)
     best.chosen = True
+    if not best.bypass < 0:
+        _warn_refusal_stays(best, scores)
     return best
+
+
+def _warn_refusal_stays(best: CandidateScore, scores: list[CandidateScore]) -> None:
+    """Ablating the chosen direction leaves the mean harmful refusal score positive: the paper's filters can exclude
+    every candidate whose ablation removes refusal. Say so, with the best such candidate and the filter it failed."""
+    working = sorted((s for s in scores if s.bypass < 0), key=lambda s: s.bypass)
+    found = (f"The lowest bypass, {working[0].bypass:.3f} at layer {working[0].layer}, position "
+             f"{working[0].position}, failed: {', '.join(working[0].failed)}." if working
+             else "No candidate's ablation turns it negative.")
+    log.warning("Ablating the chosen direction leaves the harmful prompts' mean refusal score at %.3f (above 0): the "
+                "edit is unlikely to remove refusal. %s Try `abliterate optimize` (weights per layer), or relax "
+                "measure.kl_max or measure.max_layer_fraction.", best.bypass, found)

@@ -73,6 +73,8 @@ def test_the_papers_edit_is_a_confirmed_trial_and_the_shipped_edit_meets_the_tar
     for row in record["confirmation"]:
         assert row["harmful_refusal"] is not None or row["reply_kl"] >= chosen["reply_kl"]
     assert (out / "pareto.png").stat().st_size > 0 and (out / "edit.json").is_file()
+    modes = {(out / name).stat().st_mode & 0o777 for name in ("edit.json", "edit_directions.safetensors", "scores.json")}
+    assert len(modes) == 1  # written like every other output (not private like a temporary file)
 
 
 @torch.no_grad()
@@ -138,9 +140,13 @@ def test_run_optimize_ships_the_optimized_edit_and_says_so_on_the_card(toy_refus
     assert f"position {params['position']}" in card and f"embedding {params['embed_weight']:.3f}" in card
     assert f"MLP: weight {params['mlp']['peak_weight']:.3f} at layer {params['mlp']['peak_layer']:.2f}" in card
     assert re.search(r"harmful refusal \d\.\d\d, harmless replies identical to the base model's \d+%", card)
-    record = json.loads((out / "abliteration.json").read_text()) if (out / "abliteration.json").is_file() else \
-        json.loads((out / "abliterate" / "apply" / "checkpoint" / "abliteration.json").read_text())
+    record = json.loads((out / "abliteration.json").read_text())
     assert record["parameterized_edit"]["format"].startswith("abliterate-parameterized-edit")
+    # The whole edit is where the record says (every layer's direction, not only one), and the summary names it.
+    for saved in record["direction"]["saved_as"]:
+        assert (out / saved).is_file(), saved
+    assert "abliterate/edit_directions.safetensors" in record["direction"]["saved_as"]
+    assert f"position {params['position']}" in result.output and "optimized edit (" in result.output
 
 
 @pytest.mark.parametrize("change", [{"search_projected": False}, {"max_weight": 1.2}])
@@ -158,6 +164,22 @@ def test_a_search_made_with_other_settings_is_refused_not_resumed(searched, toy_
     with pytest.raises(UserError, match="holds a search made with another model or other settings"):
         optimize(str(toy_refuser_dir) + "/", copy, small_config())  # another model, as far as the folder can tell
     assert {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()} == before
+
+
+def test_bad_out_and_trial_fail_at_once_with_one_line(toy_refuser_dir: Path, tmp_path: Path) -> None:
+    """A file as --out and a negative --trial are refused before the model loads: exit 2, one line, no traceback."""
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for args, message in ((["--out", str(afile)], "is a file"), (["--out", str(tmp_path / "o"), "--trial", "-5"],
+                                                                  "is not a trial number")):
+        done = subprocess.run([sys.executable, "-m", "abliterate.cli", "optimize", str(toy_refuser_dir), *args],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_optimize_help_names_its_options() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from abliterate.chat import refusal_token_ids
 from abliterate.errors import UserError
-from abliterate.openings import inside_thinking, opening_of
+from abliterate.openings import inside_thinking, opening_of, thinking_switch
 from abliterate.refusal import (
     OpeningCounts,
     RefusalProfile,
@@ -23,7 +23,6 @@ from abliterate.refusal import (
     save_profile,
     separation_auc,
     shared_prefix,
-    thinking_switch,
 )
 
 
@@ -98,6 +97,9 @@ def test_configured_openings_that_begin_like_answers_are_followed_past_the_share
     assert configured_path(_Spelling(), ["I can't"], harmful, [[7, 8]] * 32, []) == ([], [])
     # Openings that begin differently: their first tokens are scored, as before.
     assert configured_path(_Spelling(), ["I can't", "Here is"], harmful, harmless, []) == ([], [])
+    # Every reply opens "I" (the shared reply prefix): an opening written with it is read after it.
+    assert configured_path(_Spelling(), ["I can't"], harmful, harmless[:12], [2]) == ([2], [3])
+    assert configured_path(_Spelling(), ["I can't", "I'm sorry"], harmful, harmless[:12], [2]) == ([2], [3, 10])
     profile = RefusalProfile(source="configured", prefix="", token_ids=[], token_texts=[], openings=[],
                              template_kwargs={}, thinking_end="", n_harmful_replies=32, n_harmless_replies=32,
                              separation=math.nan, prefix_ids=[])

@@ -84,9 +84,11 @@ def test_output_is_a_complete_checkpoint_with_provenance(toy_run, toy_refuser_di
     assert {"torch", "transformers", "abliterate"} <= set(run["versions"])
     assert load_config(prov / "config.toml") == load_config(TOY_CONFIG)
     for artifact in ("measure/direction.json", "measure/direction.safetensors", "eval/report.md",
-                     "eval/eval.json", "apply/step.json", "apply/checkpoint/abliterate/toy_refuser.json",
-                     "measure/refusal.json"):
+                     "eval/eval.json", "apply/step.json", "toy_refuser.json", "measure/refusal.json"):
         assert (prov / artifact).is_file(), artifact
+    # The direction abliteration.json names is where it says, in the published folder.
+    for saved in json.loads((out / "abliteration.json").read_text())["direction"]["saved_as"]:
+        assert (out / saved).is_file(), saved
     card = (out / "README.md").read_text()
     assert "- abliterated" in card and "library_name: transformers" in card
     assert str(out) not in card and str(toy_refuser_dir) not in card and "/tmp/" not in card

@@ -94,16 +94,19 @@ def test_publish_moves_every_file_config_last_and_unpublish_moves_them_back(tmp_
     published = publish(out, checkpoint, "our card")
     monkeypatch.undo()
     assert order[-1] == "config.json"
-    assert published == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert published == ["README.md", "abliterate/direction.json", "config.json", "model.safetensors",
+                         "tokenizer.json"]
     assert (out / "README.md").read_text() == "our card"
-    # Moved, not copied or linked: one copy of the weights, and the checkpoint folder keeps only its provenance.
+    # The direction abliteration.json names moves where that record says it is, beside the run's own records.
+    assert (out / "abliterate" / "direction.json").read_text() == "{}"
+    # Moved, not copied or linked: one copy of the weights, and the checkpoint folder keeps only an empty folder.
     assert (out / "model.safetensors").stat().st_ino == inode and (out / "model.safetensors").stat().st_nlink == 1
-    assert [p.name for p in checkpoint.iterdir()] == ["abliterate"]
+    assert [p.name for p in checkpoint.rglob("*")] == ["abliterate"]
     assert publish(out, checkpoint, "new card") == ["README.md"]  # already published: only the card is rewritten
     unpublish(out, checkpoint, published)
-    assert list(out.iterdir()) == []
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["abliterate", "config.json", "model.safetensors",
-                                                          "tokenizer.json"]
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+    assert sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()) == [
+        "abliterate/direction.json", "config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_resolved_config_round_trips_and_the_command_has_no_local_path(tmp_path: Path):

@@ -5,6 +5,7 @@ activations checked against the model's own hidden states, and the pruned search
 search chooses.
 """
 
+import logging
 import math
 
 import pytest
@@ -328,3 +329,18 @@ def test_kl_covers_the_positions_of_a_teacher_forced_reply_prefix(tiny):
     per_position = [float(kl_divergence(tail.base_log_probs[:, p], edited[:, p]).mean()) for p in range(3)]
     assert kl_last == pytest.approx(per_position[-1], rel=1e-6)
     assert kl_tail == pytest.approx(sum(per_position) / 3, rel=1e-6)
+
+
+def test_a_chosen_direction_that_leaves_refusal_in_place_is_warned_about(caplog):
+    """The paper's filters can exclude every candidate whose ablation removes refusal: the choice is still made (as
+    the paper does), with a warning that names the best excluded candidate and the filter it failed."""
+    kept = CandidateScore(position=-8, layer=1, bypass=3.2, kl=0.02, induce=1.8)
+    excluded = CandidateScore(position=-1, layer=3, bypass=-0.3, kl=0.11, induce=math.nan, failed=["kl > 0.1"])
+    with caplog.at_level(logging.WARNING, logger="abliterate.selection"):
+        assert choose([kept, excluded]) is kept
+    assert "mean refusal score at 3.200" in caplog.text
+    assert "-0.300 at layer 3, position -1, failed: kl > 0.1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="abliterate.selection"):
+        choose([CandidateScore(position=-1, layer=2, bypass=-1.0, kl=0.01, induce=1.0)])
+    assert caplog.text == ""
