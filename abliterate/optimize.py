@@ -104,7 +104,11 @@ def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str,
     from abliterate.confirm import worst_refusal
 
     if config.trial >= 0:
-        return next(c for c in confirmed if c["trial"] == config.trial)
+        picked = next(c for c in confirmed if c["trial"] == config.trial)
+        if (worst_refusal(picked) or 0.0) > config.target_refusal:
+            log.warning("Trial %d (optimize.trial) refuses %.2f of the held-out harmful prompts, above the target "
+                        "%.2f; shipping it as asked.", config.trial, worst_refusal(picked), config.target_refusal)
+        return picked
     generated = [c for c in confirmed if worst_refusal(c) is not None]
     meeting = [c for c in generated if worst_refusal(c) <= config.target_refusal]
     if meeting:

@@ -276,3 +276,16 @@ def test_infeasible_trials_are_ordered_by_how_far_they_are_from_shipping_and_lef
     trials = [SimpleNamespace(number=n, values=v) for n, v in enumerate(
         [[0.02, 0.004], [0.03, 0.0005], [0.9, math.inf], [0.6, 0.0001], [0.5, 0.01]])]
     assert pareto_front(trials) == [0, 1, 3]  # 2 has no KL (kept refusing), 4 is dominated by 3
+
+
+def test_a_picked_trial_that_misses_the_target_ships_with_a_warning(caplog) -> None:
+    import logging
+
+    from abliterate.config import OptimizeConfig
+    from abliterate.optimize import choose
+
+    rows = [{"trial": 0, "harmful_refusal": 1.0, "harmful_refusal_thinking_on": None, "reply_kl": 0.0001,
+             "identical_share": 1.0}]
+    with caplog.at_level(logging.WARNING, logger="abliterate.optimize"):
+        assert choose(rows, OptimizeConfig(trial=0))["trial"] == 0
+    assert "Trial 0 (optimize.trial) refuses 1.00" in caplog.text
