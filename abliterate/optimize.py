@@ -134,31 +134,14 @@ def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, di
 
 def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     """Measure (or reuse the measurement in `out_dir`), search, confirm, choose and record the edit."""
-    from safetensors.torch import load_file
-
-    from abliterate.direction import DIRECTION_JSON, load_direction
-    from abliterate.measure import CANDIDATES_FILE, SCORES_FILE, measure
+    from abliterate.measure import SCORES_FILE
     from abliterate.model import load_model
 
     out_dir = check_out_dir(Path(out_dir), force=True)  # a file there is refused before any work
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    key = _check_search_key(out_dir, source, config)
-    if not ((out_dir / CANDIDATES_FILE).is_file() and (out_dir / DIRECTION_JSON).is_file()):
-        measure(source, out_dir, config)
-    else:
-        log.info("Reusing the measurement in %s (resuming).", out_dir)
-    write_atomic(out_dir / SEARCH_KEY_FILE, json.dumps({"key": key}) + "\n")
+    paper, tables, profile, config = _measured(source, out_dir, config)
     timings["measure_s"] = time.perf_counter() - start
-    paper = load_direction(out_dir / DIRECTION_JSON)
-    if paper.layer is None or paper.position is None:
-        raise UserError("optimize starts from a measured direction with a layer and position; a reference direction "
-                        "without them (measure.use_reference) cannot seed the search. Drop --use-reference.")
-    tables = load_file(str(out_dir / CANDIDATES_FILE))
-    profile = load_profile(out_dir)  # how measure read refusal: the search and its confirmation read it the same way
-    if profile is not None and profile.template_kwargs:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                       template_kwargs=profile.template_kwargs))
     start = time.perf_counter()
     model, tokenizer = load_model(source, config.model)
     state, held = _prepare(model, tokenizer, config, tables["candidates"], tables["harmless_mean"], profile)
@@ -182,18 +165,43 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     timings["confirm_s"] = time.perf_counter() - start
     params = params_of(study.trials[chosen["trial"]], n_layers, n_positions, config.optimize)
     directions = layer_directions(params, state.candidates, state.harmless_mean)
-    n_run = len(trials)
     payload = {"model": paper.meta.get("model", source), "objectives": ["harmful refusal probability (validation)",
-               "harmless per-token KL over the base replies (validation)"], "n_trials": n_run, "paper_trial": paper_trial,
-               "pareto": pareto, "feasible_front": feasible, "trials": trial_rows(trials, pareto), "confirmation": confirmed, "chosen": chosen,
+               "harmless per-token KL over the base replies (validation)"], "n_trials": len(trials),
+               "paper_trial": paper_trial, "pareto": pareto, "feasible_front": feasible,
+               "trials": trial_rows(trials, pareto), "confirmation": confirmed, "chosen": chosen,
                "chosen_params": params.to_dict(), "target_refusal": config.optimize.target_refusal,
-               "timings_s": timings,
-               "trials_this_run": n_new, "trials_per_s": n_new / timings["search_s"] if n_new else None}
+               "timings_s": timings, "trials_this_run": n_new,
+               "trials_per_s": n_new / timings["search_s"] if n_new else None}
     edit_path = write_outputs(out_dir, payload, params, directions)
     return OptimizeResult(out_dir=out_dir, edit_path=edit_path, chosen_trial=chosen["trial"], paper_trial=paper_trial,
-                          params=params.to_dict(), confirmation=confirmed, n_trials=n_run, timings_s=timings,
+                          params=params.to_dict(), confirmation=confirmed, n_trials=len(trials), timings_s=timings,
                           trials_per_s=payload["trials_per_s"],
                           layer=paper.layer, position=paper.position, token_text=paper.meta.get("token_text", ""))
+
+
+def _measured(source: str, out_dir: Path, config: Config) -> tuple[Any, dict[str, torch.Tensor], Any, Config]:
+    """The paper's direction, measure's tables and refusal profile (measured now, or reused from `out_dir` when a
+    stopped search resumes), and the config with the template settings measure used."""
+    from safetensors.torch import load_file
+
+    from abliterate.direction import DIRECTION_JSON, load_direction
+    from abliterate.measure import CANDIDATES_FILE, measure
+
+    key = _check_search_key(out_dir, source, config)
+    if not ((out_dir / CANDIDATES_FILE).is_file() and (out_dir / DIRECTION_JSON).is_file()):
+        measure(source, out_dir, config)
+    else:
+        log.info("Reusing the measurement in %s (resuming).", out_dir)
+    write_atomic(out_dir / SEARCH_KEY_FILE, json.dumps({"key": key}) + "\n")
+    paper = load_direction(out_dir / DIRECTION_JSON)
+    if paper.layer is None or paper.position is None:
+        raise UserError("optimize starts from a measured direction with a layer and position; a reference direction "
+                        "without them (measure.use_reference) cannot seed the search. Drop --use-reference.")
+    profile = load_profile(out_dir)  # how measure read refusal: the search and its confirmation read it the same way
+    if profile is not None and profile.template_kwargs:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                       template_kwargs=profile.template_kwargs))
+    return paper, load_file(str(out_dir / CANDIDATES_FILE)), profile, config
 
 
 # Settings that only extend the search, pick from it or confirm it: a finished search stays valid when they change.
