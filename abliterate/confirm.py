@@ -150,17 +150,15 @@ def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], A
     """Confirm several edits (keyed by trial) for a choice of the least reply KL meeting the refusal `target`.
 
     Every edit's reply KL and identical share come from its teacher-forced pass (cheap); the refusals need
-    generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target
-    (in both thinking modes, where the template has a switch):
-    no later edit can be chosen over it, so theirs stay None ("not generated"). With `only`, that edit alone is
-    generated (the user's pick).
+    generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target (in
+    both thinking modes, where the template has a switch): no later edit can be chosen over it, so theirs stay None
+    ("not generated"). With `only`, that edit alone is generated (the user's pick).
     """
     rows, forced = [], {}
     for trial, edit in edits.items():
         kl, forced[trial] = teacher_forced(model, edit, held)
         rows.append({"trial": trial, "harmful_refusal": None, "harmful_refusal_thinking_on": None,
-                     "harmless_refusal": None,
-                     **_forced_figures(kl, forced[trial], held)})
+                     "harmless_refusal": None, **_forced_figures(kl, forced[trial], held)})
     ranked = sorted(rows, key=lambda row: (row["reply_kl"], -row["identical_share"]))
     for row in ranked if only is None else [row for row in rows if row["trial"] == only]:
         row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]]))

@@ -58,15 +58,12 @@ from abliterate.metrics import (
     matcher_for,
     record_logprobs,
 )
+from abliterate.openings import thinking_switched_on
 from abliterate.refusal import RefusalProfile, load_profile
 from abliterate.refusal_judge import check_refusal_judge, label_completions
 from abliterate.report import EvalReport, eval_record
 
 log = logging.getLogger(__name__)
-
-# Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
-_THINKING_SWITCHES = ("enable_thinking", "thinking")
-
 
 @dataclass
 class _Run:
@@ -191,12 +188,6 @@ def _context(config: Config, measure_dir: Path | None) -> _Context:
         matcher=matcher_for(config.eval.refusal_set, profile), profile=profile,
         thinking_on=thinking_switched_on(model_config.template_kwargs), direction=direction,
     )
-
-
-def thinking_switched_on(template_kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The template kwargs with thinking on, when they switch it off (Qwen3's enable_thinking=False); else None."""
-    off = [key for key in _THINKING_SWITCHES if template_kwargs.get(key) is False]
-    return {**template_kwargs, **dict.fromkeys(off, True)} if off else None
 
 
 def _load(source: str, config: Config) -> tuple[Any, Any]:

@@ -12,6 +12,8 @@ OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching 
 # spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
 LONGEST_WORD = 20
 MAX_OPENINGS = 20
+# Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
+THINKING_SWITCHES = ("enable_thinking", "thinking")
 SWITCH_SENTINEL = "Name a fruit"  # the user message rendered to see whether the template switches thinking
 THINKING_STARTS = ("<think>", "<thinking>", "<|begin_of_thought|>", "<|channel|>analysis", "<|START_THINKING|>")
 THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>final<|message|>", "<|END_THINKING|>")
@@ -92,3 +94,9 @@ def thinking_switch(tokenizer: Any, model_config: Any) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - a template that fails here fails again, with a clear message, when formatting
         return {}
     return {"enable_thinking": False} if default != off else {}
+
+
+def thinking_switched_on(template_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The template kwargs with thinking on, when they switch it off (Qwen3's enable_thinking=False); else None."""
+    off = [key for key in THINKING_SWITCHES if template_kwargs.get(key) is False]
+    return {**template_kwargs, **dict.fromkeys(off, True)} if off else None

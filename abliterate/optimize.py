@@ -268,9 +268,9 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     """The validation set (filtered like measure's) with the base replies, and the held-out prompts."""
     from abliterate.chat import format_instructions, stop_token_ids
     from abliterate.confirm import held_out
-    from abliterate.evaluation import thinking_switched_on
     from abliterate.generation import pad_token_id
     from abliterate.metrics import batches, matcher_for
+    from abliterate.openings import thinking_switched_on
     from abliterate.prompts import prompt_sets
 
     sets = prompt_sets(config.prompts)

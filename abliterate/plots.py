@@ -56,7 +56,7 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
         for position in positions:
             rows = sorted((s for s in scores if s.position == position), key=lambda s: s.layer)
             name = f"pos {position}" + (f" {token_texts[position]!r}" if token_texts and position in token_texts else "")
-            # NaN (not scored: a discarded layer, or a pruned induce pass) leaves a gap in the line.
+            # NaN (not scored: a discarded layer, or a pruned KL or induce pass) leaves a gap in the line.
             axis.plot([s.layer for s in rows], [getattr(s, key) for s in rows], marker="o", markersize=3, label=name)
         for s in scores:
             if s.chosen:
@@ -73,12 +73,9 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, title: str = "", c
         axis.set_xlabel("layer")
         axis.set_ylabel(y_label)
         axis.set_title(label, fontsize=10)
-    if any(math.isnan(s.kl) and not math.isnan(s.bypass) for s in scores):
-        axes[2].text(0.02, 0.97, "scored only where it could change the choice;\n--score-all scores every candidate",
-                     transform=axes[2].transAxes, fontsize=7, color="grey", verticalalignment="top")
-    if any(math.isnan(s.induce) and not math.isnan(s.bypass) for s in scores):
-        axes[1].text(0.02, 0.97, "scored only where it could change the choice;\n--score-all scores every candidate",
-                     transform=axes[1].transAxes, fontsize=7, color="grey", verticalalignment="top")
+        if key != "bypass" and any(math.isnan(getattr(s, key)) and not math.isnan(s.bypass) for s in scores):
+            axis.text(0.02, 0.97, "scored only where it could change the choice;\n--score-all scores every candidate",
+                      transform=axis.transAxes, fontsize=7, color="grey", verticalalignment="top")
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)

@@ -3,8 +3,8 @@
 The apply step writes the edited checkpoint into `abliterate/apply/checkpoint/`. Publishing *moves* its files to the
 top of the output (`config.json` last, so a folder that loads as a model is always complete), and its own provenance
 files (the direction or edit that `abliteration.json` names) into `abliterate/`, where that record says they are;
-unpublishing moves them back (`config.json` first). The weights therefore exist once: a plain `hf upload` of the folder sends them
-once, and the disk holds one copy. The step's marker stays in `abliterate/apply/`.
+unpublishing moves them back (`config.json` first). The weights therefore exist once: a plain `hf upload` of the
+folder sends them once, and the disk holds one copy. The step's marker stays in `abliterate/apply/`.
 
 Everything the run writes is later pushed, so `scrub_tree` replaces the local paths a run knows about (the output,
 the model folder, local input files) in every text file of the provenance folder, and the working, home and

@@ -131,7 +131,7 @@ def check_kept(side: str, n_kept: int, n_total: int, split: str) -> None:
 class ValidationSet:
     """Harmful and harmless validation prompts in shared batches, with the base model's cached outputs."""
 
-    batches: list[Batch]  # harmful and harmless rows mixed, so a candidate costs one pass over them
+    batches: list[Batch]  # harmful and harmless rows mixed: the base pass, and one pass for a reference direction
     harmless_batches: list[Batch]  # harmless rows only, for the induce pass
     is_harmful: torch.Tensor  # [n] bool, per text of `batches`
     base_log_probs: torch.Tensor  # [n_harmless, kl_positions, vocab] float32, harmless rows in text order
