@@ -148,7 +148,8 @@ class OptimizeConfig:
     n_startup_trials: int = setting(16, "Random trials before the TPE sampler models the Pareto front.")
     seed: int = setting(0, "Seed of the search's sampler.")
     target_refusal: float = setting(0.05, "Harmful refusal rate (held out, by generation) the shipped edit must reach.")
-    n_confirm: int = setting(3, "Pareto points confirmed by generation on held-out prompts (plus the paper's edit).")
+    refine_share: float = setting(0.15, "Share of n_trials, the last ones, that shrink the gentlest feasible edits toward the refusal target.")
+    n_confirm: int = setting(3, "Pareto points confirmed by generation on held-out prompts first (more of the front, this many at a time, while none meets the target; the paper's edit last).")
     confirm_tokens: int = setting(48, "New tokens per reply when confirming (greedy).")
     max_weight: float = setting(1.5, "Largest ablation weight the search may use (1 removes the direction exactly).")
     search_per_layer: bool = setting(True, "Let the search use each layer's own direction instead of one interpolated direction.")
@@ -257,8 +258,9 @@ def validate(config: Config) -> None:
     o = config.optimize
     if o.n_trials < 1 or o.n_confirm < 1 or o.confirm_tokens < 1 or o.n_startup_trials < 0:
         raise UserError("optimize.n_trials, n_confirm and confirm_tokens must be at least 1 (n_startup_trials >= 0).")
-    if not 0 <= o.target_refusal <= 1 or o.max_weight <= 0:
-        raise UserError("optimize.target_refusal must be in [0, 1] and optimize.max_weight above 0.")
+    if not 0 <= o.target_refusal <= 1 or o.max_weight <= 0 or not 0 <= o.refine_share <= 1:
+        raise UserError("optimize.target_refusal and optimize.refine_share must be in [0, 1] and optimize.max_weight "
+                        "above 0.")
     if o.trial < -1:
         raise UserError(f"optimize.trial {o.trial} is not a trial number; pass one from optimize.json (0, 1, ...) or "
                         "-1 to let the search choose.")

@@ -4,8 +4,9 @@ A trial is an `abliterate.edit_params.EditParams` drawn by Optuna's multi-object
 well-kept library the leading peer uses too). Its objectives are computed on the validation prompts with the edit as
 hooks, exactly the checkpoint `apply` would write: the mean refusal probability sigmoid(refusal score) on harmful
 prompts and the per-token KL(base || edited) over the base model's greedy replies to harmless prompts. The paper's
-edit and two variants of it are enqueued first. Finished trials are logged in the output folder and replayed on a
-rerun (`load_study`).
+edit and two variants of it are enqueued first; the last trials (`optimize.refine_share`) shrink the gentlest
+feasible edits along their own weight scale toward the refusal target instead of sampling (`refinement`). Finished
+trials are logged in the output folder and replayed on a rerun (`load_study`).
 """
 
 from __future__ import annotations
@@ -84,11 +85,12 @@ class ReplySet:
 # ---- the search space ----
 
 def suggest(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfig) -> EditParams:
-    """One point of the search space, drawn by an Optuna trial (the ranges are the peer's, widened to all layers)."""
+    """One point of the search space, drawn by an Optuna trial (the peer's ranges, widened to all layers and to peak
+    weights from 0, so a refinement's shrunk weights stay in range and a writer kind may be left alone)."""
     top = float(n_layers - 1)
 
     def kernel(name: str) -> Kernel:
-        peak = trial.suggest_float(f"{name}.peak_weight", 0.5, config.max_weight)
+        peak = trial.suggest_float(f"{name}.peak_weight", 0.0, config.max_weight)
         return Kernel(peak_weight=peak, peak_layer=trial.suggest_float(f"{name}.peak_layer", 0.0, top),
                       min_weight=peak * trial.suggest_float(f"{name}.min_fraction", 0.0, 1.0),
                       width=trial.suggest_float(f"{name}.width", 1.0, max(1.0, float(n_layers))))
@@ -229,7 +231,10 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
         log.warning("The folder already holds %d trials (more than optimize.n_trials = %d); all of them are used, "
                     "none is dropped.", done, config.n_trials)
     start = time.perf_counter()
-    for _ in progress.track(range(remaining), "optimizing the edit (trials)"):
+    for number in progress.track(range(done, done + remaining), "optimizing the edit (trials)"):
+        step = refinement(study.trials, config) if number >= config.n_trials - refine_trials(config) else None
+        if step is not None:
+            study.enqueue_trial(step.values, user_attrs={"refines": step.parent, "scale": step.scale})
         trial = study.ask()
         params = suggest(trial, n_layers, n_positions, config)
         # The seeded edits (the paper's and its variants) always get their KL: the plot and the record show them.
@@ -241,6 +246,52 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
     if remaining:
         log.info("%d trials in %.1f s (%.1f trials/s).", remaining, elapsed, remaining / max(elapsed, 1e-9))
     return elapsed
+
+
+def refine_trials(config: OptimizeConfig) -> int:
+    """How many of the last trials refine (`refinement`) instead of sampling."""
+    return round(config.n_trials * config.refine_share)
+
+
+@dataclass
+class Refinement:
+    """A trial that scales every ablation weight of a feasible trial (`parent`) by `scale`."""
+
+    parent: int
+    scale: float
+    values: dict[str, Any]
+
+
+REFINE_FIRST_SCALE = 0.8  # the first shrink of a feasible edit; a failed one is retried halfway back to 1
+REFINE_CLOSEST = 0.96  # a scale closer to 1 than this would change the KL too little to spend a trial on
+
+
+def refinement(trials: list[Any], config: OptimizeConfig) -> Refinement | None:
+    """The next step of the search's last trials: shrink a feasible edit toward the refusal target.
+
+    The KL of an edit falls with its strength (about as its square) while the refusal rises, so the gentlest version
+    of an edit that still meets the target sits on the feasibility boundary along its own weight scale, where the
+    sampler rarely lands. A bisection along that one scale: a feasible trial's weights (both kernels' peaks, hence
+    their minima, and the embedding's) times 0.8; when every shrink of it so far was infeasible, halfway from the
+    largest of them back to 1. A feasible shrink is a feasible trial in its own right and is shrunk in turn. The
+    parent is the lowest-KL feasible trial that can still be shrunk; decided from the finished trials alone (their
+    `refines` and `scale` attributes), so a resumed search goes on the same way. None when no feasible trial can be.
+    """
+    done = [t for t in trials if t.values is not None]
+    feasible = sorted((t for t in done if math.isfinite(t.values[1])
+                       and t.user_attrs.get("refusing_share", 1.0) <= config.target_refusal), key=lambda t: t.values[1])
+    numbers = {t.number for t in feasible}
+    for parent in feasible:
+        children = [t for t in done if t.user_attrs.get("refines") == parent.number]
+        if any(t.number in numbers for t in children):  # already shrunk: its feasible child stands for it
+            continue
+        scale = (1 + max(t.user_attrs["scale"] for t in children)) / 2 if children else REFINE_FIRST_SCALE
+        if scale <= REFINE_CLOSEST:
+            values = dict(parent.params)
+            for name in ("mixer.peak_weight", "mlp.peak_weight", "embed_weight"):
+                values[name] = values[name] * scale
+            return Refinement(parent.number, scale, values)
+    return None
 
 
 def params_of(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfig) -> EditParams:
