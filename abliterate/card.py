@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from abliterate import metric_table
 from abliterate.decision import DECISION_POSITION
@@ -201,6 +202,30 @@ def _what_was_done(facts: CardFacts) -> list[str]:
                        "explicitly with the original weights (`tie_word_embeddings: false`), so only the input side "
                        "changed.")]
     return lines + [""]
+
+
+def describe_edit(params: dict[str, Any], chosen: dict[str, Any], paper_trial: int, n_trials: int) -> str:
+    """A Markdown paragraph for the model card: which optimized edit shipped, with what parameters and figures."""
+    from abliterate.edit_params import EditParams
+
+    p = EditParams.from_dict(params)
+    direction = ("each layer's own candidate direction" if p.per_layer
+                 else f"one direction at fractional layer index {p.direction_index:.3f}")
+    kernels = "; ".join(f"{name}: weight {k.peak_weight:.3f} at layer {k.peak_layer:.2f}, falling to {k.min_weight:.3f} "
+                        f"at distance {k.width:.2f}" for name, k in (("attention/mixer", p.mixer), ("MLP", p.mlp)))
+    shipped = "the paper's single-direction edit" if chosen["trial"] == paper_trial else f"trial {chosen['trial']}"
+    on = chosen.get("harmful_refusal_thinking_on")
+    thinking_on = "" if on is None else f" ({on:.2f} with thinking on)"
+    return (f"Shipped: an optimized edit ({shipped} of a {n_trials}-trial multi-objective search, `abliterate "
+            f"optimize`), not the paper's full-strength edit everywhere. Direction: {direction}, position "
+            f"{p.position}{', harmless-mean component removed (projected)' if p.projected else ''}. Ablation weights "
+            f"per writer kind ({kernels}; embedding {p.embed_weight:.3f}). Every residual writer was edited "
+            f"T <- T - w (T.u) u with u = r (normalize(g * r) behind a post-norm), a rank-one change per matrix"
+            f"{'; then every d_model write vector was rescaled to its original length (norm-preserving)' if p.preserve_norm else ''}. "
+            f"Held out, by generation ({chosen['max_new_tokens']} new tokens, greedy): harmful refusal "
+            f"{chosen['harmful_refusal']:.2f}{thinking_on}, harmless replies identical to the base model's "
+            f"{chosen['identical_share']:.0%}, per-token KL over the base model's replies {chosen['reply_kl']:.4f}. "
+            "The parameters are in abliterate/measure/edit.json.")
 
 
 def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) -> str:

@@ -148,20 +148,29 @@ def optimize_command(
         table.add_column(header)
     for row in result.confirmation:
         name = f"{row['trial']}" + (" (paper)" if row["trial"] == result.paper_trial else "")
-        refusal = "-" if row["harmful_refusal"] is None else f"{row['harmful_refusal']:.2f}"  # not generated
-        if row.get("harmful_refusal_thinking_on") is not None:
-            refusal += f" (thinking on {row['harmful_refusal_thinking_on']:.2f})"
-        table.add_row(name, refusal, f"{row['identical_share']:.2f}", f"{row['reply_kl']:.5f}",
+        table.add_row(name, _refusal_cell(row), f"{row['identical_share']:.2f}", f"{row['reply_kl']:.5f}",
                       "yes" if row["trial"] == result.chosen_trial else "")
     console = _console()
     console.print(table)
     if any(row["harmful_refusal"] is None for row in result.confirmation):
         console.print("-: not generated (" + ("--trial picks the shipped edit" if config.optimize.trial >= 0
                                               else "an edit with less reply KL met the target first") + ").")
+    if any(row.get("refusal_stopped_early") for row in result.confirmation):
+        console.print(">=: generation stopped once more replies refused than the target allows (at least this share).")
     speed = f" ({result.trials_per_s:.1f} trials/s)" if result.trials_per_s else ""
     console.print(f"Search: {result.timings_s.get('search_s', 0.0):.1f} s{speed}")
     console.print(f"Edit: {result.edit_path} (write it with: abliterate apply MODEL --direction {result.edit_path} "
                   "--out DIR)", soft_wrap=True)
+
+
+def _refusal_cell(row: dict) -> str:
+    """A confirmed edit's harmful refusal: "-" not generated, ">=" a lower bound (its generation stopped early)."""
+    if row["harmful_refusal"] is None:
+        return "-"
+    on = row.get("harmful_refusal_thinking_on")
+    bound = ">=" if row.get("refusal_stopped_early") else ""
+    cell = f"{bound if on is None else ''}{row['harmful_refusal']:.2f}"
+    return cell if on is None else f"{cell} (thinking on {bound}{on:.2f})"
 
 
 @app.command("eval")

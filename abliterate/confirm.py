@@ -8,23 +8,31 @@ greedy replies, computed once:
   Read from one teacher-forced pass over the base replies, which is exact for greedy decoding: the edited model
   writes the base reply token by token if and only if, given the base reply so far, its most likely next token is
   the base reply's next token at every position (and a stop token where the base reply stopped);
-- harmless refusal: the base reply's verdict for the identical replies; the others are generated with the edit;
+- harmless refusal: the base reply's verdict for the identical replies; the others are generated with the edit
+  (not generated, None, for an edit that already refuses too often);
 - reply KL: per-token KL(base || edited) over the base model's greedy harmless replies (teacher-forced; the stop
   token that ended a reply is scored too), the damage measure the peer scorer (damage.py) reports.
+
+When edits are confirmed for a choice (`confirm_in_order`), an edit's harmful generation stops as soon as more
+replies refuse than the refusal target allows (`RefusalWatch`): that edit cannot be chosen, and its refusal is then
+recorded as the share seen so far, a lower bound (`refusal_stopped_early`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria
 
 from abliterate.activations import kl_divergence
-from abliterate.generation import Reply, generate_transformers
-from abliterate.metrics import RefusalMatcher, Scored, batches, position_logprobs
+from abliterate.generation import Reply, cut_at_stop, generate_transformers
+from abliterate.metrics import DEFAULT_THINKING_END, RefusalMatcher, Scored, batches, position_logprobs
+from abliterate.openings import inside_thinking
 
 # The base log-probabilities over the held-out replies are kept between confirmations up to this size (a few
 # thousand positions of a toy vocabulary); a 128k-vocabulary model recomputes them beside each edited pass instead.
@@ -106,25 +114,83 @@ def teacher_forced(model: Any, edit: Callable[[], AbstractContextManager], held:
     return (total / count if count else 0.0), identical
 
 
+class RefusalWatch(StoppingCriteria):
+    """Stops a generation once more than `allowed` replies read as refusals (over every batch so far).
+
+    A reply counts as soon as its text so far is a refusal to `held.matcher` outside a thinking block (an open block
+    leaves it undecided): the matcher looks for phrases in the answer and openings at its start, which stay once
+    written, so a reply counted here is a refusal in full too. Undecided replies are decoded and read every
+    `EVERY` new tokens (and once more when they end), which keeps the check to a small share of the generation.
+    """
+
+    EVERY = 4
+
+    def __init__(self, tokenizer: Any, held: HeldOut, allowed: int) -> None:
+        self.tokenizer, self.matcher, self.stop_ids, self.allowed = tokenizer, held.matcher, held.stop_ids, allowed
+        self.thinking_end = held.matcher.thinking_end or DEFAULT_THINKING_END
+        self.before, self.seen, self.ended, self.width, self.prompts, self.stopped = 0, set(), set(), 0, [], False
+
+    def begin(self, width: int, prompts: Any) -> None:
+        """A new batch: its prompt width (new tokens start there) and its prompts."""
+        self.before, self.seen, self.ended = self.before + len(self.seen), set(), set()
+        self.width, self.prompts = width, list(prompts)
+
+    @property
+    def refusing(self) -> int:
+        return self.before + len(self.seen)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.width:]  # [batch, new tokens so far]
+        if not self.stopped:
+            last = new[:, -1].tolist()
+            for row in range(new.shape[0]):
+                if row in self.seen or row in self.ended:
+                    continue
+                ended = last[row] in self.stop_ids  # a finished reply (then padded) is read one last time
+                if ended or new.shape[1] % self.EVERY == 0:
+                    if self._refuses(self.prompts[row], new[row].tolist()):
+                        self.seen.add(row)
+                    elif ended:
+                        self.ended.add(row)
+            self.stopped = self.refusing > self.allowed
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+    def _refuses(self, prompt: str, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(cut_at_stop(tokens, self.stop_ids)[0], skip_special_tokens=True)
+        return not inside_thinking(prompt, text, self.thinking_end) and self.matcher.is_refusal(text.strip())
+
+
 def generated(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut,
-              identical: list[bool]) -> dict[str, float | None]:
+              identical: list[bool], target: float | None = None) -> dict[str, Any]:
     """Harmful and harmless refusal of one edit by generation (and harmful refusal with thinking on, when measuring
     switched it off); only the harmless replies that changed (`identical` from `teacher_forced`) are generated, the
-    others are the base model's own."""
+    others are the base model's own. With a `target`, a harmful generation that refuses more than it allows stops
+    there (`RefusalWatch`): its share is then a lower bound, the rest is not generated, `refusal_stopped_early`."""
     changed = [text for text, same in zip(held.harmless, identical) if not same]
 
-    def replies(texts: list[str]) -> list[Reply]:
-        return generate_transformers(model, tokenizer, texts, held.stop_ids, held.max_new_tokens,
-                                     held.batch_size) if texts else []
+    def refusing(texts: list[str]) -> tuple[float | None, bool]:
+        if not texts:
+            return None, False
+        watch = None if target is None else RefusalWatch(tokenizer, held, math.floor(target * len(texts) + 1e-9))
+        found = generate_transformers(model, tokenizer, texts, held.stop_ids, held.max_new_tokens, held.batch_size,
+                                      watch)
+        if watch is not None and watch.stopped:
+            return watch.refusing / len(texts), True
+        return sum(held.matcher.is_refusal(reply.text) for reply in found) / len(found), False
 
-    def refusing(found: list[Reply]) -> float | None:
-        return sum(held.matcher.is_refusal(reply.text) for reply in found) / len(found) if found else None
-
+    row: dict[str, Any] = {"harmful_refusal": None, "harmful_refusal_thinking_on": None, "harmless_refusal": None,
+                           "refusal_stopped_early": False}
     with edit():
-        harmful, thinking_on, new = replies(held.harmful), replies(held.harmful_thinking_on), iter(replies(changed))
+        for key, texts in (("harmful_refusal", held.harmful), ("harmful_refusal_thinking_on", held.harmful_thinking_on)):
+            row[key], row["refusal_stopped_early"] = refusing(texts)
+            if row["refusal_stopped_early"]:
+                return row
+        new = iter(generate_transformers(model, tokenizer, changed, held.stop_ids, held.max_new_tokens,
+                                         held.batch_size) if changed else [])
     harmless = [base if same else next(new) for base, same in zip(held.base_harmless, identical)]
-    return {"harmful_refusal": refusing(harmful) or 0.0, "harmful_refusal_thinking_on": refusing(thinking_on),
-            "harmless_refusal": refusing(harmless) or 0.0}
+    row["harmful_refusal"] = row["harmful_refusal"] or 0.0
+    row["harmless_refusal"] = sum(held.matcher.is_refusal(reply.text) for reply in harmless) / max(1, len(harmless))
+    return row
 
 
 def worst_refusal(row: dict[str, Any]) -> float | None:
@@ -146,22 +212,29 @@ def confirm(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManage
 
 
 def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], AbstractContextManager]],
-                     held: HeldOut, target: float, only: int | None = None) -> list[dict[str, Any]]:
+                     held: HeldOut, target: float, only: int | None = None,
+                     bound: float = math.inf) -> list[dict[str, Any]]:
     """Confirm several edits (keyed by trial) for a choice of the least reply KL meeting the refusal `target`.
 
     Every edit's reply KL and identical share come from its teacher-forced pass (cheap); the refusals need
     generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target (in
     both thinking modes, where the template has a switch): no later edit can be chosen over it, so theirs stay None
-    ("not generated"). With `only`, that edit alone is generated (the user's pick).
+    ("not generated"). An edit's generation stops once it refuses more than the target allows (`RefusalWatch`).
+    With `only`, that edit alone is generated, in full (the user's pick). With a `bound` (the reply KL of an edit
+    confirmed before that met the target), only edits with less reply KL are generated.
     """
     rows, forced = [], {}
     for trial, edit in edits.items():
         kl, forced[trial] = teacher_forced(model, edit, held)
         rows.append({"trial": trial, "harmful_refusal": None, "harmful_refusal_thinking_on": None,
-                     "harmless_refusal": None, **_forced_figures(kl, forced[trial], held)})
+                     "harmless_refusal": None, "refusal_stopped_early": False,
+                     **_forced_figures(kl, forced[trial], held)})
     ranked = sorted(rows, key=lambda row: (row["reply_kl"], -row["identical_share"]))
     for row in ranked if only is None else [row for row in rows if row["trial"] == only]:
-        row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]]))
+        if only is None and row["reply_kl"] >= bound:
+            break
+        row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]],
+                             None if only is not None else target))
         if only is None and worst_refusal(row) <= target:
             break
     return rows

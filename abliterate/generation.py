@@ -95,9 +95,11 @@ def _length_order(tokenizer: Any, texts: Sequence[str]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_batch(model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int) -> list[Reply]:
-    """Greedy replies for one left-padded batch of already chat-formatted prompts."""
-    from transformers import GenerationConfig
+def generate_batch(model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int,
+                   stopping: Any | None = None) -> list[Reply]:
+    """Greedy replies for one left-padded batch of already chat-formatted prompts (`stopping`: see
+    `generate_transformers`)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     pad_id = pad_token_id(tokenizer, stop_ids)
     batch = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
@@ -105,7 +107,10 @@ def generate_batch(model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: S
     settings = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=pad_id
     )
-    output = model.generate(**batch, generation_config=settings)  # [batch, prompt + new]
+    if stopping is not None:
+        stopping.begin(batch["input_ids"].shape[1], texts)
+    output = model.generate(**batch, generation_config=settings,
+                            stopping_criteria=StoppingCriteriaList([stopping]) if stopping is not None else None)
     new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()  # [batch, new]
     replies = []
     for row in new_tokens:
@@ -115,14 +120,23 @@ def generate_batch(model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: S
 
 
 def generate_transformers(
-    model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int, batch_size: int
+    model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int, batch_size: int,
+    stopping: Any | None = None,
 ) -> list[Reply]:
-    """Greedy replies to every prompt, in batches, in the order given."""
+    """Greedy replies to every prompt, in batches, in the order given.
+
+    `stopping` (optional) is a transformers StoppingCriteria that is also told where each batch's new tokens begin
+    (`begin(prompt_width, texts)`) and says when it `stopped` the generation (as `abliterate.confirm.RefusalWatch`
+    does): then the later batches are skipped and only the replies finished so far are returned, in order.
+    """
     order = _length_order(tokenizer, texts)
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     replies: list[Reply | None] = [None] * len(texts)
     for indices in progress.track(batches, "Generating replies"):
-        for index, reply in zip(indices, generate_batch(model, tokenizer, [texts[i] for i in indices], stop_ids, max_new_tokens)):
+        found = generate_batch(model, tokenizer, [texts[i] for i in indices], stop_ids, max_new_tokens, stopping)
+        if stopping is not None and stopping.stopped:
+            break
+        for index, reply in zip(indices, found):
             replies[index] = reply
     return [reply for reply in replies if reply is not None]
 

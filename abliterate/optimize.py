@@ -80,21 +80,25 @@ class OptimizeResult:
 
 # ---- choosing ----
 
-def confirm_order(trials: list[Any], feasible: list[int], paper: int, config: OptimizeConfig) -> list[int]:
-    """The trials to confirm: the lowest-KL points of the feasible front (refusing share at most the target on
-    validation), else the least refusing trials; then `optimize.trial` and the paper's edit."""
+def confirm_order(trials: list[Any], feasible: list[int], paper: int,
+                  config: OptimizeConfig) -> tuple[list[int], list[int]]:
+    """The trials to confirm first: the lowest-KL points of the feasible front (refusing share at most the target on
+    validation), else the least refusing trials, and `optimize.trial`. And the reserve: the rest of the feasible
+    front in order of KL, confirmed only when none of the first meets the target held out. The paper's edit is in
+    neither: it is always confirmed, last (`_confirm_trials`)."""
     by_number = {t.number: t for t in trials}
     if feasible:
         ranked = sorted((by_number[n] for n in feasible), key=lambda t: t.values[1])
     else:  # none meets the target on validation: confirm the least refusing edits instead
         ranked = sorted(trials, key=lambda t: (t.values[0], t.values[1]))
-    chosen = [t.number for t in ranked][: config.n_confirm]
-    if config.trial >= 0 and config.trial not in chosen:
+    ranked = [t.number for t in ranked if t.number != paper]
+    first = ranked[: config.n_confirm]
+    if config.trial >= 0 and config.trial not in first and config.trial != paper:
         if config.trial not in by_number:
             raise UserError(f"optimize.trial {config.trial} is not a finished trial (0..{len(trials) - 1}); see "
                             f"{OPTIMIZE_FILE} for the trials.")
-        chosen.append(config.trial)
-    return chosen + ([paper] if paper not in chosen else [])
+        first.append(config.trial)
+    return first, [n for n in ranked[config.n_confirm:] if n not in first] if feasible else []
 
 
 def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str, Any]:
@@ -159,8 +163,9 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     feasible = sorted(t.number for t in study.best_trials)  # the front of the trials meeting the target
     paper_trial = _paper_trial(trials, seeds[0])
     start = time.perf_counter()
-    order = confirm_order(trials, feasible, paper_trial, config.optimize)
-    confirmed = _confirm_trials(state, tokenizer, held, [study.trials[number] for number in order])
+    first, reserve = confirm_order(trials, feasible, paper_trial, config.optimize)
+    confirmed = _confirm_trials(state, tokenizer, held, [study.trials[n] for n in first],
+                                [study.trials[n] for n in reserve], study.trials[paper_trial])
     chosen = choose(confirmed, config.optimize)
     timings["confirm_s"] = time.perf_counter() - start
     params = params_of(study.trials[chosen["trial"]], n_layers, n_positions, config.optimize)
@@ -242,25 +247,54 @@ def _paper_trial(trials: list[Any], values: dict[str, Any]) -> int:
     return trials[0].number
 
 
-def _confirm_trials(state: SearchState, tokenizer: Any, held: Any, trials: list[Any]) -> list[dict[str, Any]]:
-    """The held-out figures of each trial's edit (`abliterate.confirm.confirm_in_order`), beside its validation ones."""
-    from abliterate.confirm import confirm_in_order
+def _confirm_trials(state: SearchState, tokenizer: Any, held: Any, trials: list[Any], reserve: list[Any],
+                    paper: Any) -> list[dict[str, Any]]:
+    """The held-out figures of the edits to confirm (`abliterate.confirm.confirm_in_order`), beside their validation
+    ones: `trials` (the lowest-KL front points, and `optimize.trial`) first; then, while no edit among them meets the
+    target held out, the `reserve` (the rest of the front), `optimize.n_confirm` at a time: the lowest-KL points are
+    the closest to the refusal boundary, so the likeliest to miss it held out, and a gentler edit than the paper's
+    is usually further down the front. The paper's edit (`paper`, a trial) comes last, generated only when nothing
+    met the target with less reply KL than its own. When nothing meets it at all, the least refusing edit ships:
+    edits whose generation stopped early (a lower bound) are then generated in full, so it is compared on whole
+    figures.
+    """
+    from abliterate.confirm import confirm, confirm_in_order
 
     n_positions, n_layers, _ = state.candidates.shape
+    config, by_number = state.config, {t.number: t for t in [*trials, *reserve, paper]}
 
     def edit_of(trial: Any) -> Any:
-        params = params_of(trial, n_layers, n_positions, state.config)
+        params = params_of(trial, n_layers, n_positions, config)
         directions = layer_directions(params, state.candidates, state.harmless_mean)
         return lambda: hooked_edit(state.model, params, directions)
 
-    only = state.config.trial if state.config.trial >= 0 else None
-    rows = confirm_in_order(state.model, tokenizer, {t.number: edit_of(t) for t in trials}, held,
-                            state.config.target_refusal, only)
-    for row, trial in zip(rows, trials):
-        refusal, kl = (value if math.isfinite(value) else None for value in trial.values)  # None: not computed
-        row.update({"validation_refusal": refusal, "validation_kl": kl,
-                    "validation_refusing_share": trial.user_attrs.get("refusing_share")})
+    def confirmed(group: list[Any], bound: float = math.inf) -> list[dict[str, Any]]:
+        rows = confirm_in_order(state.model, tokenizer, {t.number: edit_of(t) for t in group}, held,
+                                config.target_refusal, config.trial if config.trial >= 0 else None, bound)
+        for row, trial in zip(rows, group):
+            refusal, kl = (value if math.isfinite(value) else None for value in trial.values)  # None: not computed
+            row.update({"validation_refusal": refusal, "validation_kl": kl,
+                        "validation_refusing_share": trial.user_attrs.get("refusing_share")})
+        return rows
+
+    rows = confirmed(trials)
+    while reserve and config.trial < 0 and not _met(rows, config):
+        rows += confirmed(reserve[: config.n_confirm])
+        reserve = reserve[config.n_confirm:]
+    rows += confirmed([paper], min((row["reply_kl"] for row in _met(rows, config)), default=math.inf))
+    if not _met(rows, config):
+        for row in rows:
+            if row["refusal_stopped_early"]:
+                row.update(confirm(state.model, tokenizer, edit_of(by_number[row["trial"]]), held))
     return rows
+
+
+def _met(rows: list[dict[str, Any]], config: OptimizeConfig) -> list[dict[str, Any]]:
+    """The confirmed rows whose held-out refusal (in both thinking modes) is at most the target."""
+    from abliterate.confirm import worst_refusal
+
+    return [row for row in rows if (worst_refusal(row) if worst_refusal(row) is not None else math.inf)
+            <= config.target_refusal]
 
 
 def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tensor, harmless_mean: torch.Tensor,
@@ -318,28 +352,6 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
 
 # ---- as a step of `run`, and for the model card ----
 
-def describe_edit(params: dict[str, Any], chosen: dict[str, Any], paper_trial: int, n_trials: int) -> str:
-    """A Markdown paragraph for the model card: which edit shipped, with what parameters and figures."""
-    p = EditParams.from_dict(params)
-    direction = ("each layer's own candidate direction" if p.per_layer
-                 else f"one direction at fractional layer index {p.direction_index:.3f}")
-    kernels = "; ".join(f"{name}: weight {k.peak_weight:.3f} at layer {k.peak_layer:.2f}, falling to {k.min_weight:.3f} "
-                        f"at distance {k.width:.2f}" for name, k in (("attention/mixer", p.mixer), ("MLP", p.mlp)))
-    shipped = "the paper's single-direction edit" if chosen["trial"] == paper_trial else f"trial {chosen['trial']}"
-    on = chosen.get("harmful_refusal_thinking_on")
-    thinking_on = "" if on is None else f" ({on:.2f} with thinking on)"
-    return (f"Shipped: an optimized edit ({shipped} of a {n_trials}-trial multi-objective search, `abliterate "
-            f"optimize`), not the paper's full-strength edit everywhere. Direction: {direction}, position "
-            f"{p.position}{', harmless-mean component removed (projected)' if p.projected else ''}. Ablation weights "
-            f"per writer kind ({kernels}; embedding {p.embed_weight:.3f}). Every residual writer was edited "
-            f"T <- T - w (T.u) u with u = r (normalize(g * r) behind a post-norm), a rank-one change per matrix"
-            f"{'; then every d_model write vector was rescaled to its original length (norm-preserving)' if p.preserve_norm else ''}. "
-            f"Held out, by generation ({chosen['max_new_tokens']} new tokens, greedy): harmful refusal "
-            f"{chosen['harmful_refusal']:.2f}{thinking_on}, harmless replies identical to the base model's "
-            f"{chosen['identical_share']:.0%}, per-token KL over the base model's replies {chosen['reply_kl']:.4f}. "
-            "The parameters are in abliterate/measure/edit.json.")
-
-
 def shipped_edit(params: dict[str, Any], trial: int, paper_trial: int) -> str:
     """One line for `run`'s summary: which optimized edit shipped, its direction and position."""
     p = EditParams.from_dict(params)
@@ -357,6 +369,8 @@ def optimize_work(model: str, config: Config) -> Any:
     """
     def work(folder: Path) -> dict:
         import shutil
+
+        from abliterate.card import describe_edit
 
         scratch = folder.parent / f".optimize-{search_key(model, config)}"
         scratch.mkdir(exist_ok=True)

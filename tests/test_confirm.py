@@ -88,8 +88,9 @@ def test_identical_share_and_harmless_refusal_equal_generation(toy, weight: floa
 
 
 def test_refusal_is_generated_in_order_of_kl_until_an_edit_meets_the_target(toy) -> None:
-    """No edit (least KL, still refusing) is generated, then the refusal direction removed (meets the target); the
-    overshooting edit has more KL and is never generated. With `only`, that edit alone is."""
+    """No edit (least KL, still refusing) is generated, and stops as soon as it refuses more than the target allows;
+    then the refusal direction removed (meets the target, generated in full); the overshooting edit has more KL and
+    is never generated. With `only`, that edit alone is, in full; with a `bound` under every KL, none is."""
     from abliterate.confirm import confirm_in_order
 
     model, tokenizer, held = toy
@@ -98,8 +99,56 @@ def test_refusal_is_generated_in_order_of_kl_until_an_edit_meets_the_target(toy)
     edits = {7: _edit(model, 1.6, direction), 3: _edit(model, 0.0, direction), 5: _edit(model, 1.0, direction)}
     rows = {row["trial"]: row for row in confirm_in_order(model, tokenizer, edits, held, target=0.05)}
     assert rows[3]["reply_kl"] < rows[5]["reply_kl"] < rows[7]["reply_kl"]
-    assert rows[3]["harmful_refusal"] == 1.0 and rows[5]["harmful_refusal"] <= 0.05
+    assert rows[3]["refusal_stopped_early"] and 0.05 < rows[3]["harmful_refusal"] < 1.0  # the base refuses all
+    assert rows[3]["harmless_refusal"] is None  # not generated once the edit could not ship
+    assert not rows[5]["refusal_stopped_early"] and rows[5]["harmful_refusal"] <= 0.05
+    assert rows[5]["harmless_refusal"] is not None
     assert rows[7]["harmful_refusal"] is None and rows[7]["harmless_refusal"] is None
-    only = {row["trial"]: row for row in confirm_in_order(model, tokenizer, edits, held, target=0.05, only=7)}
-    assert only[7]["harmful_refusal"] is not None
-    assert only[3]["harmful_refusal"] is None and only[5]["harmful_refusal"] is None
+    only = {row["trial"]: row for row in confirm_in_order(model, tokenizer, edits, held, target=0.05, only=3)}
+    assert only[3]["harmful_refusal"] == 1.0 and not only[3]["refusal_stopped_early"]
+    assert only[7]["harmful_refusal"] is None and only[5]["harmful_refusal"] is None
+    bounded = confirm_in_order(model, tokenizer, edits, held, target=0.05, bound=rows[3]["reply_kl"])
+    assert all(row["harmful_refusal"] is None for row in bounded)
+
+
+def test_refusal_watch_stops_generation_once_over_the_target(toy) -> None:
+    """The base model refuses every harmful prompt: with 2 refusals allowed the watch stops the generation after
+    the first batch decided more than 2, with no reply returned and a count it can prove (every counted reply is a
+    refusal in the full generation too); with every refusal allowed it never stops."""
+    from abliterate.confirm import RefusalWatch
+    from abliterate.generation import generate_transformers
+
+    model, tokenizer, held = toy
+    full = generate_transformers(model, tokenizer, held.harmful, held.stop_ids, held.max_new_tokens, held.batch_size)
+    assert all(held.matcher.is_refusal(reply.text) for reply in full)
+    watch = RefusalWatch(tokenizer, held, allowed=2)
+    found = generate_transformers(model, tokenizer, held.harmful, held.stop_ids, held.max_new_tokens,
+                                  held.batch_size, watch)
+    assert watch.stopped and found == [] and 2 < watch.refusing <= held.batch_size
+    relaxed = RefusalWatch(tokenizer, held, allowed=len(held.harmful))
+    again = generate_transformers(model, tokenizer, held.harmful, held.stop_ids, held.max_new_tokens,
+                                  held.batch_size, relaxed)
+    assert not relaxed.stopped and [r.token_ids for r in again] == [r.token_ids for r in full]
+    assert relaxed.refusing == len(full)
+
+
+def test_refusal_watch_reads_no_refusal_inside_an_open_thinking_block() -> None:
+    """A reply that starts inside the prompt's thinking block and reasons "I can't" is undecided until the block
+    closes; the answer after it decides. Character-level ids stand in for a tokenizer."""
+    from abliterate.confirm import HeldOut, RefusalWatch
+    from abliterate.metrics import matcher_for
+
+    class Characters:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(map(chr, ids))
+
+    held = HeldOut([], [], [], [], stop_ids=[0], pad_id=0, matcher=matcher_for("paper"), max_new_tokens=64,
+                   batch_size=1)
+    watch = RefusalWatch(Characters(), held, allowed=0)
+    watch.begin(1, ["User: hi\nAssistant: <think>\n"])
+    reply = [ord(c) for c in "I can't decide. </think> I can't help with that."]
+    for length in range(4, len(reply) + 1, 4):
+        ids = torch.tensor([[7, *reply[:length]]])
+        stopped = bool(watch(ids, None).all())
+        closed = "</think> I can't" in "".join(map(chr, reply[:length]))
+        assert stopped == closed, "".join(map(chr, reply[:length]))
