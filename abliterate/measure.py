@@ -85,6 +85,7 @@ class MeasureResult:
     counts: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     refusal: RefusalProfile | None = None  # how the base model refuses, as found (or configured)
+    loaded: tuple[Any, Any] | None = field(default=None, repr=False)  # (model, tokenizer), when asked to keep them
 
 
 @dataclass
@@ -109,8 +110,9 @@ class _Fit:
         return int(self.candidates.shape[0])
 
 
-def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
-    """Measure the refusal direction of the model at `source` (local folder or Hub id) into `out_dir`."""
+def measure(source: str, out_dir: Path, config: Config, keep_model: bool = False) -> MeasureResult:
+    """Measure the refusal direction of the model at `source` (local folder or Hub id) into `out_dir`; with
+    `keep_model`, the loaded model and tokenizer are returned too (`loaded`), for a caller that goes on with them."""
     from abliterate.model import load_model
     from abliterate.prompts import prompt_sets
 
@@ -155,6 +157,7 @@ def measure(source: str, out_dir: Path, config: Config) -> MeasureResult:
     result = _write(Path(out_dir), public_model_name(source), config, fit, scores, chosen, reference)
     timings["artifacts_s"] = time.perf_counter() - start
     result.timings_s = timings
+    result.loaded = (model, tokenizer) if keep_model else None
     return result
 
 

@@ -144,10 +144,10 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     out_dir = check_out_dir(Path(out_dir), force=True)  # a file there is refused before any work
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    paper, tables, profile, config = _measured(source, out_dir, config)
+    paper, tables, profile, config, loaded = _measured(source, out_dir, config)
     timings["measure_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    model, tokenizer = load_model(source, config.model)
+    model, tokenizer = loaded or load_model(source, config.model)
     state, held = _prepare(model, tokenizer, config, tables["candidates"], tables["harmless_mean"], profile)
     timings["prepare_s"] = time.perf_counter() - start
     n_positions, n_layers, _ = state.candidates.shape
@@ -184,17 +184,19 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
                           layer=paper.layer, position=paper.position, token_text=paper.meta.get("token_text", ""))
 
 
-def _measured(source: str, out_dir: Path, config: Config) -> tuple[Any, dict[str, torch.Tensor], Any, Config]:
+def _measured(source: str, out_dir: Path, config: Config) -> tuple[Any, dict[str, torch.Tensor], Any, Config, Any]:
     """The paper's direction, measure's tables and refusal profile (measured now, or reused from `out_dir` when a
-    stopped search resumes), and the config with the template settings measure used."""
+    stopped search resumes), the config with the template settings measure used, and the (model, tokenizer) measure
+    loaded (None when reused: loading happens once either way)."""
     from safetensors.torch import load_file
 
     from abliterate.direction import DIRECTION_JSON, load_direction
     from abliterate.measure import CANDIDATES_FILE, measure
 
     key = _check_search_key(out_dir, source, config)
+    loaded = None
     if not ((out_dir / CANDIDATES_FILE).is_file() and (out_dir / DIRECTION_JSON).is_file()):
-        measure(source, out_dir, config)
+        loaded = measure(source, out_dir, config, keep_model=True).loaded
     else:
         log.info("Reusing the measurement in %s (resuming).", out_dir)
     write_atomic(out_dir / SEARCH_KEY_FILE, json.dumps({"key": key}) + "\n")
@@ -206,7 +208,7 @@ def _measured(source: str, out_dir: Path, config: Config) -> tuple[Any, dict[str
     if profile is not None and profile.template_kwargs:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                        template_kwargs=profile.template_kwargs))
-    return paper, load_file(str(out_dir / CANDIDATES_FILE)), profile, config
+    return paper, load_file(str(out_dir / CANDIDATES_FILE)), profile, config, loaded
 
 
 # Settings that only extend the search, pick from it or confirm it: a finished search stays valid when they change.
