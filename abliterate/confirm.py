@@ -20,6 +20,7 @@ recorded as the share seen so far, a lower bound (`refusal_stopped_early`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -30,9 +31,18 @@ import torch
 from transformers import StoppingCriteria
 
 from abliterate.activations import kl_divergence
+from abliterate.config import OptimizeConfig
 from abliterate.generation import Reply, cut_at_stop, generate_transformers
-from abliterate.metrics import DEFAULT_THINKING_END, RefusalMatcher, Scored, batches, position_logprobs
+from abliterate.metrics import (
+    DEFAULT_THINKING_END,
+    RefusalMatcher,
+    Scored,
+    batches,
+    position_logprobs,
+)
 from abliterate.openings import inside_thinking
+
+log = logging.getLogger(__name__)
 
 # The base log-probabilities over the held-out replies are kept between confirmations up to this size (a few
 # thousand positions of a toy vocabulary); a 128k-vocabulary model recomputes them beside each edited pass instead.
@@ -219,9 +229,9 @@ def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], A
     Every edit's reply KL and identical share come from its teacher-forced pass (cheap); the refusals need
     generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target (in
     both thinking modes, where the template has a switch): no later edit can be chosen over it, so theirs stay None
-    ("not generated"). An edit's generation stops once it refuses more than the target allows (`RefusalWatch`).
-    With `only`, that edit alone is generated, in full (the user's pick). With a `bound` (the reply KL of an edit
-    confirmed before that met the target), only edits with less reply KL are generated.
+    ("not generated"). An edit's generation stops once it refuses more than the target allows (`RefusalWatch`). With `only`, that edit
+    alone is generated, in full (the user's pick). With a `bound` (the reply KL of an edit confirmed before that met
+    the target), only edits with less reply KL are generated.
     """
     rows, forced = [], {}
     for trial, edit in edits.items():
@@ -230,11 +240,38 @@ def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], A
                      "harmless_refusal": None, "refusal_stopped_early": False,
                      **_forced_figures(kl, forced[trial], held)})
     ranked = sorted(rows, key=lambda row: (row["reply_kl"], -row["identical_share"]))
-    for row in ranked if only is None else [row for row in rows if row["trial"] == only]:
-        if only is None and row["reply_kl"] >= bound:
-            break
-        row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]],
-                             None if only is not None else target))
-        if only is None and worst_refusal(row) <= target:
-            break
+    if only is not None:
+        for row in (row for row in rows if row["trial"] == only):
+            row.update(generated(model, tokenizer, edits[only], held, forced[only]))
+        return rows
+
+    def first_meeting(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+        for row in candidates:
+            if row["reply_kl"] >= bound:
+                return None
+            row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]], target))
+            if worst_refusal(row) <= target:
+                return row
+        return None
+
+    first_meeting(ranked)
     return rows
+
+
+def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str, Any]:
+    """`optimize.trial` if set, else the least reply KL among those at or under the target refusal (in both thinking
+    modes, `worst_refusal`), else the least refusing (ties broken by KL); edits whose refusal was not generated
+    (`confirm_in_order`) are not candidates."""
+    if config.trial >= 0:
+        picked = next(c for c in confirmed if c["trial"] == config.trial)
+        if (worst_refusal(picked) or 0.0) > config.target_refusal:
+            log.warning("Trial %d (optimize.trial) refuses %.2f of the held-out harmful prompts, above the target "
+                        "%.2f; shipping it as asked.", config.trial, worst_refusal(picked), config.target_refusal)
+        return picked
+    generated = [c for c in confirmed if worst_refusal(c) is not None]
+    meeting = [c for c in generated if worst_refusal(c) <= config.target_refusal]
+    if meeting:
+        return min(meeting, key=lambda c: (c["reply_kl"], -c["identical_share"]))
+    log.warning("No confirmed edit reaches harmful refusal <= %.2f held out; shipping the least refusing one.",
+                config.target_refusal)
+    return min(generated, key=lambda c: (worst_refusal(c), c["reply_kl"]))

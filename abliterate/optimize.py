@@ -6,12 +6,13 @@ The stages, in order:
 2. the search (`abliterate.search`): multi-objective Optuna TPE over `abliterate.edit_params.EditParams`,
    minimizing the harmful refusal probability and the harmless per-token reply KL on the validation prompts with
    the edit as hooks (exactly the checkpoint that would be written); the paper's edit and two variants of it are
-   the first trials, so the front is never worse than the paper's point. Finished trials are logged in the output
-   folder, so a stopped search resumes;
+   the first trials, so the front is never worse than the paper's point; the last trials shrink the gentlest
+   feasible edits toward the refusal target. Finished trials are logged in the output folder, so a stopped search
+   resumes;
 3. confirmation on the held-out prompts (`abliterate.confirm`) of the lowest-KL points of the feasible front (the
-   trials whose validation refusing share is at most the target) and of the paper's edit: each edit's reply KL
-   and identical share from one teacher-forced pass, its refusal by generation, in order of KL until one meets
-   the target;
+   trials whose validation refusing share is at most the target), more of the front while none of them meets the
+   target, and the paper's edit last: each edit's reply KL and identical share from one teacher-forced pass, its
+   refusal by generation (stopped once it refuses too often), in order of KL until one meets the target;
 4. the choice: the confirmed point with the least reply KL whose held-out refusal is at most the target (else the
    lowest refusal), or `optimize.trial`; it is written as edit.json, which `apply --direction edit.json` writes.
 
@@ -101,27 +102,6 @@ def confirm_order(trials: list[Any], feasible: list[int], paper: int,
     return first, [n for n in ranked[config.n_confirm:] if n not in first] if feasible else []
 
 
-def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str, Any]:
-    """`optimize.trial` if set, else the least reply KL among those at or under the target refusal (in both thinking
-    modes, `worst_refusal`), else the least refusing (ties broken by KL); edits whose refusal was not generated
-    (`confirm_in_order`) are not candidates."""
-    from abliterate.confirm import worst_refusal
-
-    if config.trial >= 0:
-        picked = next(c for c in confirmed if c["trial"] == config.trial)
-        if (worst_refusal(picked) or 0.0) > config.target_refusal:
-            log.warning("Trial %d (optimize.trial) refuses %.2f of the held-out harmful prompts, above the target "
-                        "%.2f; shipping it as asked.", config.trial, worst_refusal(picked), config.target_refusal)
-        return picked
-    generated = [c for c in confirmed if worst_refusal(c) is not None]
-    meeting = [c for c in generated if worst_refusal(c) <= config.target_refusal]
-    if meeting:
-        return min(meeting, key=lambda c: (c["reply_kl"], -c["identical_share"]))
-    log.warning("No confirmed edit reaches harmful refusal <= %.2f held out; shipping the least refusing one.",
-                config.target_refusal)
-    return min(generated, key=lambda c: (worst_refusal(c), c["reply_kl"]))
-
-
 def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, directions: torch.Tensor) -> Path:
     """optimize.json, pareto.png and the chosen edit (edit.json + its directions)."""
     from abliterate.plots import plot_pareto
@@ -138,6 +118,7 @@ def write_outputs(out_dir: Path, payload: dict[str, Any], params: EditParams, di
 
 def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     """Measure (or reuse the measurement in `out_dir`), search, confirm, choose and record the edit."""
+    from abliterate.confirm import choose
     from abliterate.measure import SCORES_FILE
     from abliterate.model import load_model
 
@@ -276,7 +257,8 @@ def _confirm_trials(state: SearchState, tokenizer: Any, held: Any, trials: list[
         for row, trial in zip(rows, group):
             refusal, kl = (value if math.isfinite(value) else None for value in trial.values)  # None: not computed
             row.update({"validation_refusal": refusal, "validation_kl": kl,
-                        "validation_refusing_share": trial.user_attrs.get("refusing_share")})
+                        "validation_refusing_share": trial.user_attrs.get("refusing_share"),
+                        "validation_identical_share": trial.user_attrs.get("identical_share")})
         return rows
 
     rows = confirmed(trials)
@@ -340,7 +322,7 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     matcher = matcher_for(config.eval.refusal_set, profile)
     tokens, gen_size = config.optimize.confirm_tokens, config.eval.batch_size
     replies = held_out(model, tokenizer, [], harmless, stop_ids, pad_id, matcher, tokens, gen_size)
-    reply_batches = [ReplySet.build(model, list(batch), pad_id) for batch in batches(replies.scored, size)]
+    reply_batches = [ReplySet.build(model, list(batch), pad_id, stop_ids) for batch in batches(replies.scored, size)]
     state = SearchState(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
                     config.optimize, reply_batches)
     harmful_eval = [p.text for p in sets.harmful_eval]

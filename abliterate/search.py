@@ -57,20 +57,27 @@ class ReplySet:
     attention_mask: torch.Tensor  # [batch, seq]
     rows: torch.Tensor  # [tokens] row of every scored position
     columns: torch.Tensor  # [tokens] position predicting each reply token
+    targets: torch.Tensor  # [tokens] the base reply's token there (-1: an empty reply, never identical)
+    stop_last: torch.Tensor  # [tokens] bool: the reply's stop token, which any stop token matches
+    stop_ids: torch.Tensor  # [n_stop]
     base: torch.Tensor  # [tokens, vocab] float32 base log-probs
 
     @classmethod
-    def build(cls, model: Any, batch: list[Any], pad_id: int) -> ReplySet:
+    def build(cls, model: Any, batch: list[Any], pad_id: int, stop_ids: list[int]) -> ReplySet:
         width = max(len(item.ids) for item in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [batch, seq]
         mask = torch.zeros((len(batch), width), dtype=torch.long)  # [batch, seq]
-        rows, columns = [], []
+        rows, columns, targets, stop_last = [], [], [], []
         for row, item in enumerate(batch):
             ids[row, : len(item.ids)] = torch.tensor(item.ids)
             mask[row, : len(item.ids)] = 1
             rows += [row] * len(item.positions)
             columns += list(item.positions)
-        replies = cls(ids, mask, torch.tensor(rows), torch.tensor(columns), torch.empty(0))
+            reply = item.targets or [-1]  # one position per reply token (the first token's for an empty reply)
+            targets += reply
+            stop_last += [False] * (len(reply) - 1) + [reply[-1] in stop_ids]
+        replies = cls(ids, mask, torch.tensor(rows), torch.tensor(columns), torch.tensor(targets),
+                      torch.tensor(stop_last), torch.tensor(stop_ids, dtype=torch.long), torch.empty(0))
         replies.base = replies.log_probs(model)
         return replies
 
@@ -80,6 +87,14 @@ class ReplySet:
         logits = model(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        use_cache=False).logits  # [batch, seq, vocab]
         return torch.log_softmax(logits[self.rows.to(device), self.columns.to(device)].float(), dim=-1).cpu()
+
+    def identical(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """[batch] bool: whether greedy decoding with these log-probs writes each base reply (as
+        `abliterate.confirm.teacher_forced` reads it: the argmax is every reply token, any stop token at its end)."""
+        chosen = log_probs.argmax(dim=-1)  # [tokens]
+        same = (chosen == self.targets) | (self.stop_last & torch.isin(chosen, self.stop_ids))  # [tokens]
+        missed = torch.zeros(self.input_ids.shape[0]).index_add_(0, self.rows, (~same).float())  # [batch]
+        return missed == 0
 
 
 # ---- the search space ----
@@ -132,8 +147,10 @@ def seeded_trials(layer: int, position: int, n_layers: int, config: OptimizeConf
 # ---- objectives ----
 
 @torch.inference_mode()
-def objectives(search: SearchState, params: EditParams, always_kl: bool = False) -> tuple[float, float, float]:
-    """(mean harmful refusal probability, mean per-token harmless reply KL, share of harmful prompts refusing).
+def objectives(search: SearchState, params: EditParams,
+               always_kl: bool = False) -> tuple[float, float, float, float | None]:
+    """(mean harmful refusal probability, mean per-token harmless reply KL, share of harmful prompts refusing, share
+    of harmless replies greedy decoding keeps identical (None where the KL pass is skipped)).
 
     The refusal probability is sigmoid(refusal score) at the last prompt position of the harmful validation prompts;
     the KL is KL(base || edited) at every position of the base model's own greedy replies to the harmless validation
@@ -146,14 +163,15 @@ def objectives(search: SearchState, params: EditParams, always_kl: bool = False)
     with hooked_edit(search.model, params, directions):
         scores = refusal_score(last_log_probs(search.model, search.val.batches), search.refusal_ids)  # [n_harmful]
         if not bool(torch.isfinite(scores).all()):
-            return math.inf, math.inf, 1.0
+            return math.inf, math.inf, 1.0, None
         refusing = float((scores > 0).double().mean())
         if refusing > search.config.target_refusal and not always_kl:
-            return float(torch.sigmoid(scores).mean()), math.inf, refusing
+            return float(torch.sigmoid(scores).mean()), math.inf, refusing, None
         edited = [replies.log_probs(search.model) for replies in search.replies]  # each [tokens, vocab]
     per_token = torch.cat([kl_divergence(r.base, new) for r, new in zip(search.replies, edited)])  # [tokens]
     kl = float(per_token.mean())
-    return float(torch.sigmoid(scores).mean()), (kl if math.isfinite(kl) else math.inf), refusing
+    identical = float(torch.cat([r.identical(new) for r, new in zip(search.replies, edited)]).double().mean())
+    return float(torch.sigmoid(scores).mean()), (kl if math.isfinite(kl) else math.inf), refusing, identical
 
 
 def violation(refusing_share: float, refusal: float, target: float) -> float:
@@ -238,8 +256,9 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
         trial = study.ask()
         params = suggest(trial, n_layers, n_positions, config)
         # The seeded edits (the paper's and its variants) always get their KL: the plot and the record show them.
-        refusal, kl, refusing = objectives(state, params, always_kl=trial.number < len(seeds))
+        refusal, kl, refusing, identical = objectives(state, params, always_kl=trial.number < len(seeds))
         trial.set_user_attr("refusing_share", refusing)
+        trial.set_user_attr("identical_share", identical)
         trial.set_constraint("refusal", violation(refusing, refusal, config.target_refusal))
         log_trial(out_dir, study.tell(trial, [refusal, kl]))
     elapsed = time.perf_counter() - start
@@ -311,5 +330,6 @@ def trial_rows(trials: list[Any], pareto: list[int]) -> list[dict[str, Any]]:
     """Every finished trial as JSON rows: its values, whether it is on the front, its raw parameters."""
     front = set(pareto)
     return [{"trial": t.number, "refusal": _finite(t.values[0]), "kl": _finite(t.values[1]),
-             "refusing_share": t.user_attrs.get("refusing_share"), "pareto": t.number in front, "params": t.params}
+             "refusing_share": t.user_attrs.get("refusing_share"), "identical_share": t.user_attrs.get("identical_share"),
+             "pareto": t.number in front, "params": t.params}
             for t in trials if t.values is not None]

@@ -152,3 +152,24 @@ def test_refusal_watch_reads_no_refusal_inside_an_open_thinking_block() -> None:
         stopped = bool(watch(ids, None).all())
         closed = "</think> I can't" in "".join(map(chr, reply[:length]))
         assert stopped == closed, "".join(map(chr, reply[:length]))
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.5, 3.0])
+def test_the_searchs_identical_share_reads_replies_as_the_confirmation_does(toy, weight: float) -> None:
+    """The search's validation identical share (`ReplySet.identical`, from its KL pass) equals, reply by reply, the
+    confirmation's teacher-forced reading of the same replies under the same edit."""
+    from abliterate.confirm import teacher_forced
+    from abliterate.metrics import batches
+    from abliterate.search import ReplySet
+
+    model, _, held = toy
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))  # [d_model]
+    edit = _edit(model, weight, direction / direction.norm())
+    _, expected = teacher_forced(model, edit, held)
+    found = []
+    for batch in batches(held.scored, held.batch_size):
+        replies = ReplySet.build(model, list(batch), held.pad_id, held.stop_ids)
+        with edit():
+            found += replies.identical(replies.log_probs(model)).tolist()
+    assert found == expected
+    assert weight > 0 or all(found)  # no edit keeps every reply

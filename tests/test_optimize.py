@@ -242,16 +242,16 @@ def test_an_edit_that_still_refuses_with_thinking_on_is_not_shipped() -> None:
     """Measuring with thinking switched off, the confirmation also generates with it on (as users run the model):
     an edit that meets the target only with thinking off loses to one that meets it in both modes."""
     from abliterate.config import OptimizeConfig
-    from abliterate.optimize import choose
+    from abliterate.confirm import choose
 
     rows = [{"trial": 1, "harmful_refusal": 0.0, "harmful_refusal_thinking_on": 0.07, "reply_kl": 0.0004,
-             "identical_share": 1.0},
+             "identical_share": 1.0, "n_harmless": 100},
             {"trial": 2, "harmful_refusal": None, "harmful_refusal_thinking_on": None, "reply_kl": 0.0004,
-             "identical_share": 1.0},  # not generated
+             "identical_share": 1.0, "n_harmless": 100},  # not generated
             {"trial": 3, "harmful_refusal": 0.01, "harmful_refusal_thinking_on": 0.0, "reply_kl": 0.0005,
-             "identical_share": 1.0},
+             "identical_share": 1.0, "n_harmless": 100},
             {"trial": 4, "harmful_refusal": 0.0, "harmful_refusal_thinking_on": None, "reply_kl": 0.0009,
-             "identical_share": 1.0}]
+             "identical_share": 1.0, "n_harmless": 100}]
     assert choose(rows, OptimizeConfig())["trial"] == 3
     assert choose([rows[0], rows[1]], OptimizeConfig())["trial"] == 1  # none meets it: the least refusing
 
@@ -282,10 +282,10 @@ def test_a_picked_trial_that_misses_the_target_ships_with_a_warning(caplog) -> N
     import logging
 
     from abliterate.config import OptimizeConfig
-    from abliterate.optimize import choose
+    from abliterate.confirm import choose
 
     rows = [{"trial": 0, "harmful_refusal": 1.0, "harmful_refusal_thinking_on": None, "reply_kl": 0.0001,
              "identical_share": 1.0}]
-    with caplog.at_level(logging.WARNING, logger="abliterate.optimize"):
+    with caplog.at_level(logging.WARNING, logger="abliterate.confirm"):
         assert choose(rows, OptimizeConfig(trial=0))["trial"] == 0
     assert "Trial 0 (optimize.trial) refuses 1.00" in caplog.text

@@ -120,7 +120,8 @@ def test_the_front_is_walked_until_a_searched_edit_meets_the_target_and_the_pape
 def test_when_nothing_meets_the_target_stopped_generations_are_made_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """The least refusing edit then ships, so it must be compared on whole figures, not on a lower bound."""
     import abliterate.confirm
-    from abliterate.optimize import _confirm_trials, choose
+    from abliterate.confirm import choose
+    from abliterate.optimize import _confirm_trials
 
     fake, _ = _rows({0: (0.02, 0.3), 11: (0.001, 0.4), 12: (0.002, 0.5)})
     whole = {11: 0.6, 12: 0.2, 0: 0.35}
