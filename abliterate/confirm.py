@@ -33,13 +33,7 @@ from transformers import StoppingCriteria
 from abliterate.activations import kl_divergence
 from abliterate.config import OptimizeConfig
 from abliterate.generation import Reply, cut_at_stop, generate_transformers
-from abliterate.metrics import (
-    DEFAULT_THINKING_END,
-    RefusalMatcher,
-    Scored,
-    batches,
-    position_logprobs,
-)
+from abliterate.metrics import DEFAULT_THINKING_END, RefusalMatcher, Scored, batches, position_logprobs
 from abliterate.openings import inside_thinking
 
 log = logging.getLogger(__name__)

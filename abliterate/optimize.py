@@ -135,21 +135,23 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     scores = json.loads((out_dir / SCORES_FILE).read_text())
     n_positions = searched_positions(scores["candidates"], paper.position, n_positions)
     study = load_study(out_dir, config.optimize)
-    n_before = len(study.trials)  # trials replayed from an earlier run are not part of this run's speed
+    # get_trials(deepcopy=False) throughout: `study.trials` deep-copies every trial on each access (0.9 s a search).
+    n_before = len(study.get_trials(deepcopy=False))  # replayed trials are not part of this run's speed
     seeds = seeded_trials(paper.layer, paper.position, n_layers, config.optimize)
     timings["search_s"] = search(study, state, seeds, n_layers, n_positions, out_dir)
-    n_new = len(study.trials) - n_before
-    trials = [t for t in study.trials if t.values is not None]
+    every = study.get_trials(deepcopy=False)
+    n_new = len(every) - n_before
+    trials = [t for t in every if t.values is not None]
     pareto = pareto_front(trials)
     feasible = sorted(t.number for t in study.best_trials)  # the front of the trials meeting the target
     paper_trial = _paper_trial(trials, seeds[0])
     start = time.perf_counter()
     first, reserve = confirm_order(trials, feasible, paper_trial, config.optimize)
-    confirmed = _confirm_trials(state, tokenizer, held, [study.trials[n] for n in first],
-                                [study.trials[n] for n in reserve], study.trials[paper_trial])
+    confirmed = _confirm_trials(state, tokenizer, held, [every[n] for n in first], [every[n] for n in reserve],
+                                every[paper_trial])
     chosen = choose(confirmed, config.optimize)
     timings["confirm_s"] = time.perf_counter() - start
-    params = params_of(study.trials[chosen["trial"]], n_layers, n_positions, config.optimize)
+    params = params_of(every[chosen["trial"]], n_layers, n_positions, config.optimize)
     directions = layer_directions(params, state.candidates, state.harmless_mean)
     payload = {"model": paper.meta.get("model", source), "objectives": ["harmful refusal probability (validation)",
                "harmless per-token KL over the base replies (validation)"], "n_trials": len(trials),

@@ -240,17 +240,18 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
     from optuna.trial import TrialState
 
     config = state.config
-    if not study.trials:
+    if not study.get_trials(deepcopy=False):  # (`study.trials` would deep-copy every trial)
         for values in seeds:
             study.enqueue_trial(values)
-    done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     remaining = max(0, config.n_trials - done)
     if done > config.n_trials:
         log.warning("The folder already holds %d trials (more than optimize.n_trials = %d); all of them are used, "
                     "none is dropped.", done, config.n_trials)
     start = time.perf_counter()
     for number in progress.track(range(done, done + remaining), "optimizing the edit (trials)"):
-        step = refinement(study.trials, config) if number >= config.n_trials - refine_trials(config) else None
+        refining = number >= config.n_trials - refine_trials(config)
+        step = refinement(study.get_trials(deepcopy=False), config) if refining else None
         if step is not None:
             study.enqueue_trial(step.values, user_attrs={"refines": step.parent, "scale": step.scale})
         trial = study.ask()
