@@ -258,9 +258,11 @@ def validate(config: Config) -> None:
     o = config.optimize
     if o.n_trials < 1 or o.n_confirm < 1 or o.confirm_tokens < 1 or o.n_startup_trials < 0:
         raise UserError("optimize.n_trials, n_confirm and confirm_tokens must be at least 1 (n_startup_trials >= 0).")
-    if not 0 <= o.target_refusal <= 1 or o.max_weight <= 0 or not 0 <= o.refine_share <= 1:
-        raise UserError("optimize.target_refusal and optimize.refine_share must be in [0, 1] and optimize.max_weight "
-                        "above 0.")
+    for name in ("target_refusal", "refine_share"):
+        if not 0 <= getattr(o, name) <= 1:
+            raise UserError(f"optimize.{name} must be in [0, 1], not {getattr(o, name)}.")
+    if not o.max_weight > 0:
+        raise UserError(f"optimize.max_weight must be above 0, not {o.max_weight}.")
     if o.trial < -1:
         raise UserError(f"optimize.trial {o.trial} is not a trial number; pass one from optimize.json (0, 1, ...) or "
                         "-1 to let the search choose.")

@@ -15,6 +15,9 @@ import json
 import logging
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,8 +257,9 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
         step = refinement(study.get_trials(deepcopy=False), config) if refining else None
         if step is not None:
             study.enqueue_trial(step.values, user_attrs={"refines": step.parent, "scale": step.scale})
-        trial = study.ask()
-        params = suggest(trial, n_layers, n_positions, config)
+        with _seeds_outside_ranges():
+            trial = study.ask()
+            params = suggest(trial, n_layers, n_positions, config)
         # The seeded edits (the paper's and its variants) always get their KL: the plot and the record show them.
         refusal, kl, refusing, identical = objectives(state, params, always_kl=trial.number < len(seeds))
         trial.set_user_attr("refusing_share", refusing)
@@ -284,6 +288,7 @@ class Refinement:
 
 REFINE_FIRST_SCALE = 0.8  # the first shrink of a feasible edit; a failed one is retried halfway back to 1
 REFINE_CLOSEST = 0.96  # a scale closer to 1 than this would change the KL too little to spend a trial on
+WEIGHT_PARAMS = ("mixer.peak_weight", "mlp.peak_weight", "embed_weight")  # what a refinement scales
 
 
 def refinement(trials: list[Any], config: OptimizeConfig) -> Refinement | None:
@@ -306,10 +311,11 @@ def refinement(trials: list[Any], config: OptimizeConfig) -> Refinement | None:
         if any(t.number in numbers for t in children):  # already shrunk: its feasible child stands for it
             continue
         scale = (1 + max(t.user_attrs["scale"] for t in children)) / 2 if children else REFINE_FIRST_SCALE
-        if scale <= REFINE_CLOSEST:
-            values = dict(parent.params)
-            for name in ("mixer.peak_weight", "mlp.peak_weight", "embed_weight"):
-                values[name] = values[name] * scale
+        values = dict(parent.params)
+        for name in WEIGHT_PARAMS:
+            values[name] = values[name] * scale
+        # A seeded edit above optimize.max_weight (the paper's weight 1) stays a seed: shrinks stay in the ranges.
+        if scale <= REFINE_CLOSEST and all(values[name] <= config.max_weight for name in WEIGHT_PARAMS):
             return Refinement(parent.number, scale, values)
     return None
 
@@ -319,7 +325,17 @@ def params_of(trial: Any, n_layers: int, n_positions: int, config: OptimizeConfi
     import optuna
 
     fixed = optuna.trial.FixedTrial(trial.params)
-    return suggest(fixed, n_layers, n_positions, config)
+    with _seeds_outside_ranges():
+        return suggest(fixed, n_layers, n_positions, config)
+
+
+@contextmanager
+def _seeds_outside_ranges() -> Iterator[None]:
+    """Quiet Optuna's warning about a fixed value outside its range: the seeded paper's edit (weight 1) is, by
+    design, when optimize.max_weight is below 1 (it is the point the search must not do worse than)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(Fixed parameter|The value) .* out of")
+        yield
 
 
 def _finite(value: float) -> float | None:

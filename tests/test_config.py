@@ -42,7 +42,7 @@ def test_wrong_type_and_cross_field_checks(tmp_path):
         load_config(overrides={"prompts": {"n_train": "many"}})
     with pytest.raises(UserError, match="direction_file"):
         load_config(overrides={"measure": {"use_reference": True}})
-    with pytest.raises(UserError, match="refine_share must be in"):
+    with pytest.raises(UserError, match=r"optimize.refine_share must be in \[0, 1\], not 1.5"):
         load_config(overrides={"optimize": {"refine_share": 1.5}})
     path = tmp_path / "bad.toml"
     path.write_text("[measure\n")

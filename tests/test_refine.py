@@ -63,6 +63,19 @@ def test_a_parent_whose_feasible_shrink_did_not_lower_the_kl_is_not_shrunk_again
     assert (step.parent, step.scale) == (1, 0.8)  # trial 0 stands for nothing more; its child is next
 
 
+def test_a_shrink_above_max_weight_is_never_drawn() -> None:
+    """The seeded paper's edit (weight 1) lies above a max_weight below 1: its shrinks would too, so the next
+    feasible trial is shrunk instead, and every value drawn stays inside the search's ranges."""
+    from abliterate.search import refinement
+
+    paper = _trial(0, 0.001, 0.0, scale=1.0 / 1.2)  # mixer peak 1.0
+    inside = _trial(1, 0.002, 0.0, scale=0.5)  # every weight at most 0.6
+    config = OptimizeConfig(max_weight=0.6)
+    assert refinement([paper], config) is None
+    step = refinement([paper, inside], config)
+    assert step.parent == 1 and all(step.values[name] <= 0.6 for name in WEIGHTS)
+
+
 def test_the_last_share_of_the_trials_refines() -> None:
     from abliterate.search import refine_trials
 
