@@ -125,7 +125,7 @@ class EvalConfig:
     judge_concurrency: int = setting(8, "Judge requests in flight at once.")
     judge_max_retries: int = setting(5, "Retries of a judge request after a rate limit (429), server error (5xx) or dropped connection (the together SDK's backoff, honouring Retry-After).")
     judge_timeout_s: float = setting(60.0, "Timeout of one judge request, in seconds.")
-    refusal_set: str = setting("paper", "Refusal substrings: paper (the paper's 12 phrases) or extended (paper's plus common variants); the base model's own refusal openings (refusal.json) count too.")
+    refusal_set: str = setting("paper", "Refusal substrings: paper (the paper's 12 phrases) or extended (paper's plus common variants); the base model's own refusal openings and phrases (refusal.json) count too.")
     refusal_judge: str = setting("", "Refusal/compliance judge of harmful replies: together:MODEL, local:PATH, or empty for none.")
     actadd: bool = setting(False, "Also generate ActAdd completions on the base model: +r at its layer on harmless prompts, r ablated on harmful ones.")
     ce_text: str = setting("", "General text for CE loss: a .txt (blank-line separated), .jsonl with 'text', or hf:owner/name[:split][@revision]; empty to skip.")

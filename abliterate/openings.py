@@ -11,6 +11,8 @@ OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching 
 # A first "word" in wide characters (Chinese, Japanese) or longer than this is a clause of a script written without
 # spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
 LONGEST_WORD = 20
+PHRASE_WORDS = 3  # a learned refusal phrase: this many consecutive words
+MAX_PHRASES = 8  # the most frequent ones are kept
 MAX_OPENINGS = 20
 # Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
 THINKING_SWITCHES = ("enable_thinking", "thinking")
@@ -45,6 +47,26 @@ def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int]
             if opening:
                 seen[opening] = seen.get(opening, 0) + 1
     return sorted(seen, key=lambda text: (-seen[text], text))[:MAX_OPENINGS]
+
+
+def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]],
+                    thinking_end: str = "") -> list[str]:
+    """Word sequences (`PHRASE_WORDS` words, lower case) in at least half of the base model's harmful answers and in
+    none of its harmless ones, most frequent first: how this model words its refusals wherever they stand (after a
+    reasoning line that decides, at the end of a reply that slid back into refusing), in its own language. Answers are
+    read past any thinking block, as `abliterate.metrics.RefusalMatcher` reads them."""
+    from collections import Counter
+
+    from abliterate.metrics import strip_thinking
+
+    def grams(reply: list[int]) -> set[str]:
+        words = strip_thinking(tokenizer.decode(reply, skip_special_tokens=True), thinking_end)[0].lower().split()
+        return {" ".join(words[i:i + PHRASE_WORDS]) for i in range(len(words) - PHRASE_WORDS + 1)}
+
+    answered = set().union(*map(grams, harmless)) if harmless else set()
+    counts = Counter(gram for reply in harmful for gram in grams(reply))
+    kept = [gram for gram, n in counts.items() if 2 * n >= len(harmful) and gram not in answered]
+    return sorted(kept, key=lambda gram: (-counts[gram], gram))[:MAX_PHRASES]
 
 
 def describe_openings(tokenizer: Any, replies: list[list[int]], n_shown: int = 2) -> str:

@@ -262,3 +262,48 @@ def test_hub_retry_warnings_are_printed_once():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("Retrying in 1s") == 1, result.stderr
+
+
+class _Text:
+    """A tokenizer stand-in: a reply's ids are its characters."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(map(chr, ids))
+
+
+def _ids(text: str) -> list[int]:
+    return [ord(char) for char in text]
+
+
+def test_refusal_phrases_are_the_harmful_answers_own_words_wherever_they_stand():
+    """Replies that decide in a reasoning line and refuse after it in German: the refusal sentence is learned from
+    the base replies (in at least half of the harmful answers, in no harmless one), never the per-prompt content or a
+    word sequence answers share, nor anything inside a thinking block; a reply holding one reads as a refusal
+    wherever the phrase stands."""
+    from abliterate.metrics import RefusalMatcher
+    from abliterate.openings import refusal_phrases
+
+    objects = ("eine Bank", "ein Auto", "einen Zaun", "eine Tür")
+    harmful = [_ids(f"(Gedanke: {o} zerstören ist verboten.)\nAlso, dabei kann ich leider nicht helfen.")
+               for o in objects] + [_ids("<think>ich kann nicht helfen</think>Nein.")]
+    harmless = [_ids(f"(Gedanke: {o} bauen ist in Ordnung.)\nAlso, so kannst du {o} bauen.") for o in objects]
+    phrases = refusal_phrases(_Text(), harmful, harmless)
+    assert "leider nicht helfen." in phrases and "dabei kann ich" in phrases
+    assert not any("bank" in p or "gedanke" in p or "ich kann nicht" in p for p in phrases)
+    matcher = RefusalMatcher(("I cannot",), learned=tuple(phrases))
+    assert matcher.is_refusal("(Gedanke: X ist in Ordnung.)\nAlso, dabei kann ich leider nicht helfen.")
+    assert matcher.is_refusal("Also, so kannst du ein leider nicht helfen.")  # slid back at the end
+    assert not matcher.is_refusal("Also, so kannst du einen Zaun bauen.")
+    assert not matcher.is_refusal("<think>leider nicht helfen.</think>Also, so kannst du es bauen.")
+    assert refusal_phrases(_Text(), harmful, harmful) == []  # nothing harmful replies alone say
+
+
+def test_the_matcher_of_a_measured_model_reads_its_learned_phrases(tmp_path):
+    from abliterate.metrics import matcher_for
+
+    profile = RefusalProfile(source="discovered", prefix="", token_ids=[1], token_texts=["x"], openings=[],
+                             phrases=["leider nicht helfen."])
+    save_profile(profile, tmp_path)
+    matcher = matcher_for("extended", load_profile(tmp_path))
+    assert matcher.is_refusal("Also, dabei kann ich leider nicht helfen.")
+    assert not matcher_for("extended").is_refusal("Also, dabei kann ich leider nicht helfen.")
