@@ -164,13 +164,14 @@ def optimize_command(
 
 
 def _refusal_cell(row: dict) -> str:
-    """A confirmed edit's harmful refusal: "-" not generated, ">=" a lower bound (its generation stopped early)."""
-    if row["harmful_refusal"] is None:
+    """A confirmed edit's harmful refusal: "-" not generated, ">=" a lower bound (its generation stopped early: with
+    thinking on, generated first, a stop there leaves thinking off ungenerated)."""
+    off, on = row["harmful_refusal"], row.get("harmful_refusal_thinking_on")
+    if off is None and on is None:
         return "-"
-    on = row.get("harmful_refusal_thinking_on")
-    bound = ">=" if row.get("refusal_stopped_early") else ""
-    cell = f"{bound if on is None else ''}{row['harmful_refusal']:.2f}"
-    return cell if on is None else f"{cell} (thinking on {bound}{on:.2f})"
+    stopped = row.get("refusal_stopped_early")
+    cell = "-" if off is None else f"{'>=' if stopped else ''}{off:.2f}"
+    return cell if on is None else f"{cell} (thinking on {'>=' if stopped and off is None else ''}{on:.2f})"
 
 
 @app.command("eval")

@@ -166,8 +166,8 @@ class RefusalWatch(StoppingCriteria):
 
 def generated(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut,
               identical: list[bool], target: float | None = None) -> dict[str, Any]:
-    """Harmful and harmless refusal of one edit by generation (and harmful refusal with thinking on, when measuring
-    switched it off); only the harmless replies that changed (`identical` from `teacher_forced`) are generated, the
+    """Harmful and harmless refusal of one edit by generation (and, first, harmful refusal with thinking on, when
+    measuring switched it off); only the harmless replies that changed (`identical` from `teacher_forced`) are generated, the
     others are the base model's own. With a `target`, a harmful generation that refuses more than it allows stops
     there (`RefusalWatch`): its share is then a lower bound, the rest is not generated, `refusal_stopped_early`."""
     changed = [text for text, same in zip(held.harmless, identical) if not same]
@@ -184,8 +184,11 @@ def generated(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextMana
 
     row: dict[str, Any] = {"harmful_refusal": None, "harmful_refusal_thinking_on": None, "harmless_refusal": None,
                            "refusal_stopped_early": False}
+    # Thinking on first: an edit scored with thinking off misses the target more often with it on, and then stops
+    # before its thinking-off generation.
+    sets = (("harmful_refusal_thinking_on", held.harmful_thinking_on), ("harmful_refusal", held.harmful))
     with edit():
-        for key, texts in (("harmful_refusal", held.harmful), ("harmful_refusal_thinking_on", held.harmful_thinking_on)):
+        for key, texts in sets:
             row[key], row["refusal_stopped_early"] = refusing(texts)
             if row["refusal_stopped_early"]:
                 return row

@@ -150,3 +150,17 @@ def test_when_nothing_meets_the_target_stopped_generations_are_made_whole(monkey
     rows = _confirm_trials(state, None, None, [trials[11], trials[12]], [], trials[0])
     assert {row["trial"]: row["harmful_refusal"] for row in rows} == whole
     assert choose(rows, OptimizeConfig())["trial"] == 12
+
+
+def test_the_table_marks_lower_bounds_and_what_was_not_generated() -> None:
+    from abliterate.cli import _refusal_cell
+
+    assert _refusal_cell({"harmful_refusal": None, "harmful_refusal_thinking_on": None}) == "-"
+    assert _refusal_cell({"harmful_refusal": 0.3, "refusal_stopped_early": True}) == ">=0.30"
+    # thinking on is generated first: a stop there leaves thinking off ungenerated
+    assert _refusal_cell({"harmful_refusal": None, "harmful_refusal_thinking_on": 0.2,
+                          "refusal_stopped_early": True}) == "- (thinking on >=0.20)"
+    assert _refusal_cell({"harmful_refusal": 0.09, "harmful_refusal_thinking_on": 0.02,
+                          "refusal_stopped_early": True}) == ">=0.09 (thinking on 0.02)"
+    assert _refusal_cell({"harmful_refusal": 0.0, "harmful_refusal_thinking_on": 0.02,
+                          "refusal_stopped_early": False}) == "0.00 (thinking on 0.02)"
