@@ -248,6 +248,7 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
             study.enqueue_trial(values)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     remaining = max(0, config.n_trials - done)
+    _say_other_target(study.get_trials(deepcopy=False), config.target_refusal)
     if done > config.n_trials:
         log.warning("The folder already holds %d trials (more than optimize.n_trials = %d); all of them are used, "
                     "none is dropped.", done, config.n_trials)
@@ -256,7 +257,8 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
         refining = number >= config.n_trials - refine_trials(config)
         step = refinement(study.get_trials(deepcopy=False), config) if refining else None
         if step is not None:
-            study.enqueue_trial(step.values, user_attrs={"refines": step.parent, "scale": step.scale})
+            study.enqueue_trial(step.values, user_attrs={"refines": step.parent, "scale": step.scale,
+                                                         "target": config.target_refusal})
         with _seeds_outside_ranges():
             trial = study.ask()
             params = suggest(trial, n_layers, n_positions, config)
@@ -275,6 +277,15 @@ def search(study: Any, state: SearchState, seeds: list[dict[str, Any]], n_layers
 def refine_trials(config: OptimizeConfig) -> int:
     """How many of the last trials refine (`refinement`) instead of sampling."""
     return round(config.n_trials * config.refine_share)
+
+
+def _say_other_target(trials: list[Any], target: float) -> None:
+    """Say so when the folder's refining trials shrank edits toward another refusal target than this run's (the
+    target is not part of the search key: the trials stay valid, their feasibility is read at the new target)."""
+    earlier = sorted({t.user_attrs["target"] for t in trials if "target" in t.user_attrs} - {target})
+    if earlier:
+        log.warning("The refining trials in this folder shrank edits toward refusal target %s; they are read at %s "
+                    "now. More trials (--n-trials) refine toward %s.", ", ".join(map(str, earlier)), target, target)
 
 
 @dataclass

@@ -164,3 +164,17 @@ def test_the_table_marks_lower_bounds_and_what_was_not_generated() -> None:
                           "refusal_stopped_early": True}) == ">=0.09 (thinking on 0.02)"
     assert _refusal_cell({"harmful_refusal": 0.0, "harmful_refusal_thinking_on": 0.02,
                           "refusal_stopped_early": False}) == "0.00 (thinking on 0.02)"
+
+
+def test_a_run_with_another_target_says_the_refining_trials_aimed_at_the_old_one(caplog) -> None:
+    import logging
+
+    from abliterate.search import _say_other_target
+
+    trials = [_trial(0, 0.001, 0.0), _trial(1, 0.0008, 0.0, 0.8, refines=0)]
+    trials[1].user_attrs["target"] = 0.05
+    with caplog.at_level(logging.WARNING, logger="abliterate.search"):
+        _say_other_target(trials, 0.05)
+        assert not caplog.text
+        _say_other_target(trials, 0.0)
+    assert "toward refusal target 0.05; they are read at 0.0 now" in caplog.text
