@@ -167,8 +167,8 @@ class RefusalWatch(StoppingCriteria):
 def generated(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextManager], held: HeldOut,
               identical: list[bool], target: float | None = None) -> dict[str, Any]:
     """Harmful and harmless refusal of one edit by generation (and, first, harmful refusal with thinking on, when
-    measuring switched it off); only the harmless replies that changed (`identical` from `teacher_forced`) are generated, the
-    others are the base model's own. With a `target`, a harmful generation that refuses more than it allows stops
+    measuring switched it off); only the harmless replies that changed (`identical` from `teacher_forced`) are
+    generated, the others are the base model's own. With a `target`, a harmful generation that refuses more than it allows stops
     there (`RefusalWatch`): its share is then a lower bound, the rest is not generated, `refusal_stopped_early`."""
     changed = [text for text, same in zip(held.harmless, identical) if not same]
 
@@ -226,8 +226,8 @@ def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], A
     Every edit's reply KL and identical share come from its teacher-forced pass (cheap); the refusals need
     generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target (in
     both thinking modes, where the template has a switch): no later edit can be chosen over it, so theirs stay None
-    ("not generated"). An edit's generation stops once it refuses more than the target allows (`RefusalWatch`). With `only`, that edit
-    alone is generated, in full (the user's pick). With a `bound` (the reply KL of an edit confirmed before that met
+    ("not generated"). An edit's generation stops once it refuses more than the target allows (`RefusalWatch`).
+    With `only`, that edit alone is generated, in full (the user's pick). With a `bound` (the reply KL of an edit confirmed before that met
     the target), only edits with less reply KL are generated.
     """
     rows, forced = [], {}
@@ -241,17 +241,12 @@ def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], A
         for row in (row for row in rows if row["trial"] == only):
             row.update(generated(model, tokenizer, edits[only], held, forced[only]))
         return rows
-
-    def first_meeting(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
-        for row in candidates:
-            if row["reply_kl"] >= bound:
-                return None
-            row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]], target))
-            if worst_refusal(row) <= target:
-                return row
-        return None
-
-    first_meeting(ranked)
+    for row in ranked:
+        if row["reply_kl"] >= bound:
+            break
+        row.update(generated(model, tokenizer, edits[row["trial"]], held, forced[row["trial"]], target))
+        if worst_refusal(row) <= target:
+            break
     return rows
 
 

@@ -43,6 +43,7 @@ from abliterate.refusal import RefusalProfile, load_profile, scoring_tokens
 from abliterate.search import (
     ReplySet,
     SearchState,
+    finite,
     load_study,
     params_of,
     pareto_front,
@@ -257,7 +258,7 @@ def _confirm_trials(state: SearchState, tokenizer: Any, held: Any, trials: list[
         rows = confirm_in_order(state.model, tokenizer, {t.number: edit_of(t) for t in group}, held,
                                 config.target_refusal, config.trial if config.trial >= 0 else None, bound)
         for row, trial in zip(rows, group):
-            refusal, kl = (value if math.isfinite(value) else None for value in trial.values)  # None: not computed
+            refusal, kl = map(finite, trial.values)  # None: not computed
             row.update({"validation_refusal": refusal, "validation_kl": kl,
                         "validation_refusing_share": trial.user_attrs.get("refusing_share"),
                         "validation_identical_share": trial.user_attrs.get("identical_share")})

@@ -230,7 +230,7 @@ def log_trial(out_dir: Path, trial: Any) -> None:
     """Append one finished trial to the study's log (see `load_study`)."""
     from optuna.distributions import distribution_to_json
 
-    row = {"number": trial.number, "params": trial.params, "values": [_finite(v) for v in trial.values],
+    row = {"number": trial.number, "params": trial.params, "values": [finite(v) for v in trial.values],
            "user_attrs": trial.user_attrs,
            "distributions": {name: distribution_to_json(d) for name, d in trial.distributions.items()}}
     with (out_dir / TRIALS_LOG).open("a") as handle:
@@ -349,7 +349,7 @@ def _seeds_outside_ranges() -> Iterator[None]:
         yield
 
 
-def _finite(value: float) -> float | None:
+def finite(value: float) -> float | None:
     """A JSON-safe objective value: None where it was not computed (or not finite)."""
     return value if math.isfinite(value) else None
 
@@ -357,7 +357,7 @@ def _finite(value: float) -> float | None:
 def trial_rows(trials: list[Any], pareto: list[int]) -> list[dict[str, Any]]:
     """Every finished trial as JSON rows: its values, whether it is on the front, its raw parameters."""
     front = set(pareto)
-    return [{"trial": t.number, "refusal": _finite(t.values[0]), "kl": _finite(t.values[1]),
+    return [{"trial": t.number, "refusal": finite(t.values[0]), "kl": finite(t.values[1]),
              "refusing_share": t.user_attrs.get("refusing_share"), "identical_share": t.user_attrs.get("identical_share"),
              "pareto": t.number in front, "params": t.params}
             for t in trials if t.values is not None]
