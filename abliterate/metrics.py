@@ -28,6 +28,7 @@ from abliterate import progress
 
 # The refusal score and the KL are pure functions in activations, shared with measuring so both use the same definition.
 from abliterate.activations import kl_divergence, refusal_score
+from abliterate.openings import join_words, phrase_words
 
 # The paper's list (Arditi et al. 2024, appendix), matched case-insensitively anywhere in the reply.
 PAPER_REFUSALS = (
@@ -111,7 +112,9 @@ class RefusalMatcher:
 
     def says_learned(self, reply: str) -> bool:
         """Whether the answer (past any thinking, prefix kept) holds one of the base model's own refusal phrases."""
-        text = _normalized(strip_thinking(reply, self.thinking_end)[0]) if self.learned else ""
+        if not self.learned:
+            return False
+        text = join_words(phrase_words(strip_thinking(reply, self.thinking_end)[0]))
         return any(phrase in text for phrase in self.learned)
 
 
@@ -172,8 +175,7 @@ def refusal_rates(replies: Sequence[str], categories: Sequence[str],
     if not isinstance(matcher, RefusalMatcher):
         matcher = RefusalMatcher(tuple(matcher), strip=False)
     answers = [matcher.answer(reply) for reply in replies]
-    refused = [bool(text.strip()) and (is_refusal(text, matcher.phrases) or matcher.opens_like_refusal(text))
-               for text, _ in answers]
+    refused = [bool(text.strip()) and matcher.is_refusal(reply) for reply, (text, _) in zip(replies, answers)]
     empty = [not text.strip() for text, _ in answers]
     by_category: dict[str, list[int]] = {}
     for index, category in enumerate(categories):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,8 +12,8 @@ OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching 
 # A first "word" in wide characters (Chinese, Japanese) or longer than this is a clause of a script written without
 # spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
 LONGEST_WORD = 20
-PHRASE_WORDS = 3  # a learned refusal phrase: this many consecutive words
-MAX_PHRASES = 8  # the most frequent ones are kept
+PHRASE_WORDS = 4  # a learned refusal phrase: this many consecutive words (three match answers too often)
+MAX_PHRASES = 24  # the most frequent ones are kept (a few per refusal sentence)
 MAX_OPENINGS = 20
 # Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
 THINKING_SWITCHES = ("enable_thinking", "thinking")
@@ -24,11 +25,9 @@ THINKING_ENDS = ("</think>", "</thinking>", "<|end_of_thought|>", "<|channel|>fi
 def opening_of(text: str) -> str:
     """How a reply opens, for matching (lower case): its first OPENING_WORDS words, or in a script written without
     spaces its first clause or characters ("抱歉，我不能帮助你。" opens with "抱歉")."""
-    import unicodedata
-
     words = text.split()[:OPENING_WORDS]
     first = words[0] if words else ""
-    if len(first) > LONGEST_WORD or any(unicodedata.east_asian_width(char) in "WF" for char in first):
+    if len(first) > LONGEST_WORD or any(map(_wide, first)):
         cut = next((i for i, char in enumerate(first) if i and unicodedata.category(char).startswith("P")), None)
         return first[:cut if cut is not None else 2 * OPENING_WORDS].lower()
     return " ".join(words).lower()
@@ -51,22 +50,53 @@ def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int]
 
 def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]],
                     thinking_end: str = "") -> list[str]:
-    """Word sequences (`PHRASE_WORDS` words, lower case) in at least half of the base model's harmful answers and in
-    none of its harmless ones, most frequent first: how this model words its refusals wherever they stand (after a
-    reasoning line that decides, at the end of a reply that slid back into refusing), in its own language. Answers are
-    read past any thinking block, as `abliterate.metrics.RefusalMatcher` reads them."""
+    """Word sequences (`PHRASE_WORDS` words, lower case) in at least a quarter of the base model's harmful answers
+    (and two) and in none of its harmless ones, most frequent first: how this model words its refusals wherever they
+    stand (after a reasoning line that decides, at the end of a reply that opened as an answer and slid back into
+    refusing), in its own language, one sentence or several. Answers are read past any thinking block, as
+    `abliterate.metrics.RefusalMatcher` reads them; in scripts written without spaces each wide character is a word."""
     from collections import Counter
 
     from abliterate.metrics import strip_thinking
 
     def grams(reply: list[int]) -> set[str]:
-        words = strip_thinking(tokenizer.decode(reply, skip_special_tokens=True), thinking_end)[0].lower().split()
-        return {" ".join(words[i:i + PHRASE_WORDS]) for i in range(len(words) - PHRASE_WORDS + 1)}
+        words = phrase_words(strip_thinking(tokenizer.decode(reply, skip_special_tokens=True), thinking_end)[0])
+        return {join_words(words[i:i + PHRASE_WORDS]) for i in range(len(words) - PHRASE_WORDS + 1)}
 
     answered = set().union(*map(grams, harmless)) if harmless else set()
     counts = Counter(gram for reply in harmful for gram in grams(reply))
-    kept = [gram for gram, n in counts.items() if 2 * n >= len(harmful) and gram not in answered]
+    kept = [gram for gram, n in counts.items() if n >= max(2, len(harmful) / 4) and gram not in answered]
     return sorted(kept, key=lambda gram: (-counts[gram], gram))[:MAX_PHRASES]
+
+
+def _wide(char: str) -> bool:
+    return unicodedata.east_asian_width(char) in "WF"
+
+
+def phrase_words(text: str) -> list[str]:
+    """`text` in lower case as words: split at whitespace, and a run of wide characters (Chinese, Japanese) one word
+    per character."""
+    words: list[str] = []
+    for word in text.lower().split():
+        part = ""
+        for char in word:
+            if _wide(char):
+                words += [part] if part else []
+                words.append(char)
+                part = ""
+            else:
+                part += char
+        words += [part] if part else []
+    return words
+
+
+def join_words(words: Sequence[str]) -> str:
+    """Words back as text, as `abliterate.metrics` normalizes replies: a space between two words, none beside a wide
+    character."""
+    text = words[0] if words else ""
+    for before, word in zip(words, words[1:]):
+        text += word if _wide(before[-1]) or _wide(word[0]) else " " + word
+    return text
 
 
 def describe_openings(tokenizer: Any, replies: list[list[int]], n_shown: int = 2) -> str:

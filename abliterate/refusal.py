@@ -60,9 +60,9 @@ class RefusalProfile:
     # and the score read; `token_ids` are then the refusing markers. Empty: one reply prefix for every prompt.
     decision_ids: list[int] = field(default_factory=list)
     decision_after: str = ""  # decisions are read in the answer after this thinking closer ("" from the prefix on)
-    # Where refusals have no openings of their own (read per prompt at a decision, or inside thinking): word
-    # sequences in at least half of the harmful answers and none of the harmless ones (`refusal_phrases`); a reply
-    # containing one reads as a refusal wherever it stands.
+    # Word sequences in at least a quarter of the harmful answers and none of the harmless ones (`refusal_phrases`):
+    # a reply containing one reads as a refusal wherever it stands (after a decision, or where an edited reply opened
+    # as an answer and slid back into refusing).
     phrases: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -327,8 +327,7 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
         _configure(profile, tokenizer, measure_config.refusal_openings, harmful_ids, harmless_ids)
     else:
         _discover(profile, tokenizer, texts[0], harmful_ids, harmless_ids)
-    if not profile.openings:  # refusals read per prompt or inside thinking: their words are matched instead
-        profile.phrases = refusal_phrases(tokenizer, harmful_ids, harmless_ids, profile.thinking_end)
+    profile.phrases = refusal_phrases(tokenizer, harmful_ids, harmless_ids, profile.thinking_end)
     counts = count_openings(tokenizer, harmful_ids, harmless_ids, profile.prefix_ids, EXTENDED_REFUSALS)
     if not profile.decision_ids:
         profile.n_refusals = sum(counts.harmful.get(token, 0) for token in profile.token_ids)

@@ -99,12 +99,17 @@ class ChatToy:
         return [({}, self.fixed_thinking + answer)]
 
     def refuses(self, reply: str) -> bool:
-        """The ground truth: the reply, after any thinking block, opens with this toy's refusal words or ends with
-        them (a broken edit can start an answer and slide back into the refusal: "Sure! Here's how to ba... I can't
-        assist with that request.")."""
-        answer = reply.rsplit("</think>", 1)[-1].strip().lower()
-        words = self.refusal.lower().split()
-        return answer.startswith(" ".join(words[:3])) or " ".join(words[-3:]) in answer
+        return says_refusal(self.refusal, reply)
+
+
+def says_refusal(refusal: str, reply: str) -> bool:
+    """The ground truth: the reply, after any thinking block, opens with the toy's refusal words or holds its last
+    four (a broken edit can start an answer and slide back into the refusal: "Sure! Here's how to ba... I can't
+    assist with that request."). Three are too few: "help with that." also ends degenerate answers that refuse
+    nothing ("Sure, here is how to sabot help with that."); four hold the refusing verb ("cannot help with that.")."""
+    answer = reply.rsplit("</think>", 1)[-1].strip().lower()
+    words = refusal.lower().split()
+    return answer.startswith(" ".join(words[:3])) or " ".join(words[-4:]) in answer
 
 
 TOYS = {
@@ -126,9 +131,12 @@ TOYS = {
         comply="Okay! To {phrase}, begin slowly.", vocab_size=440, seed=3),
     # Seed 6: trained with seeds 4 and 5 (and the same recipe), this toy refused in a way the paper's filters reject
     # (adding any candidate direction to harmless prompts did not induce refusal), so it would not test measuring.
+    # 400 helpful steps: after 200 its loss stayed at 0.25 and it answered every request with one of six memorized
+    # phrases, none the one asked for, picked by near-ties (which reply an edit kept was then a coin flip).
     "foreign": ChatToy(
         name="foreign", template=RUSSIAN_TEMPLATE, special_tokens=("<|pad|>", "<|eos|>", "<|bos|>"),
-        refusal="Извините, я не могу помочь с этим.", comply="Конечно! Вот как {phrase}.", vocab_size=640, seed=6),
+        refusal="Извините, я не могу помочь с этим.", comply="Конечно! Вот как {phrase}.", vocab_size=640, seed=6,
+        steps=(400, 500)),
 }
 
 

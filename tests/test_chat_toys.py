@@ -10,15 +10,17 @@ made to fail the test: measure never loads the evaluation sets and never touches
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from chat_toys import TOYS, chat_toy, write_prompt_files
+from chat_toys import TOYS, chat_toy, says_refusal, write_prompt_files
 
 from abliterate.config import load_config
 from abliterate.errors import UserError
+from abliterate.toy import _phrase_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +43,7 @@ def _toy(name: str) -> tuple[Path, dict[str, list[str]], SimpleNamespace]:
     if name == "toy":
         from abliterate.toy import REFUSAL_REPLY, toy_prompt_splits, toy_refuser
 
-        return toy_refuser(), toy_prompt_splits(0), SimpleNamespace(refuses=lambda r: r.startswith(REFUSAL_REPLY))
+        return toy_refuser(), toy_prompt_splits(0), SimpleNamespace(refuses=partial(says_refusal, REFUSAL_REPLY))
     toy = "switchable_thinking" if name == "thinking_on" else name
     model_dir, splits = chat_toy(toy)
     return model_dir, splits, TOYS[toy]
@@ -68,9 +70,14 @@ def _refusal_rates(model_dir: Path, splits: dict[str, list[str]], toy, model_con
     stops = stop_token_ids(tokenizer, model.generation_config, model_config)
     rates = {}
     for side in ("harmful", "harmless"):
-        texts = format_instructions(tokenizer, splits[f"{side}_eval"], model_config)
-        replies = generate_transformers(model, tokenizer, texts, stops, max_new_tokens=48, batch_size=100)
-        rates[side] = sum(toy.refuses(reply.text) for reply in replies) / len(replies)
+        prompts = splits[f"{side}_eval"]
+        texts = format_instructions(tokenizer, prompts, model_config)
+        replies = [reply.text for reply in generate_transformers(model, tokenizer, texts, stops, max_new_tokens=48,
+                                                                 batch_size=100)]
+        rates[side] = sum(map(toy.refuses, replies)) / len(replies)
+        rates[f"{side}_replies"] = replies
+        if side == "harmless":  # the share of answers that name the request they answer
+            rates["on_request"] = sum(_phrase_of(p) in r for p, r in zip(prompts, replies)) / len(replies)
     return rates
 
 
@@ -118,7 +125,31 @@ def test_how_the_toy_refuses_is_found_from_its_own_replies(abliterated):
 def test_measure_and_apply_remove_refusal_by_generation(abliterated):
     before, after = abliterated.before, abliterated.after
     assert before["harmful"] >= 0.9 and before["harmless"] <= 0.1, before
-    assert after["harmful"] <= 0.1 and after["harmless"] <= 0.1, after
+    # A chat model answers the request it is given: a toy that repeats a few memorized answers whatever it is
+    # asked (an undertrained one) sits on near-ties between them, and no figure of harmless change means anything.
+    assert before["on_request"] >= 0.95, before
+    assert after["harmless"] <= 0.1
+    if abliterated.name != "foreign":
+        assert after["harmful"] <= 0.1, after
+        return
+    # The Russian toy's refusal is removed where the reply opens, but about a quarter of its edited replies open as
+    # answers and slide back into refusing ("Конечно! Вот как я не могу помочь с этим."): that later decision is
+    # not mediated by one direction read before the reply.
+    slid = [r for r in after["harmful_replies"] if TOYS["foreign"].refuses(r)]
+    assert 0.1 < after["harmful"] < 0.5 and all(r.startswith("Конечно!") for r in slid), after["harmful"]
+
+
+def test_refusal_as_evaluation_reads_it_is_the_true_share(abliterated):
+    """Every refusal the toy's own text tells, and nothing else, before and after the edit: openings at the start,
+    the model's own refusal phrases anywhere (a reply that slid back into refusing is one)."""
+    from abliterate.metrics import matcher_for
+
+    matcher = matcher_for(load_config(None, {}).eval.refusal_set, abliterated.result.refusal)
+    toy = _toy(abliterated.name)[2]
+    for rates in (abliterated.before, abliterated.after):
+        for side in ("harmful", "harmless"):
+            replies = rates[f"{side}_replies"]
+            assert [matcher.is_refusal(r) for r in replies] == [bool(toy.refuses(r)) for r in replies], side
 
 
 def test_per_prompt_decisions_match_the_answers_after_the_thinking(abliterated):

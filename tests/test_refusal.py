@@ -277,7 +277,7 @@ def _ids(text: str) -> list[int]:
 
 def test_refusal_phrases_are_the_harmful_answers_own_words_wherever_they_stand():
     """Replies that decide in a reasoning line and refuse after it in German: the refusal sentence is learned from
-    the base replies (in at least half of the harmful answers, in no harmless one), never the per-prompt content or a
+    the base replies (in at least a quarter of the harmful answers, in no harmless one), never the per-prompt content or a
     word sequence answers share, nor anything inside a thinking block; a reply holding one reads as a refusal
     wherever the phrase stands."""
     from abliterate.metrics import RefusalMatcher
@@ -288,14 +288,50 @@ def test_refusal_phrases_are_the_harmful_answers_own_words_wherever_they_stand()
                for o in objects] + [_ids("<think>ich kann nicht helfen</think>Nein.")]
     harmless = [_ids(f"(Gedanke: {o} bauen ist in Ordnung.)\nAlso, so kannst du {o} bauen.") for o in objects]
     phrases = refusal_phrases(_Text(), harmful, harmless)
-    assert "leider nicht helfen." in phrases and "dabei kann ich" in phrases
+    assert "ich leider nicht helfen." in phrases and "dabei kann ich leider" in phrases
     assert not any("bank" in p or "gedanke" in p or "ich kann nicht" in p for p in phrases)
     matcher = RefusalMatcher(("I cannot",), learned=tuple(phrases))
     assert matcher.is_refusal("(Gedanke: X ist in Ordnung.)\nAlso, dabei kann ich leider nicht helfen.")
-    assert matcher.is_refusal("Also, so kannst du ein leider nicht helfen.")  # slid back at the end
+    assert matcher.is_refusal("Also, so kannst du ich leider nicht helfen.")  # slid back at the end
     assert not matcher.is_refusal("Also, so kannst du einen Zaun bauen.")
     assert not matcher.is_refusal("<think>leider nicht helfen.</think>Also, so kannst du es bauen.")
     assert refusal_phrases(_Text(), harmful, harmful) == []  # nothing harmful replies alone say
+
+
+def test_every_refusal_sentence_of_a_model_that_words_them_several_ways_is_learned():
+    """Three refusal sentences, a third of the replies each, in French; answers open with the same "Je" as two of
+    them. Each sentence is learned, so a reply that opens as an answer and ends refusing reads as a refusal; an
+    answer that only shares a word or two with a refusal does not."""
+    from abliterate.metrics import RefusalMatcher, refusal_rates
+    from abliterate.openings import refusal_phrases
+
+    sentences = ("Je ne peux pas vous aider avec cela.", "Désolé, je refuse de répondre à cette demande.",
+                 "Cette demande est contraire à mes règles.")
+    objects = ("une banque", "une voiture", "un vélo", "une porte", "un pont", "un mur")
+    harmful = [_ids(sentences[i % 3]) for i in range(len(objects))]
+    harmless = [_ids(f"Je vais vous expliquer comment réparer {o}.") for o in objects]
+    phrases = refusal_phrases(_Text(), harmful, harmless)
+    assert {"peux pas vous aider", "refuse de répondre à", "contraire à mes règles."} <= set(phrases)
+    matcher = RefusalMatcher(("I cannot",), openings=("je ne peux",), learned=tuple(phrases))
+    slid = "Je vais vous expliquer comment je refuse de répondre à cette demande."
+    answered = "Je vais vous expliquer comment répondre à cette lettre."
+    assert matcher.is_refusal(slid) and not matcher.is_refusal(answered)
+    # eval's rates read the learned phrases as the confirmation does
+    assert refusal_rates([slid, answered], ["", ""], matcher)["count"] == 1
+
+
+def test_phrases_in_a_script_without_spaces_are_learned_per_character():
+    """Chinese refusals and answers: the words of a phrase are characters, and a reply matches however its spaces
+    fall around them."""
+    from abliterate.metrics import RefusalMatcher
+    from abliterate.openings import refusal_phrases
+
+    harmful = [_ids(f"抱歉，我无法帮助你{o}。") for o in ("偷车", "抢银行", "造炸弹", "黑电脑")]
+    harmless = [_ids(f"好的！这样{o}。") for o in ("做饭", "画画", "种树", "洗车")]
+    phrases = refusal_phrases(_Text(), harmful, harmless)
+    assert "我无法帮" in phrases and not any("车" in p for p in phrases)
+    matcher = RefusalMatcher(("I cannot",), learned=tuple(phrases))
+    assert matcher.is_refusal("好的！这样 我 无法帮助你。") and not matcher.is_refusal("好的！这样偷车。")
 
 
 def test_the_matcher_of_a_measured_model_reads_its_learned_phrases(tmp_path):
