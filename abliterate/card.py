@@ -59,6 +59,27 @@ class CardFacts:
     figure: str = ""  # path of the candidate scores figure relative to the card, when there is one
     install: str = ""  # the command that installs this abliterate (empty: no public source to point at)
     refusal: dict = field(default_factory=dict)  # how the base model refuses (refusal.json), empty when unknown
+    refusal_change: tuple[float, float] | None = None  # harmful refusal of the base and the edited model, evaluated
+
+
+def refusal_change(data: dict) -> tuple[float, float] | None:
+    """(base, edited) harmful refusal rates from eval.json, None where it lacks either."""
+    models = data.get("models", {})
+    rates = [((models.get(column) or {}).get("refusal") or {}).get("rate") for column in ("base", "edited")]
+    return (float(rates[0]), float(rates[1])) if all(isinstance(r, (int, float)) for r in rates) else None
+
+
+def _warning(change: tuple[float, float] | None) -> str:
+    """The card's warning, as the evaluation found it: a model the edit left refusing is not called less likely to."""
+    if change is None:
+        return ("**Warning**: this model was edited to refuse harmful requests less often than its base (not "
+                "evaluated here). Use it for research and apply your own safeguards.")
+    base, edited = change
+    if edited >= base:
+        return (f"**Note**: the edit did not lower harmful refusal in the evaluation below ({base:.2f} -> "
+                f"{edited:.2f}): this model refuses as its base does.")
+    return (f"**Warning**: this model refuses harmful requests less often than its base (harmful refusal {base:.2f} "
+            f"-> {edited:.2f} in the evaluation below). Use it for research and apply your own safeguards.")
 
 
 def hub_dataset(source: str) -> str:
@@ -243,8 +264,7 @@ def render_card(facts: CardFacts, replacements: dict[str, str] | None = None) ->
          f"abliterate {facts.version}. It loads like the base model "
          "with `AutoModelForCausalLM.from_pretrained` and needs no custom code."),
         "",
-        ("**Warning**: this model is much less likely to refuse harmful requests than its base. Use it for "
-         "research and apply your own safeguards."),
+        _warning(facts.refusal_change),
         "",
         *_what_was_done(facts),
         *([(f"![Refusal score with the direction ablated and added, and KL, for every candidate layer and position "

@@ -231,6 +231,10 @@ def validate(config: Config) -> None:
             raise UserError(f"prompts.{name} must be at least 1, got {getattr(p, name)}.")
     if not 0 < m.max_layer_fraction <= 1:
         raise UserError(f"measure.max_layer_fraction must be in (0, 1], got {m.max_layer_fraction}.")
+    if m.batch_size < 1:
+        raise UserError(f"measure.batch_size must be at least 1, got {m.batch_size}.")
+    if not m.kl_max > 0:
+        raise UserError(f"measure.kl_max must be above 0 (the paper's is 0.1), got {m.kl_max}.")
     if m.n_discovery < 2 or m.discovery_max_new_tokens < 1:
         raise UserError("measure.n_discovery must be at least 2 and measure.discovery_max_new_tokens at least 1.")
     if m.use_reference and not m.direction_file:

@@ -197,6 +197,17 @@ def _eval_work(model: str, edited_dir: Path, config: Config) -> Callable[[Path],
     return work
 
 
+def _say_if_unchanged(eval_json: Path) -> None:
+    """Warn when the evaluation found the edited model refusing harmful prompts no less than its base."""
+    from abliterate.card import refusal_change
+
+    change = refusal_change(json.loads(eval_json.read_text())) if eval_json.is_file() else None
+    if change is not None and change[1] >= change[0]:
+        logger.warning("The edit did not lower harmful refusal (%.2f -> %.2f): the refusal score may miss how this "
+                       "model refuses (see measure/refusal.json; set measure.refusal_openings), or try --optimize.",
+                       *change)
+
+
 def summary_rows(report: Any) -> list[list[str]]:
     """(metric with its prompt count, base, edited) rows for the final summary table, from an EvalReport."""
     rows = report.summary_rows() if hasattr(report, "summary_rows") else []
@@ -227,14 +238,16 @@ def _read_run(prov: Path) -> dict:
 
 
 def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps: dict[str, dict]) -> str:
-    from abliterate.card import CardFacts, base_license, eval_results, hub_dataset, install_command, render_card
+    from abliterate.card import (CardFacts, base_license, eval_results, hub_dataset, install_command,
+                                 refusal_change, render_card)
 
     prov = out_dir / PROVENANCE_DIR
     measured, applied, evaluated = steps["measure"], steps["apply"], steps.get("eval")
     p = config.prompts
     figure = prov / "measure" / "scores.png"
-    results = eval_results(json.loads((prov / "eval" / "eval.json").read_text()), p.harmful_eval, p.harmless_eval) \
-        if evaluated and (prov / "eval" / "eval.json").is_file() else []
+    data = json.loads((prov / "eval" / "eval.json").read_text()) \
+        if evaluated and (prov / "eval" / "eval.json").is_file() else {}
+    results = eval_results(data, p.harmful_eval, p.harmless_eval) if data else []
     facts = CardFacts(
         base_model="" if _is_local(model) else model,
         base_revision=config.model.revision or _resolved_revision(model_dir),
@@ -249,7 +262,7 @@ def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps
         optimized_edit=measured.get("optimized", ""),
         datasets=[hub_dataset(source) for source in (p.harmful_train, p.harmless_train, p.harmful_eval,
                                                       p.harmless_eval) if hub_dataset(source)],
-        eval_results=results, install=install_command(),
+        eval_results=results, install=install_command(), refusal_change=refusal_change(data),
         figure=figure.relative_to(out_dir).as_posix() if figure.is_file() else "",
     )
     # Paths this run knows about get public names; any other absolute path is cut to its last part.
@@ -348,6 +361,7 @@ def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunRe
     edited = checkpoint if (checkpoint / "config.json").is_file() else out_dir
     if not config.run.skip_eval:
         steps["eval"] = run_step(prov, "eval", keys["eval"], force, _eval_work(model, edited, config), reused)
+        _say_if_unchanged(prov / "eval" / "eval.json")
     else:  # an earlier run's report must not sit beside a card that claims no numbers
         shutil.rmtree(prov / "eval", ignore_errors=True)
     _scrub(model, model_dir, out_dir, config)

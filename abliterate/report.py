@@ -41,6 +41,7 @@ def eval_record(sources: dict[str, str | None], runs: Mapping[str, Any], kl: dic
         "judge_min_words": e.judge_min_words, "ce_max_tokens": e.ce_max_tokens, "seed": p.seed,
         "harmful_eval": p.harmful_eval, "harmless_eval": p.harmless_eval,
         "refusal_openings": list(context.matcher.openings), "thinking_end": context.matcher.thinking_end,
+        "learned_phrases": list(context.matcher.learned),
         "refusal_profile": profile.source if profile else "none",
         "template_kwargs": context.model_config.template_kwargs, "thinking_on": context.thinking_on,
         "refusal_judge": e.refusal_judge or "none",
@@ -153,9 +154,12 @@ def _settings_note(settings: dict[str, Any]) -> str:
     judge = settings["judge"]
     if judge != "none" and settings["judge_min_words"] > 0:
         judge += f" (replies under {settings['judge_min_words']} words counted safe, as the paper)"
-    found = settings.get("refusal_openings") or []
-    openings = (f" or opens like the base model's refusals ({', '.join(json.dumps(o) for o in found[:6])})"
-                if found else "")
+    def quoted(texts: list[str]) -> str:
+        return ", ".join(json.dumps(text, ensure_ascii=False) for text in texts[:6])
+
+    found, learned = settings.get("refusal_openings") or [], settings.get("learned_phrases") or []
+    openings = f" or opens like the base model's refusals ({quoted(found)})" if found else ""
+    openings += f" or holds one of its refusal phrases anywhere ({quoted(learned)})" if learned else ""
     return (
         f"Greedy decoding, up to {settings['max_new_tokens']} new tokens, stopping at EOS and the end-of-turn token "
         f"({settings['backend']}). Thinking blocks are stripped; a reply is then a refusal when it contains any "

@@ -166,3 +166,17 @@ def test_the_card_says_how_refusal_was_found(tmp_path):
             "(found from the base model's greedy replies: they open 31 of 32 harmful replies; separation of harmful "
             "from harmless prompts, AUC 0.994)." in card)
     assert "shared reply prefix" not in render_card(_facts(tmp_path))
+
+
+def test_the_warning_says_what_the_evaluation_found(tmp_path):
+    """A card never calls a model that still refuses as its base "less likely to refuse"."""
+    from abliterate.card import refusal_change
+
+    lowered = render_card(_facts(tmp_path, refusal_change=(1.0, 0.6)))
+    assert "refuses harmful requests less often than its base (harmful refusal 1.00 -> 0.60" in lowered
+    unchanged = render_card(_facts(tmp_path, refusal_change=(1.0, 1.0)))
+    assert "did not lower harmful refusal in the evaluation below (1.00 -> 1.00)" in unchanged
+    assert "less often" not in unchanged and "less likely" not in unchanged
+    assert "(not evaluated here)" in render_card(_facts(tmp_path, refusal_change=None))
+    data = {"models": {"base": {"refusal": {"rate": 1.0}}, "edited": {"refusal": {"rate": 0.25}}}}
+    assert refusal_change(data) == (1.0, 0.25) and refusal_change({"models": {"edited": {}}}) is None

@@ -44,6 +44,10 @@ def test_wrong_type_and_cross_field_checks(tmp_path):
         load_config(overrides={"measure": {"use_reference": True}})
     with pytest.raises(UserError, match=r"optimize.refine_share must be in \[0, 1\], not 1.5"):
         load_config(overrides={"optimize": {"refine_share": 1.5}})
+    with pytest.raises(UserError, match="measure.batch_size must be at least 1, got 0"):
+        load_config(overrides={"measure": {"batch_size": 0}})
+    with pytest.raises(UserError, match="measure.kl_max must be above 0"):
+        load_config(overrides={"measure": {"kl_max": -1}})
     path = tmp_path / "bad.toml"
     path.write_text("[measure\n")
     with pytest.raises(UserError, match="not valid TOML"):

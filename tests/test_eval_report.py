@@ -133,3 +133,15 @@ def test_refusal_judge_and_not_judged_safety_lines(report):
         "–", "0.00 / 0.33 / 0.67 (3 replies), 1 judge errors"]
     assert rows["Unsafe replies, harmful (none)"] == ["not judged", "not judged"]
     assert "**Safety was not judged**: export TOGETHER_API_KEY" in report.to_markdown()
+
+
+def test_the_counting_rule_names_openings_and_learned_phrases_in_their_own_script():
+    from abliterate.report import _settings_note
+
+    settings = {"judge": "none", "judge_min_words": 0, "max_new_tokens": 64, "backend": "transformers",
+                "refusal_set": "paper", "ce_max_tokens": 256, "seed": 42, "refusal_openings": ["désolé, je refuse"],
+                "learned_phrases": ["je ne peux pas"]}
+    note = _settings_note(settings)
+    assert '("désolé, je refuse")' in note and "\\u00e9" not in note
+    assert 'holds one of its refusal phrases anywhere ("je ne peux pas")' in note
+    assert "refusal phrases" not in _settings_note({**settings, "learned_phrases": []})

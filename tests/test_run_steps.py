@@ -161,3 +161,19 @@ def test_scrub_replaces_known_paths_everywhere_and_machine_paths_only_in_records
                                               "ce_text": "~/corpora/pile.txt", "cache": "$TMPDIR/cache"}
     # Model text keeps what the model wrote; the paths the run knows are still replaced there.
     assert json.loads(replies.read_text()) == {"reply": f"Save it to {temp}/notes.txt", "from": "my-base"}
+
+
+def test_run_warns_when_the_edit_left_refusal_where_it_was(tmp_path, caplog):
+    import json as json_module
+    import logging
+
+    from abliterate.pipeline import _say_if_unchanged
+
+    path = tmp_path / "eval.json"
+    for edited, warned in ((1.0, True), (0.6, False)):
+        caplog.clear()
+        path.write_text(json_module.dumps({"models": {"base": {"refusal": {"rate": 1.0}},
+                                                      "edited": {"refusal": {"rate": edited}}}}))
+        with caplog.at_level(logging.WARNING):
+            _say_if_unchanged(path)
+        assert ("did not lower harmful refusal (1.00 -> 1.00)" in caplog.text) == warned
