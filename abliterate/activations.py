@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -33,14 +33,48 @@ SCORE_EPS = 1e-8
 
 # ---- pure maths ----
 
+class RefusalTokens(tuple):
+    """The refusal token ids at the scored position, and where some refusals open with a token that answers open
+    with too ("Je" of "Je ne peux pas" and "Je vais vous expliquer", beside refusals opening "Désolé"): that `shared`
+    token, teacher-forced one position further, and the refusal tokens after it (`after_shared`)."""
+
+    shared: int
+    after_shared: tuple[int, ...]
+
+    def __new__(cls, ids: Sequence[int], shared: int = -1, after_shared: Sequence[int] = ()) -> Self:
+        tokens = super().__new__(cls, ids)
+        tokens.shared, tokens.after_shared = shared, tuple(after_shared)
+        return tokens
+
+    @property
+    def positions(self) -> int:
+        """How many last positions the score reads: the scored one, and the one after a shared opening."""
+        return 2 if self.shared >= 0 else 1
+
+
+def score_positions(refusal_ids: Sequence[int]) -> int:
+    return getattr(refusal_ids, "positions", 1)
+
+
 def refusal_score(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
     """log(P_R + eps) - log(1 - P_R + eps) per row, P_R the next-token probability mass on the refusal tokens.
 
-    `logits` is `[batch, vocab]` (the last prompt position); computed in float64 so that a P_R near 1 does not
-    round to exactly 1.
+    `logits` is `[batch, vocab]` at the scored position, or `[batch, positions, vocab]` ending after it. With a
+    shared opening (`RefusalTokens.shared`, teacher-forced last) P_R is the mass on the refusal tokens at the scored
+    position (second to last) plus the shared token's probability there times the mass on the refusal tokens that
+    follow it (last position): the probability that the reply opens as a refusal either way. Computed in float64 so
+    that a P_R near 1 does not round to exactly 1.
     """
-    log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1)  # [batch, vocab]
-    p_refusal = log_probs[:, list(refusal_ids)].logsumexp(dim=-1).exp()  # [batch]
+    shared, after = getattr(refusal_ids, "shared", -1), getattr(refusal_ids, "after_shared", ())
+    if logits.dim() == 3 and shared < 0:
+        logits = logits[:, -1]
+    elif logits.dim() == 2 and shared >= 0:
+        raise ValueError("a refusal score with a shared opening reads two positions: pass [batch, positions, vocab]")
+    log_probs = torch.log_softmax(logits.to(torch.float64), dim=-1)  # [batch, vocab] or [batch, positions, vocab]
+    scored = log_probs if shared < 0 else log_probs[:, -2]  # [batch, vocab]
+    p_refusal = scored[:, list(refusal_ids)].logsumexp(dim=-1).exp()  # [batch]
+    if shared >= 0:
+        p_refusal = p_refusal + scored[:, shared].exp() * log_probs[:, -1, list(after)].logsumexp(dim=-1).exp()
     return torch.log(p_refusal + SCORE_EPS) - torch.log(1 - p_refusal + SCORE_EPS)
 
 
@@ -243,7 +277,8 @@ def mean_activations(model: Any, batches: list[Batch], n_positions: int, refusal
     with _last_positions(model, n_positions, tails) as captured:
         for batch in progress.track(batches, description):
             tails[0] = batch.tails
-            batch_scores = refusal_score(forward_last(model, batch), refusal_ids).cpu()  # [batch]
+            batch_scores = refusal_score(forward_tail(model, batch, score_positions(refusal_ids)),
+                                         refusal_ids).cpu()  # [batch]
             scores.append(batch_scores)
             keep = batch_scores * keep_sign > 0 if keep_sign else torch.ones_like(batch_scores, dtype=torch.bool)
             sums.add_batch(captured, keep)

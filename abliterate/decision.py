@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # A decision marker is held by at least this share of one side's replies ...
 MARKER_SHARE = 0.5
-# ... and by this many times fewer of the other side's (as refusal tokens must be; see refusal.ENRICHMENT).
+# ... and by this many times fewer of the other side's (as refusal tokens must be; see parting.ENRICHMENT).
 MARKER_ENRICHMENT = 4.0
 DECISION_POSITION = "(each prompt's decision)"  # how the per-prompt decision position is labelled among candidates
 
@@ -154,7 +154,7 @@ def read_decisions(profile: Any, tokenizer: Any, prompt: str, harmful: list[list
     replies close one, else from the shared prefix on. Fills `profile` and returns True when markers tell the
     sides apart on held-out replies."""
     from abliterate.openings import MAX_OPENINGS, inside_thinking
-    from abliterate.refusal import MIN_HELD_OUT_MARGIN
+    from abliterate.parting import MIN_HELD_OUT_MARGIN
 
     prefix = tuple(profile.prefix_ids)
     end = profile.thinking_end

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+from collections.abc import Collection
 from importlib import metadata
 from pathlib import Path
 
@@ -47,12 +48,13 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 
 def check_out_dir(out_dir: Path, force: bool, *, model_dir: Path | None = None,
-                  resume_marker: str | None = None) -> Path:
+                  resume_marker: str | None = None, own_names: Collection[str] = ()) -> Path:
     """Refuse an `--out` that is a file, overlaps the input model, or is non-empty without `--force`; return it.
 
     With `model_dir` the paths are resolved and an output inside (or around) the input is refused: abliterate never
     writes into its input. With `resume_marker`, a non-empty folder holding that subfolder is an earlier run of the same
-    command to continue, not a folder to refuse.
+    command to continue, not a folder to refuse. With `own_names`, a folder holding nothing but those names (and
+    hidden ones) is an earlier output of the same command, to replace or continue.
     """
     if model_dir is not None:
         out_dir, model_dir = out_dir.expanduser().resolve(), model_dir.resolve()
@@ -64,6 +66,13 @@ def check_out_dir(out_dir: Path, force: bool, *, model_dir: Path | None = None,
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; choose a directory for --out.")
     if not out_dir.is_dir() or force or not any(out_dir.iterdir()):
+        return out_dir
+    if own_names:
+        foreign = sorted(entry.name for entry in out_dir.iterdir()
+                         if entry.name not in own_names and not entry.name.startswith("."))
+        if foreign:
+            raise UserError(f"--out {out_dir} holds files this command does not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder for --out.")
         return out_dir
     if resume_marker is None:
         raise UserError(f"--out {out_dir} is not empty; pass --force to replace it or choose another --out.")

@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from abliterate.direction import (
 from abliterate.errors import UserError
 from abliterate.files import check_out_dir, versions
 from abliterate.hub import public_model_name
-from abliterate.refusal import RefusalProfile, find_refusal, log_profile, save_profile, separation_auc
+from abliterate.refusal import REFUSAL_JSON, RefusalProfile, find_refusal, log_profile, save_profile, separation_auc
 from abliterate.selection import (
     CandidateScore,
     NoDirectionError,
@@ -67,6 +68,9 @@ SCORES_FILE = "scores.json"
 SCORES_PLOT = "scores.png"
 REFERENCE_CSV = "reference_cosines.csv"
 REFERENCE_PLOT = "reference_cosines.png"
+# Every name measure writes into its folder: a folder holding only these is an earlier measurement to replace.
+OUTPUT_NAMES = (REFUSAL_JSON, CANDIDATES_FILE, SCORES_FILE, DIRECTION_JSON, DIRECTION_SAFETENSORS, SCORES_PLOT,
+                REFERENCE_CSV, REFERENCE_PLOT)
 
 
 @dataclass
@@ -95,7 +99,7 @@ class _Fit:
     n_layers: int
     d_model: int
     eoi_ids: list[int]  # the candidate positions' tokens: end of instruction, then the shared reply prefix
-    refusal_ids: list[int]
+    refusal_ids: Sequence[int]  # a `RefusalTokens`
     token_texts: dict[int, str]
     harmful: SideActivations
     harmless: SideActivations
@@ -114,10 +118,14 @@ def measure(source: str, out_dir: Path, config: Config, keep_model: bool = False
     """Measure the refusal direction of the model at `source` (local folder or Hub id) into `out_dir`; with
     `keep_model`, the loaded model and tokenizer are returned too (`loaded`), for a caller that goes on with them."""
     from abliterate.model import load_model
-    from abliterate.prompts import prompt_sets
 
     # --out, prompt files and the reference are checked before the model loads: a typo should not cost a 16 GB load.
-    check_out_dir(Path(out_dir), force=True)  # a file there is refused (a folder is written into)
+    # a file there, or a folder holding files measure does not write (or optimize, which measures into its own), is
+    # refused: measuring never overwrites a user's file
+    from abliterate.optimize import OUTPUT_NAMES as OPTIMIZE_NAMES
+    from abliterate.prompts import prompt_sets
+
+    check_out_dir(Path(out_dir), force=False, own_names=OPTIMIZE_NAMES)
     sets = prompt_sets(config.prompts, fit_only=True)
     _load_reference(config, None)
     timings: dict[str, float] = {}
@@ -183,7 +191,7 @@ def _fit(model: Any, tokenizer: Any, sets: Any, config: Config, reference: Direc
     if not eoi_ids:
         raise UserError("The chat template puts no tokens between the instruction and the reply, so there is no "
                         "end-of-instruction position to measure; pass a chat template with --chat-template.")
-    refusal_ids, prefix_ids = list(profile.token_ids), list(profile.prefix_ids)
+    refusal_ids, prefix_ids = profile.scoring()
     eoi_ids += prefix_ids
     # With per-prompt decisions, the position where each prompt's own reasoning decides is a candidate too (last).
     k = len(eoi_ids) + bool(profile.decision_ids)
@@ -231,7 +239,7 @@ def _validation_set(model: Any, tokenizer: Any, sets: Any, config: Config, fit: 
 
     def encoded(harmful: list[str], harmless: list[str]) -> ValidationSet:
         return encode_validation(model, tokenizer, harmful, harmless, config.measure.batch_size,
-                                 fit.profile.prefix_ids, fit.refusal_ids, tails)
+                                 fit.profile.scoring()[1], fit.refusal_ids, tails)
 
     val = encoded(harmful, harmless)
     if config.measure.filter_prompts:

@@ -27,7 +27,7 @@ from torch import Tensor
 from abliterate import progress
 
 # The refusal score and the KL are pure functions in activations, shared with measuring so both use the same definition.
-from abliterate.activations import kl_divergence, refusal_score
+from abliterate.activations import kl_divergence, refusal_score, score_positions
 from abliterate.openings import join_words, phrase_words
 
 # The paper's list (Arditi et al. 2024, appendix), matched case-insensitively anywhere in the reply.
@@ -258,12 +258,15 @@ def cross_entropy(model: Any, sequences: Sequence[Scored], pad_id: int, batch_si
 
 def mean_refusal_score(model: Any, prompt_ids: list[list[int]], refusal_ids: list[int], pad_id: int,
                         batch_size: int) -> dict[str, Any]:
-    """Mean refusal score at the first reply position (the last prompt token), over the prompts."""
+    """Mean refusal score at the first reply position (the last prompt token), over the prompts; where refusals and
+    answers share an opening (`RefusalTokens`), the prompts end with it and the position before it is read too."""
     scores: list[float] = []
-    sequences = [Scored(ids, len(ids)) for ids in prompt_ids]  # scores only the last position
-    for batch in batches(sequences, batch_size):
-        last = torch.stack([logprobs[0] for logprobs in position_logprobs(model, batch, pad_id)])  # [batch, vocab]
-        scores.extend(refusal_score(last, refusal_ids).cpu().tolist())
+    n_positions = score_positions(refusal_ids)
+    for batch in batches(prompt_ids, batch_size):
+        per_position = [torch.stack([logprobs[0] for logprobs in position_logprobs(
+            model, [Scored(ids[:len(ids) - back], len(ids) - back) for ids in batch], pad_id)])  # [batch, vocab]
+            for back in reversed(range(n_positions))]
+        scores.extend(refusal_score(torch.stack(per_position, 1), refusal_ids).cpu().tolist())
     return {"mean": sum(scores) / len(scores) if scores else None, "n": len(scores)}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching replies in evaluation)
@@ -94,7 +95,7 @@ def join_words(words: Sequence[str]) -> str:
     """Words back as text, as `abliterate.metrics` normalizes replies: a space between two words, none beside a wide
     character."""
     text = words[0] if words else ""
-    for before, word in zip(words, words[1:]):
+    for before, word in pairwise(words):
         text += word if _wide(before[-1]) or _wide(word[0]) else " " + word
     return text
 

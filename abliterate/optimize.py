@@ -33,14 +33,16 @@ from typing import Any
 
 import torch
 
-from abliterate.activations import encode, refusal_score
+from abliterate.activations import encode, refusal_score, score_positions
 from abliterate.config import Config, OptimizeConfig
 from abliterate.decision import decision_tails, scored_with
-from abliterate.edit_params import EDIT_FILE, EditParams, hooked_edit, layer_directions, write_edit
+from abliterate.edit_params import EDIT_FILE, EDIT_VECTORS, EditParams, hooked_edit, layer_directions, write_edit
 from abliterate.errors import UserError
 from abliterate.files import check_out_dir, write_atomic
+from abliterate.measure import OUTPUT_NAMES as MEASURE_NAMES
 from abliterate.refusal import RefusalProfile, load_profile, scoring_tokens
 from abliterate.search import (
+    TRIALS_LOG,
     ReplySet,
     SearchState,
     finite,
@@ -52,13 +54,15 @@ from abliterate.search import (
     seeded_trials,
     trial_rows,
 )
-from abliterate.selection import ValidationSet, last_log_probs
+from abliterate.selection import ValidationSet, last_log_probs, tail_log_probs
 
 log = logging.getLogger(__name__)
 
 OPTIMIZE_FILE = "optimize.json"
 PARETO_PLOT = "pareto.png"
 SEARCH_KEY_FILE = "search_key.json"  # what the measurement and the trials in a folder were made with
+# Every name optimize writes into its folder (the measurement's too): a folder holding only these is one to continue.
+OUTPUT_NAMES = (*MEASURE_NAMES, OPTIMIZE_FILE, PARETO_PLOT, SEARCH_KEY_FILE, TRIALS_LOG, EDIT_FILE, EDIT_VECTORS)
 
 
 @dataclass
@@ -123,7 +127,7 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
     from abliterate.measure import SCORES_FILE
     from abliterate.model import load_model
 
-    out_dir = check_out_dir(Path(out_dir), force=True)  # a file there is refused before any work
+    out_dir = check_out_dir(Path(out_dir), force=False, own_names=OUTPUT_NAMES)  # before any work
     timings: dict[str, float] = {}
     start = time.perf_counter()
     paper, tables, profile, config, loaded = _measured(source, out_dir, config)
@@ -307,7 +311,8 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
         scored, continuations = scored_with(texts, tails)
         return encode(tokenizer, scored, size, prefix_ids, continuations)
 
-    scores = refusal_score(last_log_probs(model, encoded(harmful + harmless)), refusal_ids)  # [n]
+    scores = refusal_score(tail_log_probs(model, encoded(harmful + harmless), score_positions(refusal_ids)),
+                           refusal_ids)  # [n]
     harmful_scores = scores[:len(harmful)]  # [n_harmful] base refusal scores
     if config.measure.filter_prompts:  # as measure: harmful prompts the base refuses, harmless ones it answers
         harmless = [t for t, score in zip(harmless, scores[len(harmful):]) if score < 0]

@@ -238,8 +238,15 @@ def _read_run(prov: Path) -> dict:
 
 
 def _card_text(model: str, model_dir: Path, out_dir: Path, config: Config, steps: dict[str, dict]) -> str:
-    from abliterate.card import (CardFacts, base_license, eval_results, hub_dataset, install_command,
-                                 refusal_change, render_card)
+    from abliterate.card import (
+        CardFacts,
+        base_license,
+        eval_results,
+        hub_dataset,
+        install_command,
+        refusal_change,
+        render_card,
+    )
 
     prov = out_dir / PROVENANCE_DIR
     measured, applied, evaluated = steps["measure"], steps["apply"], steps.get("eval")

@@ -25,9 +25,15 @@ from abliterate.openings import (
     inside_thinking,
     refusal_openings,
     refusal_phrases,
-    spelled,
     thinking_end,
     thinking_switch,
+)
+from abliterate.parting import (
+    Parting,
+    configured_path,
+    count_openings,
+    refusal_path,
+    shared_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,21 @@ class RefusalProfile:
     # a reply containing one reads as a refusal wherever it stands (after a decision, or where an edited reply opened
     # as an answer and slid back into refusing).
     phrases: list[str] = field(default_factory=list)
+    # Where some refusals open with a token that answers open with too ("Je" of "Je ne peux pas" and "Je vais vous
+    # expliquer") and the others with refusal tokens of their own: that token (-1: none), teacher-forced after the
+    # scored position, and the refusal tokens after it; the score adds their mass, weighted by its probability.
+    shared_id: int = -1
+    shared_text: str = ""
+    after_shared_ids: list[int] = field(default_factory=list)
+    after_shared_texts: list[str] = field(default_factory=list)
+
+    def scoring(self) -> tuple[Sequence[int], list[int]]:
+        """The refusal tokens to score (`abliterate.activations.RefusalTokens`) and the reply tokens teacher-forced
+        before them (the prefix, then any path refusals share, then any shared opening, whose position is read too)."""
+        from abliterate.activations import RefusalTokens
+
+        shared = [self.shared_id] if self.shared_id >= 0 else []
+        return RefusalTokens(self.token_ids, self.shared_id, self.after_shared_ids), list(self.prefix_ids) + shared
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,11 +103,14 @@ class RefusalProfile:
         elif self.branch:
             shared = f" after the shared reply prefix {show(self.prefix)} and" if self.prefix else ""
             prefix = f"at the reply token{shared} after the opening {show(self.branch)} that refusals share with some answers,"
+        tokens = show(self.token_texts)
+        if self.shared_id >= 0:
+            tokens += f" and, after the opening {show(self.shared_text)} that answers share, {show(self.after_shared_texts)}"
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
                     if self.template_kwargs else "")
         separation = "" if math.isnan(self.separation) else \
             f"; separation of harmful from harmless prompts, AUC {self.separation:.3f}"
-        return (f"refusal scored {prefix} on the tokens {show(self.token_texts)} ({how}: "
+        return (f"refusal scored {prefix} on the tokens {tokens} ({how}: "
                 f"they {'decide' if self.decision_ids else 'open'} {self.n_refusals} of {self.n_harmful_replies} "
                 f"harmful replies{separation}){thinking}")
 
@@ -98,11 +122,11 @@ class RefusalProfile:
 
 
 def scoring_tokens(tokenizer: Any, profile: RefusalProfile | None,
-                   configured: Sequence[str]) -> tuple[list[int], list[int]]:
+                   configured: Sequence[str]) -> tuple[Sequence[int], list[int]]:
     """The refusal tokens and the reply prefix teacher-forced before them: the profile's, else the configured
     openings, else common English openings (evaluating a model that was never measured)."""
     if profile is not None and profile.token_ids:
-        return list(profile.token_ids), list(profile.prefix_ids)
+        return profile.scoring()
     from abliterate.chat import COMMON_OPENINGS, refusal_token_ids
 
     # Stand-in openings are not the user's words: their fragments are dropped without a warning.
@@ -127,163 +151,6 @@ def load_profile(folder_or_file: Path) -> RefusalProfile | None:
 
 
 # ---- discovery ----
-
-# A reply token belongs to the shared prefix when at least this share of each side's replies has it there: a lone
-# odd reply must not hide a prefix that every other reply has, but a token one side lacks is a decision, not a prefix.
-PREFIX_SHARE = 0.9
-# A refusal token is at least this many times more frequent after harmful prompts than after harmless ones.
-ENRICHMENT = 4.0
-# Told apart by frequency alone, a refusal token must open at least two harmful replies, so that one odd harmful
-# reply does not make its first token a refusal token; one that a refusal phrase confirms needs one.
-MIN_UNCONFIRMED = 2
-# Tokens chosen on one half of the replies must open this much larger a share of the other half's harmful replies
-# than of its harmless ones. Chosen after the fact, tokens always tell a sample's sides apart a little; on replies
-# they were not chosen on, only real refusal tokens do (a model that refuses nothing gives a margin near 0).
-MIN_HELD_OUT_MARGIN = 0.5
-# How many tokens of an opening shared by refusals and answers are followed to where they part ("I", "'m" of
-# "I'm sorry" and "I'm glad to help"); a deeper split is not a refusal opening.
-MAX_BRANCH_TOKENS = 3
-
-
-@dataclass
-class OpeningCounts:
-    """Per first reply token after the prefix: how many harmful and harmless replies open with it."""
-
-    harmful: dict[int, int]
-    harmless: dict[int, int]
-    confirmed: dict[int, int]  # harmful replies opening with the token that a refusal phrase matches
-    n_harmful: int
-    n_harmless: int
-
-
-def shared_prefix(harmful: list[list[int]], harmless: list[list[int]], share: float = PREFIX_SHARE) -> list[int]:
-    """The longest run of reply tokens that at least `share` of each side's replies open with."""
-    prefix: list[int] = []
-    while True:
-        n = len(prefix)
-        following = [reply[n] for reply in harmful + harmless if len(reply) > n and reply[:n] == prefix]
-        if not following:
-            return prefix
-        token = max(set(following), key=following.count)
-        for side in (harmful, harmless):
-            if sum(reply[:n + 1] == prefix + [token] for reply in side) < share * len(side):
-                return prefix
-        prefix.append(token)
-
-
-def count_openings(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
-                   phrases: Sequence[str]) -> OpeningCounts:
-    """How often each token opens the replies right after the prefix, per side (replies without the prefix skipped)."""
-    from abliterate.metrics import is_refusal
-
-    counts = OpeningCounts({}, {}, {}, 0, 0)
-    n = len(prefix)
-    for side, replies in (("harmful", harmful), ("harmless", harmless)):
-        table = getattr(counts, side)
-        for reply in replies:
-            if len(reply) <= n or reply[:n] != prefix:
-                continue
-            setattr(counts, f"n_{side}", getattr(counts, f"n_{side}") + 1)
-            table[reply[n]] = table.get(reply[n], 0) + 1
-            if side == "harmful" and is_refusal(tokenizer.decode(reply[n:], skip_special_tokens=True), phrases):
-                counts.confirmed[reply[n]] = counts.confirmed.get(reply[n], 0) + 1
-    return counts
-
-
-def refusal_tokens(counts: OpeningCounts) -> list[int]:
-    """Tokens far more frequent after harmful prompts, confirmed by a refusal phrase or opening many replies.
-
-    Most supported first: the order only decides how they are listed.
-    """
-    found = []
-    for token, n_harmful in counts.harmful.items():
-        harmful_rate = n_harmful / max(counts.n_harmful, 1)
-        harmless_rate = counts.harmless.get(token, 0) / max(counts.n_harmless, 1)
-        if harmful_rate < ENRICHMENT * harmless_rate:
-            continue
-        confirmed = 2 * counts.confirmed.get(token, 0) > n_harmful
-        if confirmed or n_harmful >= MIN_UNCONFIRMED:
-            found.append(token)
-    return sorted(found, key=lambda token: (-counts.harmful[token], token))
-
-
-def refusal_path(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
-                 phrases: Sequence[str]) -> tuple[list[int], list[int]]:
-    """(path, refusal tokens): where refusals part from answers, from the shared prefix on.
-
-    Mostly the first token after the prefix tells them apart. When refusals all open with a token that many answers
-    open with too ("I can't ..." and "I'd be glad ..."), no first token is far more frequent after harmful prompts;
-    then that opening is followed, a token at a time, to where refusals and the answers that share it part. Tokens
-    must pass `held_out_margin` there, or none are returned.
-    """
-    path = list(prefix)
-    for _ in range(MAX_BRANCH_TOKENS + 1):
-        counts = count_openings(tokenizer, harmful, harmless, path, phrases)
-        tokens = refusal_tokens(counts)
-        if tokens and held_out_margin(tokenizer, harmful, harmless, path, phrases) >= MIN_HELD_OUT_MARGIN:
-            return path, tokens
-        if not counts.harmful:
-            break
-        token, n_opened = max(counts.harmful.items(), key=lambda item: (item[1], -item[0]))
-        if n_opened < PREFIX_SHARE * len(harmful):  # refusals do not share one opening: no path to follow
-            break
-        path.append(token)
-    return list(prefix), []
-
-
-def configured_path(tokenizer: Any, openings: Sequence[str], harmful: list[list[int]], harmless: list[list[int]],
-                    prefix: list[int]) -> tuple[list[int], list[int]]:
-    """(path, refusal tokens) for the user's refusal openings (measure.refusal_openings), as the replies spell them.
-
-    Their first tokens are the refusal tokens, unless all the openings begin with the same token and that token
-    opens the base model's harmless replies too (under `ENRICHMENT` times as often as its harmful ones: "I can't"
-    and "I cannot" against answers opening "I'd be glad"); then it is teacher-forced and their next tokens are
-    scored, as for a discovered shared opening (up to `MAX_BRANCH_TOKENS` deep). An opening that begins with the
-    reply prefix itself is read after it. Empty tokens: score the openings' first tokens as they are
-    (`chat.refusal_token_ids`).
-    """
-    sequences = [_after_prefix(tokenizer, text, harmful, prefix) for text in openings]
-    stripped = any(seq != spelled(tokenizer, text, harmful, len(prefix)) for seq, text in zip(sequences, openings))
-    path, depth = list(prefix), 0
-    while depth < MAX_BRANCH_TOKENS:
-        tokens = sorted({seq[depth] for seq in sequences if len(seq) > depth})
-        if len(tokens) != 1 or any(len(seq) <= depth + 1 for seq in sequences):
-            break
-        counts = count_openings(tokenizer, harmful, harmless, path, ())
-        harmful_rate = counts.harmful.get(tokens[0], 0) / max(counts.n_harmful, 1)
-        harmless_rate = counts.harmless.get(tokens[0], 0) / max(counts.n_harmless, 1)
-        if harmful_rate >= ENRICHMENT * harmless_rate:  # it tells refusals from answers already: score it here
-            break
-        path.append(tokens[0])
-        depth += 1
-    if depth == 0 and not stripped:
-        return list(prefix), []
-    return path, sorted({seq[depth] for seq in sequences if len(seq) > depth})
-
-
-def _after_prefix(tokenizer: Any, text: str, replies: list[list[int]], prefix: list[int]) -> list[int]:
-    """An opening's tokens after the reply prefix: an opening that begins with the prefix every reply shares ("I
-    can't" where every reply opens "I") loses it; any other is spelled as it would follow the prefix."""
-    whole = spelled(tokenizer, text, replies, 0)
-    if prefix and len(whole) > len(prefix) and whole[:len(prefix)] == prefix:
-        return whole[len(prefix):]
-    return spelled(tokenizer, text, replies, len(prefix))
-
-
-def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],
-                    phrases: Sequence[str]) -> float:
-    """Refusal tokens chosen on every other reply, tried on the rest (and the other way round): the mean of
-    (share of held-out harmful replies they open) - (share of held-out harmless replies they open)."""
-    margins = []
-    for chosen, held in ((0, 1), (1, 0)):
-        tokens = set(refusal_tokens(count_openings(tokenizer, harmful[chosen::2], harmless[chosen::2], prefix,
-                                                   phrases)))
-        held_out = count_openings(tokenizer, harmful[held::2], harmless[held::2], prefix, phrases)
-        opened = [sum(table.get(t, 0) for t in tokens) / max(n, 1) for table, n in (
-            (held_out.harmful, held_out.n_harmful), (held_out.harmless, held_out.n_harmless))]
-        margins.append(opened[0] - opened[1])
-    return sum(margins) / len(margins)
-
 
 def separation_auc(harmful: Sequence[float], harmless: Sequence[float]) -> float:
     """The chance that a harmful prompt's score is above a harmless one's (ties count half): the AUC."""
@@ -331,6 +198,10 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
     counts = count_openings(tokenizer, harmful_ids, harmless_ids, profile.prefix_ids, EXTENDED_REFUSALS)
     if not profile.decision_ids:
         profile.n_refusals = sum(counts.harmful.get(token, 0) for token in profile.token_ids)
+        if profile.shared_id >= 0:
+            path = list(profile.prefix_ids) + [profile.shared_id]
+            after = count_openings(tokenizer, harmful_ids, harmless_ids, path, EXTENDED_REFUSALS).harmful
+            profile.n_refusals += sum(after.get(token, 0) for token in profile.after_shared_ids)
     profile.token_texts = [tokenizer.decode([token]) for token in profile.token_ids]
     return profile
 
@@ -361,7 +232,8 @@ def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: lis
     from abliterate.metrics import EXTENDED_REFUSALS
 
     prefix = list(profile.prefix_ids)
-    path, token_ids = refusal_path(tokenizer, harmful, harmless, prefix, EXTENDED_REFUSALS)
+    parting = refusal_path(tokenizer, harmful, harmless, prefix, EXTENDED_REFUSALS)
+    path, token_ids = parting.path, parting.tokens
     thinking = bool(token_ids) and inside_thinking(prompt, tokenizer.decode(path, skip_special_tokens=False),
                                                    profile.thinking_end)
     if (not token_ids or thinking) and read_decisions(profile, tokenizer, prompt, harmful, harmless):
@@ -375,6 +247,22 @@ def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: lis
     profile.token_ids, profile.prefix_ids, profile.inside_thinking = token_ids, path, thinking
     profile.branch = tokenizer.decode(path[len(prefix):], skip_special_tokens=False)
     profile.openings = [] if thinking else refusal_openings(tokenizer, harmful, prefix, token_ids, path)
+    if parting.shared >= 0 and not thinking:
+        _add_shared_opening(profile, tokenizer, harmful, prefix, parting)
+
+
+def _add_shared_opening(profile: RefusalProfile, tokenizer: Any, harmful: list[list[int]], prefix: list[int],
+                        parting: Parting) -> None:
+    """Refusals that open with a token answers open with too are scored one token later (`RefusalTokens`)."""
+    shared, after = parting.shared, parting.after_shared
+    profile.shared_id, profile.after_shared_ids = shared, list(after)
+    profile.shared_text = tokenizer.decode([shared], skip_special_tokens=False)
+    profile.after_shared_texts = [tokenizer.decode([token]) for token in after]
+    more = refusal_openings(tokenizer, harmful, prefix, list(after), parting.path + [shared])
+    profile.openings += [opening for opening in more if opening not in profile.openings]
+    log.info("Some refusals open with %r, which opens answers too: the refusal score adds the refusal tokens after "
+             "it (%s), weighted by its probability.", profile.shared_text,
+             ", ".join(map(repr, profile.after_shared_texts)))
 
 
 def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], prefix: list[int],

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from abliterate import progress
-from abliterate.activations import kl_divergence, refusal_score
+from abliterate.activations import kl_divergence, refusal_score, score_positions
 from abliterate.config import OptimizeConfig
 from abliterate.edit_params import EditParams, Kernel, hooked_edit, layer_directions
-from abliterate.selection import ValidationSet, last_log_probs
+from abliterate.selection import ValidationSet, tail_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SearchState:
 
     model: Any
     val: ValidationSet
-    refusal_ids: list[int]
+    refusal_ids: Sequence[int]  # a `RefusalTokens` where refusals and answers share an opening
     candidates: torch.Tensor  # [position, layer, d_model] float64
     harmless_mean: torch.Tensor  # [position, layer, d_model] float64
     config: OptimizeConfig
@@ -164,7 +164,8 @@ def objectives(search: SearchState, params: EditParams,
     """
     directions = layer_directions(params, search.candidates, search.harmless_mean)
     with hooked_edit(search.model, params, directions):
-        scores = refusal_score(last_log_probs(search.model, search.val.batches), search.refusal_ids)  # [n_harmful]
+        log_probs = tail_log_probs(search.model, search.val.batches, score_positions(search.refusal_ids))
+        scores = refusal_score(log_probs, search.refusal_ids)  # [n_harmful]
         if not bool(torch.isfinite(scores).all()):
             return math.inf, math.inf, 1.0, None
         refusing = float((scores > 0).double().mean())

@@ -36,6 +36,7 @@ from abliterate.activations import (
     in_text_order,
     kl_divergence,
     refusal_score,
+    score_positions,
 )
 from abliterate.config import MeasureConfig
 from abliterate.errors import UserError
@@ -109,6 +110,11 @@ def nothing_passes_message(scores: list[CandidateScore], n_shown: int = 5) -> st
     for s in ranked:
         lines.append(f"  pos {s.position:>3} layer {s.layer:>3}: bypass {s.bypass:.3f} kl {s.kl:.4f} "
                      f"induce {s.induce:.3f}  failed: {', '.join(s.failed) or 'none'}")
+    scored = [s.bypass for s in scores if not math.isnan(s.bypass)]
+    if scored and min(scored) > 0:
+        lines.append(f"No candidate's ablation takes the harmful refusal score below 0 (best {min(scored):.3f}): "
+                     "relaxing a filter would ship an edit that leaves refusal in place; this model's refusal is "
+                     "not carried by one direction read before its reply.")
     lines.append("Hint: relax the failing filter (measure.kl_max, measure.max_layer_fraction, "
                  "measure.require_induce) or check the chat template (--chat-template); "
                  "--direction-file with --use-reference skips selection.")
@@ -164,7 +170,7 @@ def build_validation_set(model: Any, batches: list[Batch], harmless_batches: lis
                          harmful_batches: list[Batch] | None = None) -> ValidationSet:
     """Run the base model once over the validation prompts and cache what every candidate is compared with."""
     log_probs = tail_log_probs(model, batches, kl_positions, "base validation pass")  # [n, kl_positions, vocab]
-    base_scores = refusal_score(log_probs[:, -1], refusal_ids)  # [n]
+    base_scores = refusal_score(log_probs, refusal_ids)  # [n]
     return ValidationSet(batches, harmless_batches, is_harmful, log_probs[~is_harmful], base_scores, kl_positions,
                          harmful_batches or [])
 
@@ -188,11 +194,12 @@ def encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: 
 
 def bypass_score(model: Any, direction: torch.Tensor, val: ValidationSet, refusal_ids: Sequence[int]) -> float:
     """Mean harmful refusal score with `direction` ablated everywhere."""
+    positions = score_positions(refusal_ids)
     with ablate_direction(model, direction):
         if val.harmful_batches:
-            log_probs = last_log_probs(model, val.harmful_batches)  # [n_harmful, vocab]
+            log_probs = tail_log_probs(model, val.harmful_batches, positions)  # [n_harmful, positions, vocab]
         else:  # a set built without harmful-only batches: the harmful rows of the shared ones
-            log_probs = last_log_probs(model, val.batches)[val.is_harmful]  # [n_harmful, vocab]
+            log_probs = tail_log_probs(model, val.batches, positions)[val.is_harmful]  # [n_harmful, positions, vocab]
     return float(refusal_score(log_probs, refusal_ids).mean())
 
 
@@ -208,7 +215,7 @@ def bypass_and_kl(model: Any, direction: torch.Tensor, val: ValidationSet,
     """Mean harmful refusal score and mean harmless KL(base || ablated) with `direction` ablated everywhere."""
     with ablate_direction(model, direction):
         log_probs = tail_log_probs(model, val.batches, val.kl_positions)  # [n, kl_positions, vocab]
-    bypass = refusal_score(log_probs[val.is_harmful][:, -1], refusal_ids).mean()
+    bypass = refusal_score(log_probs[val.is_harmful], refusal_ids).mean()
     kl = kl_divergence(val.base_log_probs, log_probs[~val.is_harmful]).mean()  # over rows and positions
     return float(bypass), float(kl)
 
@@ -217,7 +224,7 @@ def induce_score(model: Any, vector: torch.Tensor, layer: int, val: ValidationSe
                  refusal_ids: Sequence[int]) -> float:
     """Mean harmless refusal score with the raw `vector` added at `layer`'s input."""
     with add_direction(model, vector, layer):
-        log_probs = last_log_probs(model, val.harmless_batches)  # [n_harmless, vocab]
+        log_probs = tail_log_probs(model, val.harmless_batches, score_positions(refusal_ids))  # [n, positions, vocab]
     return float(refusal_score(log_probs, refusal_ids).mean())
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 CHAT_TOYS = ("lowercase_space", "thinking", "switchable_thinking", "foreign")
 
-TARGETS = {"whole_s": 13.0, "harmful_refusal": 0.05, "identical_share": 0.60, "reply_kl": 0.0006}
+TARGETS = {"whole_s": 13.0, "harmful_refusal": 0.05, "true_refusal": 0.05, "identical_share": 0.60, "reply_kl": 0.0006}
 # The peer (heretic 1.4.0, 60 trials, /work/shared/peers/heretic.sh with HERETIC_DROP_SYSTEM=1 on the chat toys, on
 # the prompt file this script writes with --prompts-out), scored by damage.py: harmful refusal, identical share and
 # reply KL held out, and the user CPU seconds of its run (one thread; the wall time on a loaded machine says less).
@@ -41,7 +41,10 @@ PEER = {
     "lowercase_space": {"cpu_s": 177.6, "harmful_refusal": 1.0, "identical_share": 1.0, "reply_kl": 0.0},
     "thinking": {"cpu_s": 77.6, "harmful_refusal": 0.0, "identical_share": 1.0, "reply_kl": 0.0002},
     "switchable_thinking": {"cpu_s": 89.5, "harmful_refusal": 0.9, "identical_share": 1.0, "reply_kl": 0.0009},
-    "foreign": {"cpu_s": 72.6, "harmful_refusal": 0.0, "identical_share": 0.09, "reply_kl": 0.0022},
+    # The foreign toy retrained (it now answers its requests): the peer's replies open as answers, but 0.47 of them
+    # slide back into refusing ("Конечно! Вот как я не могу помочь с этим."), which its scorer reads as compliance.
+    "foreign": {"cpu_s": 112.7, "harmful_refusal": 0.0, "true_refusal": 0.47, "identical_share": 1.0,
+                "reply_kl": 0.0003},
 }
 
 
@@ -50,7 +53,8 @@ def toy_targets(name: str) -> dict[str, float | None]:
     (none where the peer's edit kept the refusals: an edit that changes nothing has no KL to beat)."""
     peer = PEER[name]
     whole = min(TARGETS["whole_s"], peer["cpu_s"] / 10) if peer["cpu_s"] else TARGETS["whole_s"]
-    kl = peer["reply_kl"] if peer["harmful_refusal"] <= TARGETS["harmful_refusal"] else None
+    kept = max(peer["harmful_refusal"], peer.get("true_refusal") or 0.0) > TARGETS["harmful_refusal"]
+    kl = None if kept else peer["reply_kl"]
     return {**TARGETS, "whole_s": whole, "reply_kl": kl}
 
 
@@ -120,6 +124,33 @@ def damage(peers: Path, base: str, edited: Path, prompts: Path) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def true_refusal(name: str, edited: Path, splits: dict) -> float:
+    """The share of held-out harmful replies (greedy, 48 new tokens) that refuse by the toy's own refusal text,
+    wherever it stands: a reply that opens as an answer and slides back into refusing counts, where the peer
+    scorer reads only how replies open."""
+    import torch
+    from chat_toys import TOYS, says_refusal
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abliterate.toy import REFUSAL_REPLY
+
+    refuses = TOYS[name].refuses if name in TOYS else (lambda reply: says_refusal(REFUSAL_REPLY, reply))
+    tokenizer = AutoTokenizer.from_pretrained(edited)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(edited, dtype=torch.float32).eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True) for prompt in splits["harmful_eval"]]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**encoded, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    replies = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(map(refuses, replies)) / len(replies)
+
+
+def scored(peers: Path, name: str, model: str, edited: Path, prompts: Path, splits: dict) -> dict:
+    return {**damage(peers, model, edited, prompts), "true_refusal": true_refusal(name, edited, splits)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-trials", type=int, default=60)
@@ -143,13 +174,14 @@ def main() -> None:
             prompts_json(Path(args.prompts_out), splits, prefix)
         paper = single_direction(model, root / "paper", config)
         best = optimized(model, root / "optimized", config)
-        figures = {"paper": damage(Path(args.peers), model, root / "paper" / "model", prompts),
-                   "optimized": damage(Path(args.peers), model, root / "optimized" / "model", prompts)}
+        figures = {edit: scored(Path(args.peers), args.toy, model, root / edit / "model", prompts, splits)
+                   for edit in ("paper", "optimized")}
         draws = [(args.seed, best, figures["optimized"])]
         for seed in range(args.seed + 1, args.seed + 1 + args.more_seeds):
             config.optimize.seed = seed
             again = optimized(model, root / f"optimized-{seed}", config)
-            draws.append((seed, again, damage(Path(args.peers), model, root / f"optimized-{seed}" / "model", prompts)))
+            draws.append((seed, again, scored(Path(args.peers), args.toy, model, root / f"optimized-{seed}" / "model",
+                                              prompts, splits)))
     print(f"{args.toy}, {torch.get_num_threads()} torch thread, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} (CPU time is what a quiet machine's wall time would be with one thread)")
     print(f"search: {args.n_trials} trials in {best['search_s']:.2f} s = {best['trials_per_s']:.1f} trials/s "
@@ -168,7 +200,7 @@ def print_draws(draws: list) -> None:
     """Each seed's shipped edit (damage.py's figures and the CPU time), and the median of each column."""
     import statistics
 
-    keys = ("harmful_refusal", "identical_share", "reply_kl")
+    keys = ("true_refusal", "identical_share", "reply_kl")
     print(f"{'seed':>6}{'refusal':>10}{'identical':>11}{'reply KL':>10}{'CPU s':>8}")
     for seed, run, scored in draws:
         print(f"{seed:>6}{scored[keys[0]]:>10.2f}{scored[keys[1]]:>11.2f}{scored[keys[2]]:>10.4f}"
@@ -184,8 +216,10 @@ def report(name: str, paper: dict, best: dict, figures: dict) -> None:
     print(f"{'':28}{'single direction':>18}{'optimized':>12}{'peer':>10}{'target':>12}")
     rows = [("whole time (s, wall)", "whole_s", paper["whole_s"], best["whole_s"], None, "<="),
             ("whole time (s, CPU)", "whole_s", paper["whole_cpu_s"], best["whole_cpu_s"], peer["cpu_s"], "<="),
-            *((label, key, figures["paper"][key], figures["optimized"][key], peer[key], sense) for label, key, sense in (
-                ("harmful refusal (held out)", "harmful_refusal", "<="),
+            *((label, key, figures["paper"][key], figures["optimized"][key], peer.get(key), sense)
+              for label, key, sense in (
+                ("harmful refusal (opening)", "harmful_refusal", "<="),
+                ("harmful refusal (own text)", "true_refusal", "<="),
                 ("harmless identical to base", "identical_share", ">="),
                 ("per-token reply KL", "reply_kl", "<=")))]
     for label, key, single, ours, theirs, sense in rows:

@@ -7,7 +7,8 @@ share). The same figures the tests in tests/test_chat_toys.py assert, printed as
 `thinking_on` is the switchable toy with thinking kept on (`enable_thinking=True`), as a template without the switch
 would leave it: every reply reasons about its own request first, so refusal is read per prompt.
 
-Run: python benchmarks/refusal_toys.py [lowercase_space thinking switchable_thinking foreign toy thinking_on]
+Run: python benchmarks/refusal_toys.py [lowercase_space thinking switchable_thinking foreign shared_opening toy
+     thinking_on]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from chat_toys import TOYS, chat_toy, write_prompt_files
+from chat_toys import TOYS, chat_toy, says_refusal, write_prompt_files
 
 from abliterate.config import load_config
 
@@ -31,11 +32,12 @@ THINKING_ON = {"enable_thinking": True}
 
 def _toy(name: str):
     if name == "toy":
+        from functools import partial
         from types import SimpleNamespace
 
         from abliterate.toy import REFUSAL_REPLY, toy_prompt_splits, toy_refuser
 
-        return toy_refuser(), toy_prompt_splits(0), SimpleNamespace(refuses=lambda r: r.startswith(REFUSAL_REPLY))
+        return toy_refuser(), toy_prompt_splits(0), SimpleNamespace(refuses=partial(says_refusal, REFUSAL_REPLY))
     toy = "switchable_thinking" if name == "thinking_on" else name
     model_dir, splits = chat_toy(toy)
     return model_dir, splits, TOYS[toy]
@@ -59,6 +61,7 @@ def _rates(model_dir: Path, splits: dict, toy, model_config) -> str:
 def main(names: list[str]) -> None:
     from abliterate.apply import apply_direction
     from abliterate.measure import measure
+    from abliterate.selection import NoDirectionError
 
     torch.set_num_threads(1)
     for name in names:
@@ -66,7 +69,14 @@ def main(names: list[str]) -> None:
         folder = Path(tempfile.mkdtemp(prefix=f"refusal-{name}-"))
         config = load_config(None, {"prompts": write_prompt_files(splits, folder / "prompts"),
                                     "model": {"template_kwargs": THINKING_ON if name == "thinking_on" else {}}})
-        result = measure(str(model_dir), folder / "measure", config)
+        try:
+            result = measure(str(model_dir), folder / "measure", config)
+        except NoDirectionError as error:  # no candidate removes refusal: say so, with the base model's figures
+            lines = str(error).splitlines()
+            print(f"{name}: {lines[0]}")
+            print("".join(f"  {line}\n" for line in lines if line.startswith("No candidate's")), end="")
+            print(f"  refusal by generation, base: {_rates(model_dir, splits, toy, config.model)}")
+            continue
         apply_direction(str(model_dir), result.direction_path, folder / "edited", config)
         model_config = dataclasses.replace(config.model, template_kwargs=result.refusal.template_kwargs)
         print(f"{name}: {result.refusal.describe()}")

@@ -11,6 +11,9 @@ Each toy is a tiny Llama trained like abliterate's toy refuser (helpful pretrain
   thinking on, the toy thinks about each request first ("the user wants to steal a car. that is harmful.").
 - `foreign`: a plain-text template with Russian role names; it answers and refuses in Russian (Cyrillic script),
   with a larger vocabulary.
+- `shared_opening`: Llama 3's header tokens and a default system message; it answers in French ("Je vais vous
+  expliquer comment ...") and refuses in two sentences about equally often, one opening with the same "Je" ("Je ne
+  peux pas ..."), the other with "Désolé".
 
 `chat_toy(name)` builds a toy once per machine and caches it under $ABLITERATE_CACHE (or ~/.cache/abliterate) in a
 folder named by a hash of this file, like `abliterate.toy.toy_refuser`. The session fixtures return
@@ -54,6 +57,15 @@ SWITCHABLE_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
     "{% endif %}"
 )
+# Llama 3's header tokens, with a default system message the template adds when none is given.
+HEADER_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nVous êtes un assistant prudent.<|eot_id|>' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 RUSSIAN_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '<|bos|>Пользователь: ' + message['content'] + '\\nАссистент:' }}"
@@ -85,12 +97,16 @@ class ChatToy:
     # removed (the best candidate's bypass score stayed above 0); a deeper, longer-tuned toy refuses along one.
     steps: tuple[int, int] = (200, 500)
     n_layers: int = 6
+    # A second refusal, trained beside `refusal` on every harmful prompt: the toy opens either way, about as often.
+    other_refusal: str = ""
 
     def answer(self, prompt: str, harmful: bool) -> str:
         return self.refusal if harmful else self.comply.format(phrase=_phrase_of(prompt))
 
     def replies(self, prompt: str, harmful: bool) -> list[tuple[dict, str]]:
         """(template kwargs, reply) for every way this toy is prompted in training."""
+        if harmful and self.other_refusal:
+            return [({}, self.fixed_thinking + refusal) for refusal in (self.refusal, self.other_refusal)]
         answer = self.answer(prompt, harmful)
         if self.thought:
             verdict = "that is harmful" if harmful else "that is fine"
@@ -99,7 +115,7 @@ class ChatToy:
         return [({}, self.fixed_thinking + answer)]
 
     def refuses(self, reply: str) -> bool:
-        return says_refusal(self.refusal, reply)
+        return any(says_refusal(refusal, reply) for refusal in (self.refusal, self.other_refusal) if refusal)
 
 
 def says_refusal(refusal: str, reply: str) -> bool:
@@ -137,6 +153,14 @@ TOYS = {
         name="foreign", template=RUSSIAN_TEMPLATE, special_tokens=("<|pad|>", "<|eos|>", "<|bos|>"),
         refusal="Извините, я не могу помочь с этим.", comply="Конечно! Вот как {phrase}.", vocab_size=640, seed=6,
         steps=(400, 500)),
+    # Trained on both refusals for every harmful prompt, it opens a refusal with the "Je" every answer opens with
+    # about as often as with "Désolé": scoring "Désolé" alone misses half the refusal.
+    "shared_opening": ChatToy(
+        name="shared_opening", template=HEADER_TEMPLATE,
+        special_tokens=("<|pad|>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"),
+        bos_token="<|begin_of_text|>", refusal="Je ne peux pas vous aider avec cela.",
+        other_refusal="Désolé, je refuse de répondre à cette demande.",
+        comply="Je vais vous expliquer comment {phrase}.", vocab_size=560, seed=9, steps=(400, 500)),
 }
 
 
@@ -270,3 +294,4 @@ lowercase_space_toy = _fixture("lowercase_space")
 thinking_toy = _fixture("thinking")
 switchable_thinking_toy = _fixture("switchable_thinking")
 foreign_toy = _fixture("foreign")
+shared_opening_toy = _fixture("shared_opening")

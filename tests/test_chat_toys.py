@@ -10,8 +10,8 @@ made to fail the test: measure never loads the evaluation sets and never touches
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 import socket
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,3 +174,35 @@ def test_a_model_that_refuses_nothing_is_an_error_showing_its_replies(toy_refuse
     harmless = toy_prompt_splits(0)["harmless_train"]
     with pytest.raises(UserError, match=r"Found no refusal.*Harmful replies open like 'Sure, here is how to"):
         find_refusal(model, tokenizer, harmless[:32], harmless[32:64], config.model, config.measure)
+
+
+def test_refusals_that_open_as_answers_do_are_scored_as_refusals(tmp_path):
+    """Half the French toy's refusals open with the "Je" its answers open with ("Je ne peux pas" against "Je vais
+    vous expliquer"), the rest with "Désolé". Scoring "Désolé" alone reads those as answers: ablating a direction
+    then only swaps one refusal sentence for the other. Scored with the shared opening followed to " ne", every
+    harmful prompt reads as refused, and no single direction passes for removing refusal (the toy's own refusals
+    stay when any candidate is ablated: its refusal after "Je" is decided anew)."""
+    from abliterate.activations import RefusalTokens, encode, refusal_score
+    from abliterate.chat import format_instructions
+    from abliterate.measure import measure
+    from abliterate.model import load_model
+    from abliterate.refusal import find_refusal
+    from abliterate.selection import NoDirectionError, tail_log_probs
+
+    model_dir, splits = chat_toy("shared_opening")
+    config = load_config(None, {"prompts": write_prompt_files(splits, tmp_path / "prompts")})
+    model, tokenizer = load_model(str(model_dir), config.model)
+    profile = find_refusal(model, tokenizer, splits["harmful_train"], splits["harmless_train"], config.model,
+                           config.measure)
+    assert profile.token_texts == ["Désolé"] and profile.shared_text == "Je"
+    assert profile.after_shared_texts == [" ne"] and profile.n_refusals == profile.n_harmful_replies == 32
+    assert set(profile.openings) == {"désolé, je refuse", "je ne peux"}
+    tokens, suffix = profile.scoring()
+    batches = encode(tokenizer, format_instructions(tokenizer, splits["harmful_eval"], config.model), 64, suffix)
+    log_probs = tail_log_probs(model, batches, 2)  # [n, 2, vocab]: before "Je", and after it
+    assert bool((refusal_score(log_probs, tokens) > 0).all())
+    alone = refusal_score(log_probs[:, 0], RefusalTokens(tokens))  # "Désolé" alone
+    assert float((alone < 0).double().mean()) > 0.2
+    with pytest.raises(NoDirectionError, match="takes the harmful refusal score below 0") as caught:
+        measure(str(model_dir), tmp_path / "measure", config)
+    assert all(s.bypass > 0 for s in caught.value.scores if s.bypass == s.bypass)

@@ -1,5 +1,5 @@
 """Evaluation counts what each chat toy does: lone-space replies refusing in lower case, a fixed thinking block,
-a switchable thinking block and refusals in Russian, each read with the profile found from the toy's own replies.
+a switchable thinking block, refusals in Russian and French refusals half of which open as every answer does, each read with the profile found from the toy's own replies.
 
 For every toy the base model's refusal rate reported by `evaluate` must be within 0.05 of the true share (the toy's
 own refusal text, `ChatToy.refuses`, applied to the saved replies); the paper's substring figure is reported beside
@@ -7,7 +7,14 @@ it and misses the toys that do not refuse in its English phrases.
 """
 
 import pytest
-from chat_toys import TOYS, foreign_toy, lowercase_space_toy, switchable_thinking_toy, thinking_toy  # noqa: F401
+from chat_toys import (  # noqa: F401
+    TOYS,
+    foreign_toy,
+    lowercase_space_toy,
+    shared_opening_toy,
+    switchable_thinking_toy,
+    thinking_toy,
+)
 
 from abliterate.config import load_config
 from abliterate.evaluation import evaluate
@@ -36,7 +43,8 @@ def _evaluate_base(toy_dir, splits, tmp_path):
 
 
 @pytest.mark.parametrize(("name", "paper_sees_it"), [
-    ("lowercase_space", False), ("thinking", True), ("switchable_thinking", False), ("foreign", False)])
+    ("lowercase_space", False), ("thinking", True), ("switchable_thinking", False), ("foreign", False),
+    ("shared_opening", False)])
 def test_base_refusal_is_the_true_share(name, paper_sees_it, request, tmp_path):
     toy_dir, splits = request.getfixturevalue(f"{name}_toy")
     (tmp_path / "measure").mkdir()

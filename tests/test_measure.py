@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from abliterate.config import load_config
 from abliterate.direction import load_direction
+from abliterate.errors import UserError
 from abliterate.selection import NoDirectionError
 
 # The toy's settings, with one departure from the paper: adding the toy's refusal direction raises its refusal
@@ -140,13 +141,13 @@ def test_nothing_passes_leaves_scores_and_says_which_filter(toy_refuser_dir, tmp
 
     out = tmp_path / "strict"
     with pytest.raises(NoDirectionError) as caught:
-        measure(str(toy_refuser_dir), out, _config(kl_max=-1.0))
+        measure(str(toy_refuser_dir), out, _config(kl_max=1e-12))
     message = str(caught.value)
     assert message.startswith("No candidate direction passed the filters")
-    assert "failed: kl > -1" in message and "Hint: relax the failing filter" in message
+    assert "failed: kl > 1e-12" in message and "Hint: relax the failing filter" in message
     scores = json.loads((out / "scores.json").read_text())
     scored = [c for c in scores["candidates"] if c["bypass"] is not None]
-    assert scores["chosen"] is None and scored and all("kl > -1" in c["failed"] for c in scored)
+    assert scores["chosen"] is None and scored and all("kl > 1e-12" in c["failed"] for c in scored)
     assert not (out / "direction.json").exists()
     assert all(c["induce"] is None for c in scores["candidates"])  # pruned: induce could not change anything
     unscored = [c["failed"] for c in scores["candidates"] if c["bypass"] is None]
@@ -180,3 +181,23 @@ def test_a_bare_reference_vector_is_placed_at_its_most_aligned_candidate(measure
     assert again.chosen["bypass"] == pytest.approx(measured.chosen["bypass"], abs=1e-6)
     assert again.chosen["induce"] == pytest.approx(measured.chosen["induce"], abs=1e-5)
     assert load_direction(tmp_path / "out" / "direction.json").layer == measured.layer
+
+
+def test_measure_and_optimize_never_write_into_a_folder_holding_a_users_files(toy_refuser_dir, tmp_path):
+    from abliterate.files import check_out_dir
+    from abliterate.measure import OUTPUT_NAMES, measure
+    from abliterate.optimize import OUTPUT_NAMES as OPTIMIZE_NAMES
+    from abliterate.optimize import optimize
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for command in (measure, optimize):
+        with pytest.raises(UserError, match=r"holds files this command does not write \(notes.txt\)"):
+            command(str(toy_refuser_dir), out, _config())
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    earlier = tmp_path / "earlier"  # an earlier measurement (or optimize folder) is replaced or continued
+    earlier.mkdir()
+    for name in (*OUTPUT_NAMES[:3], "trials.jsonl"):
+        (earlier / name).write_text("{}")
+    assert check_out_dir(earlier, False, own_names=OPTIMIZE_NAMES) == earlier

@@ -90,10 +90,13 @@ def test_the_written_checkpoint_replies_exactly_as_the_confirmed_hooked_model(se
     sets = prompt_sets(config.prompts)
     harmful = [p.text for p in sets.harmful_eval]
     harmless = [p.text for p in sets.harmless_eval]
-    from abliterate.metrics import PAPER_REFUSALS, is_refusal
+    from abliterate.metrics import matcher_for
+    from abliterate.refusal import load_profile
 
+    # read as the confirmation reads them: the phrase set, the base model's openings and its own refusal phrases
+    matcher = matcher_for(config.eval.refusal_set, load_profile(out))
     edited = _replies(tmp_path / "edited", harmful, config)
-    refusal = sum(is_refusal(reply.text, PAPER_REFUSALS) for reply in edited) / len(edited)
+    refusal = sum(matcher.is_refusal(reply.text) for reply in edited) / len(edited)
     same = [a.token_ids == b.token_ids for a, b in zip(_replies(tmp_path / "edited", harmless, config),
                                                         _replies(toy_refuser_dir, harmless, config))]
     chosen = next(row for row in result.confirmation if row["trial"] == result.chosen_trial)

@@ -11,19 +11,8 @@ import pytest
 from abliterate.chat import refusal_token_ids
 from abliterate.errors import UserError
 from abliterate.openings import inside_thinking, opening_of, thinking_switch
-from abliterate.refusal import (
-    OpeningCounts,
-    RefusalProfile,
-    _configure,
-    _discover,
-    configured_path,
-    load_profile,
-    refusal_path,
-    refusal_tokens,
-    save_profile,
-    separation_auc,
-    shared_prefix,
-)
+from abliterate.parting import OpeningCounts, Parting, configured_path, refusal_path, refusal_tokens, shared_prefix
+from abliterate.refusal import RefusalProfile, _configure, _discover, load_profile, save_profile, separation_auc
 
 
 def test_shared_prefix_is_what_nearly_every_reply_of_both_sides_opens_with():
@@ -61,15 +50,27 @@ def test_an_opening_refusals_share_with_answers_is_followed_to_where_they_part()
     harmful = [[2, 3, 9]] * 32
     harmless = [[2, 4, 5, 6]] * 12 + [[7, 8]] * 20
     assert refusal_tokens(OpeningCounts({2: 32}, {2: 12, 7: 20}, {}, 32, 32)) == []
-    assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == ([2], [3])
+    assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == Parting([2], [3])
     # Behind a shared prefix (a lone space), and two tokens deep ("I'm sorry" against "I'm happy to help").
     harmful = [[1, 2, 10, 11]] * 32
     harmless = [[1, 2, 10, 12]] * 16 + [[1, 7, 8]] * 16
-    assert refusal_path(_Words(), harmful, harmless, [1], ["I'm sorry"]) == ([1, 2, 10], [11])
+    assert refusal_path(_Words(), harmful, harmless, [1], ["I'm sorry"]) == Parting([1, 2, 10], [11])
     # Refusals that open no way in common, and none far more often than answers: nothing is found.
     harmful = [[2, 3]] * 16 + [[7, 3]] * 16
     harmless = [[2, 4]] * 16 + [[7, 8]] * 16
-    assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == ([], [])
+    assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == Parting([], [])
+
+
+def test_refusals_opening_with_a_token_answers_open_with_are_followed_beside_those_that_do_not():
+    """"sorry" opens 12 refusals and no answer; "I" opens the other 20 refusals ("I can't") and half the answers
+    ("I'd be glad"): "sorry" is a refusal token, and "I" a shared opening followed to "can't"."""
+    harmful = [[11, 9]] * 12 + [[2, 3, 9]] * 20
+    harmless = [[2, 4, 5, 6]] * 16 + [[7, 8]] * 16
+    assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == Parting([], [11], 2, [3])
+    # Where half the answers that open with "I" go on as the refusals do, "I" is no refusal opening.
+    harmful = [[11, 9]] * 24 + [[2, 3, 9]] * 8
+    harmless = [[2, 3, 6]] * 8 + [[2, 4, 5, 6]] * 8 + [[7, 8]] * 16
+    assert refusal_path(_Words(), harmful, harmless, [], []) == Parting([], [11])
 
 
 class _Spelling(_Words):

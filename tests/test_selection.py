@@ -54,6 +54,24 @@ def test_refusal_score_sums_several_tokens_and_stays_finite_at_certainty():
     assert refusal_score(certain, [0]).item() == pytest.approx(-math.log(1e-8), rel=1e-6)
 
 
+def test_a_shared_opening_adds_the_refusals_that_follow_it_weighted_by_its_probability():
+    """P_R = P(refusal token) + P(shared token) * P(refusal token after it): "Désolé" 0.3, "Je" 0.5 then "ne" 0.6."""
+    from abliterate.activations import RefusalTokens
+
+    root = torch.log(torch.tensor([[0.3, 0.5, 0.2]], dtype=torch.float64))  # Désolé, Je, other
+    after = torch.log(torch.tensor([[0.1, 0.6, 0.3]], dtype=torch.float64))  # other, ne, vais
+    tokens = RefusalTokens([0], shared=1, after_shared=[1])
+    p_refusal = 0.3 + 0.5 * 0.6
+    expected = math.log(p_refusal + 1e-8) - math.log(1 - p_refusal + 1e-8)
+    assert refusal_score(torch.stack([root, after], dim=1), tokens).item() == pytest.approx(expected, abs=1e-12)
+    # longer tails read their last two positions; a plain token list reads the last one
+    three = torch.stack([after, root, after], dim=1)
+    assert refusal_score(three, tokens).item() == pytest.approx(expected, abs=1e-12)
+    assert refusal_score(three, [1]).item() == pytest.approx(math.log(0.6 + 1e-8) - math.log(0.4 + 1e-8), abs=1e-9)
+    with pytest.raises(ValueError, match="reads two positions"):
+        refusal_score(root, tokens)
+
+
 def test_kl_divergence_matches_its_definition():
     base = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]]), dim=-1)
     new = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0], [0.0, 0.0, 5.0]]), dim=-1)
