@@ -223,6 +223,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return config
 
 
+# What transformers takes as a device_map string (a strategy or one device), and "" or none for plain loading.
+DEVICE_MAP = r"|none|auto|balanced|balanced_low_0|sequential|cpu|mps|disk|(cuda|xpu|npu|hpu)(:\d+)?|\d+"
+
+
 def validate(config: Config) -> None:
     """Cross-field checks, done once at load time."""
     p, m, e = config.prompts, config.measure, config.eval
@@ -254,6 +258,9 @@ def validate(config: Config) -> None:
     if e.refusal_judge and not e.refusal_judge.startswith(("together:", "local:")):
         raise UserError(f"eval.refusal_judge must be together:MODEL, local:PATH or empty, got '{e.refusal_judge}'; "
                         "fix --refusal-judge.")
+    if not re.fullmatch(DEVICE_MAP, config.model.device_map):
+        raise UserError(f"model.device_map must be auto, balanced, balanced_low_0, sequential, none or a device (cpu, "
+                        f"cuda, cuda:0, mps), got '{config.model.device_map}'; fix --device-map.")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"model.dtype must be auto, float32, bfloat16 or float16, got '{config.model.dtype}'.")
     parse_max_memory(config.model.max_memory)

@@ -333,6 +333,13 @@ def _check_eval(config: Config) -> None:
     check_judge(config.eval)
     check_refusal_judge(config.eval)
     check_backend(config.eval.backend)
+    from abliterate.prompts import load_prompts
+
+    # A local evaluation file that is missing, empty or unreadable fails now; a Hub set is read when evaluating
+    # (measuring needs no network for it).
+    for source in (config.prompts.harmful_eval, config.prompts.harmless_eval):
+        if not source.startswith(("hf:", "builtin:")):
+            load_prompts(source, config.prompts.column)
 
 
 def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunResult:

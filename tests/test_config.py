@@ -48,6 +48,10 @@ def test_wrong_type_and_cross_field_checks(tmp_path):
         load_config(overrides={"measure": {"batch_size": 0}})
     with pytest.raises(UserError, match="measure.kl_max must be above 0"):
         load_config(overrides={"measure": {"kl_max": -1}})
+    with pytest.raises(UserError, match="model.device_map must be .* got 'gpu0'; fix --device-map"):
+        load_config(overrides={"model": {"device_map": "gpu0"}})
+    for accepted in ("auto", "cpu", "cuda:1", "0", "sequential", "none"):
+        assert load_config(overrides={"model": {"device_map": accepted}}).model.device_map == accepted
     path = tmp_path / "bad.toml"
     path.write_text("[measure\n")
     with pytest.raises(UserError, match="not valid TOML"):

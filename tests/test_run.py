@@ -272,3 +272,13 @@ def test_skip_eval_claims_no_numbers(toy_run, toy_refuser_dir, tmp_path):
     assert "Evaluation was skipped" in card and "Refusal rate" not in card
     assert json.loads((out / "abliterate" / "run.json").read_text())["steps"]["eval"] == "skipped"
     assert not (out / "abliterate" / "eval").exists()  # no stale report from the earlier run left beside it
+
+
+def test_an_empty_or_missing_evaluation_file_fails_before_measuring(toy_refuser_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for source, message in ((empty, "has no prompts"), (tmp_path / "missing.txt", "missing.txt")):
+        out = tmp_path / f"out-{source.stem}"
+        result = _invoke_run(toy_refuser_dir, out, "--harmful-eval", str(source))
+        assert isinstance(result.exception, UserError) and message in str(result.exception)
+        assert not out.exists()  # nothing measured, nothing written
