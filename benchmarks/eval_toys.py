@@ -2,12 +2,14 @@
 
 For the demo toy (configs/toy.toml) and each chat toy of tests/chat_toys.py: `measure`, `apply`, then
 `evaluate(edited, base=toy, measure_dir=..., eval.actadd=True)`. Printed per model: eval's refusal rate (thinking
-stripped, phrase set or the base model's openings), the toy's true share (its own refusal text opening the reply),
-the paper's substring figure, over-refusal, duplicated harmful replies and the base model's loss on them; then
+stripped, phrase set, the base model's openings or its own refusal phrases anywhere), the toy's true share (its own
+refusal text opening the reply, or its last four words anywhere), the paper's substring figure, over-refusal,
+duplicated harmful replies and the base model's loss on them; then
 ActAdd's induced refusal (+r on harmless prompts), hooked bypass (r ablated on harmful prompts) and how many hooked
 replies equal the edited checkpoint's. A toy whose measure finds no direction is evaluated alone (base figures).
 
-Run: python benchmarks/eval_toys.py [toy lowercase_space thinking switchable_thinking foreign thinking_on]
+Run: python benchmarks/eval_toys.py [toy lowercase_space thinking switchable_thinking foreign shared_opening
+     thinking_on]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from chat_toys import TOYS, chat_toy, write_prompt_files
+from chat_toys import TOYS, chat_toy, says_refusal, write_prompt_files
 
 from abliterate.apply import apply_direction
 from abliterate.config import Config, load_config
@@ -51,10 +53,11 @@ def _chat_toy(name: str) -> str:
 
 
 def _truth(name: str, path: Path) -> str:
-    if name == "toy":
-        return "–"
+    from abliterate.toy import REFUSAL_REPLY
+
+    refuses = (lambda reply: says_refusal(REFUSAL_REPLY, reply)) if name == "toy" else TOYS[_chat_toy(name)].refuses
     rows = load_completions(path)
-    return f"{sum(TOYS[_chat_toy(name)].refuses(row.reply) for row in rows) / len(rows):.2f}"
+    return f"{sum(refuses(row.reply) for row in rows) / len(rows):.2f}"
 
 
 def _rate(section: dict) -> str:
@@ -98,4 +101,5 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["toy", "lowercase_space", "thinking", "switchable_thinking", "foreign", "thinking_on"])
+    main(sys.argv[1:] or ["toy", "lowercase_space", "thinking", "switchable_thinking", "foreign", "shared_opening",
+                          "thinking_on"])
