@@ -318,3 +318,23 @@ def _vllm_replies(source: str, context: _Context) -> list[Reply]:
     texts = [text for side in _texts(tokenizer, context).values() for text in side]
     return generate_vllm(path, tokenizer, texts, _stop_ids(generation_config, tokenizer, config), config.eval.max_new_tokens,
                          config.model.dtype, config.model.trust_remote_code, config.eval.tensor_parallel_size)
+
+
+def check_ready(config: Config) -> None:
+    """What evaluation needs (a judge's key, vLLM, its local prompt files) must fail now, not after measuring and
+    applying."""
+    if config.run.skip_eval:
+        return
+    from abliterate.generation import check_backend
+    from abliterate.judge import check_judge
+    from abliterate.prompts import load_prompts
+    from abliterate.refusal_judge import check_refusal_judge
+
+    check_judge(config.eval)
+    check_refusal_judge(config.eval)
+    check_backend(config.eval.backend)
+    # A local evaluation file that is missing, empty or unreadable fails now; a Hub set is read when evaluating
+    # (measuring needs no network for it).
+    for source in (config.prompts.harmful_eval, config.prompts.harmless_eval):
+        if not source.startswith(("hf:", "builtin:")):
+            load_prompts(source, config.prompts.column)

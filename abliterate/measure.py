@@ -19,7 +19,6 @@ Everything is written to a temporary folder beside `out_dir` and moved in when c
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from abliterate.activations import SideActivations, cosine_with, difference_of_means, encode, mean_activations
+from abliterate.activations import SideActivations, difference_of_means, encode, mean_activations
 from abliterate.config import Config, to_dict
 from abliterate.decision import DECISION_POSITION, decision_tails, scored_with
 from abliterate.direction import (
@@ -46,16 +45,15 @@ from abliterate.direction import (
 from abliterate.errors import UserError
 from abliterate.files import check_out_dir, versions
 from abliterate.hub import public_model_name
+from abliterate.reference import reference_choice, reference_summary, reference_tables, write_reference_csv
 from abliterate.refusal import REFUSAL_JSON, RefusalProfile, find_refusal, log_profile, save_profile, separation_auc
 from abliterate.selection import (
     CandidateScore,
     NoDirectionError,
     ValidationSet,
-    bypass_and_kl,
     check_kept,
     choose,
     encode_validation,
-    induce_score,
     layer_cutoff,
     score_candidates,
 )
@@ -118,13 +116,11 @@ def measure(source: str, out_dir: Path, config: Config, keep_model: bool = False
     """Measure the refusal direction of the model at `source` (local folder or Hub id) into `out_dir`; with
     `keep_model`, the loaded model and tokenizer are returned too (`loaded`), for a caller that goes on with them."""
     from abliterate.model import load_model
-
-    # --out, prompt files and the reference are checked before the model loads: a typo should not cost a 16 GB load.
-    # a file there, or a folder holding files measure does not write (or optimize, which measures into its own), is
-    # refused: measuring never overwrites a user's file
     from abliterate.optimize import OUTPUT_NAMES as OPTIMIZE_NAMES
     from abliterate.prompts import prompt_sets
 
+    # --out, prompt files and the reference are checked before the model loads: a typo should not cost a 16 GB load.
+    # A folder holding files neither measure nor optimize (which measures into its own) writes is refused.
     check_out_dir(Path(out_dir), force=False, own_names=OPTIMIZE_NAMES)
     sets = prompt_sets(config.prompts, fit_only=True)
     _load_reference(config, None)
@@ -260,7 +256,7 @@ def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
     """Score the candidates and choose one, or score the reference direction when `use_reference` is set."""
     refusal_ids = fit.refusal_ids
     if config.measure.use_reference and reference is not None:
-        return [], _reference_choice(model, fit, val, reference)
+        return [], reference_choice(model, fit, val, reference)
     scores = score_candidates(model, fit.candidates, val, refusal_ids, config.measure)
     best = choose(scores)
     log.info("Chose layer %d, position %d: bypass %.3f, KL %.4f, induce %.3f.", best.layer, best.position,
@@ -270,61 +266,7 @@ def _select(model: Any, fit: _Fit, val: ValidationSet, config: Config,
                     "kl": best.kl, "induce": best.induce, "norm": float(torch.linalg.vector_norm(vector))}
 
 
-def _reference_choice(model: Any, fit: _Fit, val: ValidationSet, reference: Direction) -> dict[str, Any]:
-    """The reference direction, scored like a candidate, at its own layer and position when the file names them.
-
-    A file without them (the paper code's `direction.pt`) is placed at the candidate it is most aligned with, and
-    that candidate's norm scales it for the induce score, so every later step has a layer to work with.
-    """
-    layer, position, norm = reference.layer, reference.position, reference.meta.get("candidate_norm")
-    k = fit.n_positions
-    if layer is None or not 0 <= layer < fit.n_layers or position is None or not -k <= position < 0:
-        cosines = cosine_with(fit.candidates, reference.vector)  # [position, layer]
-        index, layer = divmod(int(cosines.argmax()), fit.n_layers)
-        position = index - k
-        norm = float(torch.linalg.vector_norm(fit.candidates[index, layer]))
-        log.info("The reference names no usable layer/position; using the most aligned candidate's: layer %d, "
-                 "position %d (cosine %.3f).", layer, position, float(cosines[index, layer]))
-    bypass, kl = bypass_and_kl(model, reference.vector, val, fit.refusal_ids)
-    scale = float(norm) if norm is not None else 1.0  # induce adds the raw (unnormalized) vector
-    induce = induce_score(model, reference.vector * scale, layer, val, fit.refusal_ids)
-    return {"vector": reference.vector, "layer": layer, "position": position, "bypass": bypass, "kl": kl,
-            "induce": induce, "norm": norm}
-
-
 # ---- artifacts ----
-
-def _reference_tables(fit: _Fit, reference: Direction) -> dict[str, torch.Tensor]:
-    """Per position and layer: candidate cosine, mean single-activation cosine, normalized-mean cosine."""
-    tables = {"candidate_cosine": cosine_with(fit.candidates, reference.vector)}  # [position, layer]
-    if fit.harmful.reference_cosine is not None and fit.harmful.normalized_mean is not None:
-        tables["harmful_mean_single_cosine"] = fit.harmful.reference_cosine  # [position, layer]
-        tables["harmful_normalized_mean_cosine"] = cosine_with(fit.harmful.normalized_mean, reference.vector)
-    return tables
-
-
-def _reference_summary(tables: dict[str, torch.Tensor], fit: _Fit, chosen: dict[str, Any]) -> dict[str, Any]:
-    k = fit.n_positions
-    cosines = tables["candidate_cosine"]  # [position, layer]
-    flat = int(cosines.abs().argmax())
-    best_position, best_layer = divmod(flat, fit.n_layers)
-    summary: dict[str, Any] = {"best_candidate": {"position": best_position - k, "layer": best_layer,
-                                                  "cosine": float(cosines[best_position, best_layer])}}
-    if chosen.get("layer") is not None and chosen.get("position") is not None and -k <= chosen["position"] < 0:
-        summary["chosen_cosine"] = float(cosines[chosen["position"] + k, chosen["layer"]])
-    return summary
-
-
-def _write_reference_csv(path: Path, tables: dict[str, torch.Tensor], k: int) -> None:
-    names = list(tables)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["position", "layer", *names])
-        n_positions, n_layers = tables[names[0]].shape
-        for p in range(n_positions):
-            for layer in range(n_layers):
-                writer.writerow([p - k, layer, *(f"{float(tables[n][p, layer]):.6f}" for n in names)])
-
 
 def _provenance(source: str, config: Config) -> dict[str, Any]:
     return {"model": source, "revision": config.model.revision, "seed": config.prompts.seed,
@@ -354,9 +296,9 @@ def _write_diagnostics(folder: Path, source: str, config: Config, fit: _Fit, sco
                      metadata={"positions": json.dumps(sorted(fit.token_texts)), "model": source})
     summary = None
     if reference is not None:
-        tables = _reference_tables(fit, reference)
-        summary = _reference_summary(tables, fit, chosen or {})
-        _write_reference_csv(folder / REFERENCE_CSV, tables, fit.n_positions)
+        tables = reference_tables(fit, reference)
+        summary = reference_summary(tables, fit, chosen or {})
+        write_reference_csv(folder / REFERENCE_CSV, tables, fit.n_positions)
         plot_cosine_heatmap(tables["candidate_cosine"], folder / REFERENCE_PLOT, token_texts=fit.token_texts)
     save_profile(fit.profile, folder)
     payload = _scores_payload(source, config, fit, scores, chosen, summary)

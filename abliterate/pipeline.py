@@ -322,36 +322,17 @@ def _scrub(model: str, model_dir: Path, out_dir: Path, config: Config) -> None:
     scrub_tree(prov, machine_paths(), RECORD_SUFFIXES)
 
 
-def _check_eval(config: Config) -> None:
-    """What evaluation needs (a judge's key, vLLM) must fail now, not after measuring and applying."""
-    if config.run.skip_eval:
-        return
-    from abliterate.generation import check_backend
-    from abliterate.judge import check_judge
-    from abliterate.refusal_judge import check_refusal_judge
-
-    check_judge(config.eval)
-    check_refusal_judge(config.eval)
-    check_backend(config.eval.backend)
-    from abliterate.prompts import load_prompts
-
-    # A local evaluation file that is missing, empty or unreadable fails now; a Hub set is read when evaluating
-    # (measuring needs no network for it).
-    for source in (config.prompts.harmful_eval, config.prompts.harmless_eval):
-        if not source.startswith(("hf:", "builtin:")):
-            load_prompts(source, config.prompts.column)
-
-
 def run(model: str, out_dir: Path, config: Config, force: bool = False) -> RunResult:
     """measure -> apply -> eval (unless skipped) -> model card -> push (if asked), reusing finished steps.
 
     `force` reruns every step and lets `out_dir` be a non-empty folder that holds no earlier run.
     """
+    from abliterate.evaluation import check_ready
     from abliterate.hub import resolve_model
 
     out_dir = Path(out_dir).expanduser().resolve()
     check_out_dir(out_dir, force, resume_marker=PROVENANCE_DIR)
-    _check_eval(config)
+    check_ready(config)
     model_dir = resolve_model(model, config.model.revision)
     if out_dir == model_dir.resolve() or model_dir.resolve() in out_dir.parents or out_dir in model_dir.resolve().parents:
         raise UserError(f"--out {out_dir} overlaps the input model {model_dir}; abliterate never writes into its "
