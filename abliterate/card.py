@@ -77,7 +77,8 @@ def _warning(change: tuple[float, float] | None) -> str:
     base, edited = change
     if edited >= base:
         return (f"**Note**: the edit did not lower harmful refusal in the evaluation below ({base:.2f} -> "
-                f"{edited:.2f}): this model refuses as its base does.")
+                f"{edited:.2f}), as far as that evaluation reads refusals. Use it for research and apply your own "
+                "safeguards.")
     return (f"**Warning**: this model refuses harmful requests less often than its base (harmful refusal {base:.2f} "
             f"-> {edited:.2f} in the evaluation below). Use it for research and apply your own safeguards.")
 

@@ -224,7 +224,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 
 # What transformers takes as a device_map string (a strategy or one device), and "" or none for plain loading.
-DEVICE_MAP = r"|none|auto|balanced|balanced_low_0|sequential|cpu|mps|disk|(cuda|xpu|npu|hpu)(:\d+)?|\d+"
+DEVICE_MAP = r"|none|auto|balanced|balanced_low_0|sequential|cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?"
 
 
 def validate(config: Config) -> None:

@@ -28,7 +28,7 @@ from abliterate import progress
 
 # The refusal score and the KL are pure functions in activations, shared with measuring so both use the same definition.
 from abliterate.activations import kl_divergence, refusal_score, score_positions
-from abliterate.openings import join_words, phrase_words
+from abliterate.openings import holds_phrase, join_words, phrase_words
 
 # The paper's list (Arditi et al. 2024, appendix), matched case-insensitively anywhere in the reply.
 PAPER_REFUSALS = (
@@ -115,7 +115,7 @@ class RefusalMatcher:
         if not self.learned:
             return False
         text = join_words(phrase_words(strip_thinking(reply, self.thinking_end)[0]))
-        return any(phrase in text for phrase in self.learned)
+        return any(holds_phrase(text, phrase) for phrase in self.learned)
 
 
 def matcher_for(refusal_set: str, profile: Any | None = None) -> RefusalMatcher:

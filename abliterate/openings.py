@@ -14,6 +14,7 @@ OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching 
 # spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
 LONGEST_WORD = 20
 PHRASE_WORDS = 4  # a learned refusal phrase: this many consecutive words (three match answers too often)
+SENTENCE_ENDS = ".!?。！？"
 MAX_PHRASES = 24  # the most frequent ones are kept (a few per refusal sentence)
 MAX_OPENINGS = 20
 # Template kwargs that switch a reasoning model's thinking off when False (Qwen3, GLM-4.5, Granite 3.x's "thinking").
@@ -49,25 +50,50 @@ def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int]
     return sorted(seen, key=lambda text: (-seen[text], text))[:MAX_OPENINGS]
 
 
-def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]],
-                    thinking_end: str = "") -> list[str]:
+def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], thinking_end: str = "",
+                    first_sentence: bool = False) -> list[str]:
     """Word sequences (`PHRASE_WORDS` words, lower case) in at least a quarter of the base model's harmful answers
     (and two) and in none of its harmless ones, most frequent first: how this model words its refusals wherever they
     stand (after a reasoning line that decides, at the end of a reply that opened as an answer and slid back into
     refusing), in its own language, one sentence or several. Answers are read past any thinking block, as
-    `abliterate.metrics.RefusalMatcher` reads them; in scripts written without spaces each wide character is a word."""
+    `abliterate.metrics.RefusalMatcher` reads them; in scripts written without spaces each wide character is a word.
+    With `first_sentence` (refusals that open with words of their own) only each harmful answer's first sentence is
+    read: a closing line ("If you have any other questions, feel free to ask.") also ends answers."""
     from collections import Counter
 
     from abliterate.metrics import strip_thinking
 
-    def grams(reply: list[int]) -> set[str]:
+    def grams(reply: list[int], first: bool) -> set[str]:
         words = phrase_words(strip_thinking(tokenizer.decode(reply, skip_special_tokens=True), thinking_end)[0])
+        words = first_words(words) if first else words
         return {join_words(words[i:i + PHRASE_WORDS]) for i in range(len(words) - PHRASE_WORDS + 1)}
 
-    answered = set().union(*map(grams, harmless)) if harmless else set()
-    counts = Counter(gram for reply in harmful for gram in grams(reply))
+    answered = set().union(*(grams(reply, False) for reply in harmless)) if harmless else set()
+    counts = Counter(gram for reply in harmful for gram in grams(reply, first_sentence))
     kept = [gram for gram, n in counts.items() if n >= max(2, len(harmful) / 4) and gram not in answered]
     return sorted(kept, key=lambda gram: (-counts[gram], gram))[:MAX_PHRASES]
+
+
+def first_words(words: list[str]) -> list[str]:
+    """The words up to the end of the first sentence that has `PHRASE_WORDS` of them ("I'm sorry. I can't help
+    with that." reads on to "that.")."""
+    for end, word in enumerate(words, 1):
+        if end >= PHRASE_WORDS and word[-1] in SENTENCE_ENDS:
+            return words[:end]
+    return words
+
+
+def holds_phrase(text: str, phrase: str) -> bool:
+    """Whether `text` (as `join_words` writes it) holds `phrase` as whole words: "not provide instructions on" is
+    not in "cannot provide instructions on" (a wide character needs no space beside it)."""
+    start = text.find(phrase)
+    while start >= 0:
+        end = start + len(phrase)
+        if (start == 0 or text[start - 1] == " " or _wide(phrase[0])) and \
+                (end == len(text) or text[end] == " " or _wide(phrase[-1])):
+            return True
+        start = text.find(phrase, start + 1)
+    return False
 
 
 def _wide(char: str) -> bool:

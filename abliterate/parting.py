@@ -104,17 +104,20 @@ class Parting:
 
 
 def choose_tokens(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], path: list[int],
-                  phrases: Sequence[str]) -> Parting:
-    """The refusal tokens after `path` and, where the harmful replies they miss open most often with a token that
-    opens harmless replies too, that token with the refusal tokens after it (both as `refusal_tokens` reads them)."""
+                  phrases: Sequence[str], shared_too: bool = True) -> Parting:
+    """The refusal tokens after `path` and (`shared_too`), where the harmful replies they miss open most often with a
+    token that opens harmless replies too, that token with the refusal tokens after it: tokens `refusal_tokens`
+    finds there that also pass `held_out_margin` among the replies opening with it (harmful replies that go on as
+    the answers do, "Here is" beside "Here are", are no refusals)."""
     counts = count_openings(tokenizer, harmful, harmless, path, phrases)
     tokens = refusal_tokens(counts)
     shared = sorted((token for token, n in counts.harmful.items()
                      if token not in tokens and n >= MIN_UNCONFIRMED and counts.harmless.get(token, 0)),
                     key=lambda token: (-counts.harmful[token], token))
-    if tokens and shared:
-        after = refusal_tokens(count_openings(tokenizer, harmful, harmless, path + shared[:1], phrases))
-        if after:
+    if tokens and shared and shared_too:
+        branch = path + shared[:1]
+        after = refusal_tokens(count_openings(tokenizer, harmful, harmless, branch, phrases))
+        if after and held_out_margin(tokenizer, harmful, harmless, branch, phrases, False) >= MIN_HELD_OUT_MARGIN:
             return Parting(list(path), tokens, shared[0], after)
     return Parting(list(path), tokens)
 
@@ -184,12 +187,12 @@ def _after_prefix(tokenizer: Any, text: str, replies: list[list[int]], prefix: l
 
 
 def held_out_margin(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], path: list[int],
-                    phrases: Sequence[str]) -> float:
-    """Refusal tokens (and any shared opening) chosen on every other reply, tried on the rest (and the other way
-    round): the mean of (share of held-out harmful replies they open) - (share of held-out harmless ones)."""
+                    phrases: Sequence[str], shared_too: bool = True) -> float:
+    """Refusal tokens (and, `shared_too`, any shared opening) chosen on every other reply, tried on the rest (and the
+    other way round): the mean of (share of held-out harmful replies they open) - (share of held-out harmless ones)."""
     margins = []
     for chosen, held in ((0, 1), (1, 0)):
-        parting = choose_tokens(tokenizer, harmful[chosen::2], harmless[chosen::2], path, phrases)
+        parting = choose_tokens(tokenizer, harmful[chosen::2], harmless[chosen::2], path, phrases, shared_too)
         margins.append(opened_share(harmful[held::2], parting) - opened_share(harmless[held::2], parting))
     return sum(margins) / len(margins)
 

@@ -194,7 +194,8 @@ def find_refusal(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: S
         _configure(profile, tokenizer, measure_config.refusal_openings, harmful_ids, harmless_ids)
     else:
         _discover(profile, tokenizer, texts[0], harmful_ids, harmless_ids)
-    profile.phrases = refusal_phrases(tokenizer, harmful_ids, harmless_ids, profile.thinking_end)
+    profile.phrases = refusal_phrases(tokenizer, harmful_ids, harmless_ids, profile.thinking_end,
+                                      first_sentence=bool(profile.openings))
     counts = count_openings(tokenizer, harmful_ids, harmless_ids, profile.prefix_ids, EXTENDED_REFUSALS)
     if not profile.decision_ids:
         profile.n_refusals = sum(counts.harmful.get(token, 0) for token in profile.token_ids)

@@ -50,7 +50,10 @@ def test_wrong_type_and_cross_field_checks(tmp_path):
         load_config(overrides={"measure": {"kl_max": -1}})
     with pytest.raises(UserError, match="model.device_map must be .* got 'gpu0'; fix --device-map"):
         load_config(overrides={"model": {"device_map": "gpu0"}})
-    for accepted in ("auto", "cpu", "cuda:1", "0", "sequential", "none"):
+    for rejected in ("0", "disk"):  # transformers refuses both as a device_map string
+        with pytest.raises(UserError, match="model.device_map must be"):
+            load_config(overrides={"model": {"device_map": rejected}})
+    for accepted in ("auto", "cpu", "cuda:1", "sequential", "none"):
         assert load_config(overrides={"model": {"device_map": accepted}}).model.device_map == accepted
     path = tmp_path / "bad.toml"
     path.write_text("[measure\n")

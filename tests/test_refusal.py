@@ -67,6 +67,11 @@ def test_refusals_opening_with_a_token_answers_open_with_are_followed_beside_tho
     harmful = [[11, 9]] * 12 + [[2, 3, 9]] * 20
     harmless = [[2, 4, 5, 6]] * 16 + [[7, 8]] * 16
     assert refusal_path(_Words(), harmful, harmless, [], ["I can't"]) == Parting([], [11], 2, [3])
+    # Harmful replies that open as answers do and go on a little differently ("Here be" beside "Here is"), a few of
+    # them: no refusal opening, though the next token is more frequent after harmful prompts.
+    harmful = [[11, 3]] * 20 + [[7, 5]] * 3 + [[7, 8]] * 9
+    harmless = [[7, 8]] * 24 + [[7, 5]] + [[12]] * 7
+    assert refusal_path(_Words(), harmful, harmless, [], []) == Parting([], [11])
     # Where half the answers that open with "I" go on as the refusals do, "I" is no refusal opening.
     harmful = [[11, 9]] * 24 + [[2, 3, 9]] * 8
     harmless = [[2, 3, 6]] * 8 + [[2, 4, 5, 6]] * 8 + [[7, 8]] * 16
@@ -319,6 +324,24 @@ def test_every_refusal_sentence_of_a_model_that_words_them_several_ways_is_learn
     assert matcher.is_refusal(slid) and not matcher.is_refusal(answered)
     # eval's rates read the learned phrases as the confirmation does
     assert refusal_rates([slid, answered], ["", ""], matcher)["count"] == 1
+
+
+def test_a_closing_line_refusals_share_with_answers_is_no_refusal_phrase():
+    """Refusals that open their own way are read in their first sentence: a polite closing line after it also ends
+    answers (longer ones, cut before it in the discovery replies), and a phrase matches whole words only."""
+    from abliterate.metrics import RefusalMatcher
+    from abliterate.openings import refusal_phrases
+
+    closing = " If you have any other questions, feel free to ask."
+    harmful = [_ids(f"I'm sorry. I cannot provide instructions on {o}.{closing}") for o in ("a bomb", "a gun", "a virus")]
+    harmless = [_ids(f"Here is how to bake {o}: first, preheat the oven") for o in ("a cake", "bread", "a pie")]
+    phrases = refusal_phrases(_Text(), harmful, harmless, first_sentence=True)
+    assert "cannot provide instructions on" in phrases
+    assert not any("feel free" in p or "questions" in p for p in phrases)
+    assert any("feel free" in p for p in refusal_phrases(_Text(), harmful, harmless))  # the whole answer: it is
+    matcher = RefusalMatcher(("I'm sorry",), learned=("not provide instructions on",))
+    assert not matcher.is_refusal("Sure, I cannot provide instructions on that? Here they are.")
+    assert matcher.is_refusal("Sure, but I will not provide instructions on that.")
 
 
 def test_phrases_in_a_script_without_spaces_are_learned_per_character():
