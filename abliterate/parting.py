@@ -148,15 +148,16 @@ def refusal_path(tokenizer: Any, harmful: list[list[int]], harmless: list[list[i
 
 
 def configured_path(tokenizer: Any, openings: Sequence[str], harmful: list[list[int]], harmless: list[list[int]],
-                    prefix: list[int]) -> tuple[list[int], list[int]]:
-    """(path, refusal tokens) for the user's refusal openings (measure.refusal_openings), as the replies spell them.
+                    prefix: list[int]) -> Parting:
+    """Where the user's refusal openings (measure.refusal_openings) part from answers, as the replies spell them.
 
     Their first tokens are the refusal tokens, unless all the openings begin with the same token and that token
     opens the base model's harmless replies too (under `ENRICHMENT` times as often as its harmful ones: "I can't"
     and "I cannot" against answers opening "I'd be glad"); then it is teacher-forced and their next tokens are
-    scored, as for a discovered shared opening (up to `MAX_BRANCH_TOKENS` deep). An opening that begins with the
-    reply prefix itself is read after it. Empty tokens: score the openings' first tokens as they are
-    (`chat.refusal_token_ids`).
+    scored, as for a discovered shared opening (up to `MAX_BRANCH_TOKENS` deep). Where only some openings begin
+    with such a token ("Je ne peux pas" beside "Désolé", answers opening "Je vais"), it is their shared opening
+    (`Parting.shared`). An opening that begins with the reply prefix itself is read after it. No tokens: score the
+    openings' first tokens as they are (`chat.refusal_token_ids`).
     """
     sequences = [_after_prefix(tokenizer, text, harmful, prefix) for text in openings]
     stripped = any(seq != spelled(tokenizer, text, harmful, len(prefix)) for seq, text in zip(sequences, openings))
@@ -165,16 +166,27 @@ def configured_path(tokenizer: Any, openings: Sequence[str], harmful: list[list[
         tokens = sorted({seq[depth] for seq in sequences if len(seq) > depth})
         if len(tokens) != 1 or any(len(seq) <= depth + 1 for seq in sequences):
             break
-        counts = count_openings(tokenizer, harmful, harmless, path, ())
-        harmful_rate = counts.harmful.get(tokens[0], 0) / max(counts.n_harmful, 1)
-        harmless_rate = counts.harmless.get(tokens[0], 0) / max(counts.n_harmless, 1)
-        if harmful_rate >= ENRICHMENT * harmless_rate:  # it tells refusals from answers already: score it here
-            break
+        if not _opens_answers(count_openings(tokenizer, harmful, harmless, path, ()), tokens[0]):
+            break  # it tells refusals from answers already: score it here
         path.append(tokens[0])
         depth += 1
+    tokens = sorted({seq[depth] for seq in sequences if len(seq) > depth})
+    counts = count_openings(tokenizer, harmful, harmless, path, ())
+    shared = [token for token in tokens if _opens_answers(counts, token)
+              and any(len(seq) > depth + 1 for seq in sequences if seq[depth] == token)]
+    if len(tokens) > 1 and len(shared) == 1:
+        after = sorted({seq[depth + 1] for seq in sequences if len(seq) > depth + 1 and seq[depth] == shared[0]})
+        return Parting(path, [token for token in tokens if token != shared[0]], shared[0], after)
     if depth == 0 and not stripped:
-        return list(prefix), []
-    return path, sorted({seq[depth] for seq in sequences if len(seq) > depth})
+        return Parting(list(prefix), [])
+    return Parting(path, tokens)
+
+
+def _opens_answers(counts: OpeningCounts, token: int) -> bool:
+    """Whether `token` opens harmless replies at least a quarter as often as harmful ones (`ENRICHMENT`)."""
+    harmful_rate = counts.harmful.get(token, 0) / max(counts.n_harmful, 1)
+    harmless_rate = counts.harmless.get(token, 0) / max(counts.n_harmless, 1)
+    return harmless_rate > 0 and harmful_rate < ENRICHMENT * harmless_rate
 
 
 def _after_prefix(tokenizer: Any, text: str, replies: list[list[int]], prefix: list[int]) -> list[int]:

@@ -213,15 +213,18 @@ def _configure(profile: RefusalProfile, tokenizer: Any, openings: Sequence[str],
     from abliterate.chat import refusal_token_ids
 
     prefix = list(profile.prefix_ids)
-    path, token_ids = configured_path(tokenizer, openings, harmful, harmless, prefix)
-    if token_ids:
-        profile.token_ids, profile.prefix_ids = token_ids, path
-        profile.branch = tokenizer.decode(path[len(prefix):], skip_special_tokens=False)
-        log.info("Every refusal opening begins with %r, which opens the harmless replies too: it is teacher-forced "
-                 "and the refusal score read after it.", profile.branch)
+    parting = configured_path(tokenizer, openings, harmful, harmless, prefix)
+    if parting.tokens:
+        profile.token_ids, profile.prefix_ids = parting.tokens, parting.path
+        profile.branch = tokenizer.decode(parting.path[len(prefix):], skip_special_tokens=False)
+        if profile.branch:
+            log.info("Every refusal opening begins with %r, which opens the harmless replies too: it is "
+                     "teacher-forced and the refusal score read after it.", profile.branch)
     else:
         profile.token_ids = refusal_token_ids(tokenizer, openings)
     profile.openings = [" ".join(text.split()).lower() for text in openings]
+    if parting.shared >= 0:
+        _add_shared_opening(profile, tokenizer, harmful, prefix, parting)
 
 
 def _discover(profile: RefusalProfile, tokenizer: Any, prompt: str, harmful: list[list[int]],
@@ -281,7 +284,11 @@ def _nothing_found(tokenizer: Any, harmful: list[list[int]], harmless: list[list
 def log_profile(profile: RefusalProfile) -> None:
     """Log what was found, and warn when the score separates harmful from harmless prompts poorly."""
     log.info("Refusal: %s.", profile.describe())
-    if not profile.separation >= 0.9:
+    if not profile.separation >= 0.9 and profile.thinking_end:
         log.warning("The refusal score separates harmful from harmless prompts poorly (AUC %.3f): the reply prefix "
                     "%r may end inside per-prompt reasoning; switch thinking off (model.template_kwargs) if the "
                     "template can.", profile.separation, profile.prefix)
+    elif not profile.separation >= 0.9:
+        log.warning("The refusal score separates harmful from harmless prompts poorly (AUC %.3f): its tokens %s may "
+                    "open answers too, or miss how some refusals open; compare them with the replies and name the "
+                    "openings in measure.refusal_openings.", profile.separation, profile.token_texts)

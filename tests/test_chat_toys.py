@@ -197,6 +197,12 @@ def test_refusals_that_open_as_answers_do_are_scored_as_refusals(tmp_path):
     assert profile.token_texts == ["Désolé"] and profile.shared_text == "Je"
     assert profile.after_shared_texts == [" ne"] and profile.n_refusals == profile.n_harmful_replies == 32
     assert set(profile.openings) == {"désolé, je refuse", "je ne peux"}
+    # Named by the user, the two openings are read the same way.
+    named = load_config(None, {"measure": {"refusal_openings": ["Je ne peux pas", "Désolé, je refuse"]}}).measure
+    configured = find_refusal(model, tokenizer, splits["harmful_train"], splits["harmless_train"], config.model, named)
+    assert configured.scoring() == profile.scoring() and configured.n_refusals == 32
+    assert (configured.scoring()[0].shared, configured.scoring()[0].after_shared) == (profile.shared_id,
+                                                                                      tuple(profile.after_shared_ids))
     tokens, suffix = profile.scoring()
     batches = encode(tokenizer, format_instructions(tokenizer, splits["harmful_eval"], config.model), 64, suffix)
     log_probs = tail_log_probs(model, batches, 2)  # [n, 2, vocab]: before "Je", and after it

@@ -95,17 +95,20 @@ def test_configured_openings_that_begin_like_answers_are_followed_past_the_share
     # it is teacher-forced and " can't" / "'m" are scored after it.
     harmful = [[2, 3, 9]] * 16 + [[2, 10, 11]] * 16
     harmless = [[2, 4, 5, 6]] * 12 + [[7, 8]] * 20
-    assert configured_path(_Spelling(), ["I can't", "I'm sorry"], harmful, harmless, []) == ([2], [3, 10])
+    assert configured_path(_Spelling(), ["I can't", "I'm sorry"], harmful, harmless, []) == Parting([2], [3, 10])
     # Behind a prefix (a lone space): the same path from there.
     spaced = [[1, *reply] for reply in harmful], [[1, *reply] for reply in harmless]
-    assert configured_path(_Spelling(), ["I can't"], *spaced, [1]) == ([1, 2], [3])
+    assert configured_path(_Spelling(), ["I can't"], *spaced, [1]) == Parting([1, 2], [3])
     # "I" that answers never open tells refusals apart already: scored where it is (no path).
-    assert configured_path(_Spelling(), ["I can't"], harmful, [[7, 8]] * 32, []) == ([], [])
+    assert configured_path(_Spelling(), ["I can't"], harmful, [[7, 8]] * 32, []) == Parting([], [])
     # Openings that begin differently: their first tokens are scored, as before.
-    assert configured_path(_Spelling(), ["I can't", "Here is"], harmful, harmless, []) == ([], [])
+    assert configured_path(_Spelling(), ["I can't", "Here is"], harmful, harmless, []) == Parting([], [])
     # Every reply opens "I" (the shared reply prefix): an opening written with it is read after it.
-    assert configured_path(_Spelling(), ["I can't"], harmful, harmless[:12], [2]) == ([2], [3])
-    assert configured_path(_Spelling(), ["I can't", "I'm sorry"], harmful, harmless[:12], [2]) == ([2], [3, 10])
+    assert configured_path(_Spelling(), ["I can't"], harmful, harmless[:12], [2]) == Parting([2], [3])
+    assert configured_path(_Spelling(), ["I can't", "I'm sorry"], harmful, harmless[:12], [2]) == Parting([2], [3, 10])
+    # Only some openings begin like answers ("I can't" beside "sorry"): "I" is their shared opening.
+    mixed = [[2, 3, 9]] * 16 + [[11, 9]] * 16
+    assert configured_path(_Spelling(), ["I can't", " sorry"], mixed, harmless, []) == Parting([], [11], 2, [3])
     profile = RefusalProfile(source="configured", prefix="", token_ids=[], token_texts=[], openings=[],
                              template_kwargs={}, thinking_end="", n_harmful_replies=32, n_harmless_replies=32,
                              separation=math.nan, prefix_ids=[])
@@ -367,3 +370,17 @@ def test_the_matcher_of_a_measured_model_reads_its_learned_phrases(tmp_path):
     matcher = matcher_for("extended", load_profile(tmp_path))
     assert matcher.is_refusal("Also, dabei kann ich leider nicht helfen.")
     assert not matcher_for("extended").is_refusal("Also, dabei kann ich leider nicht helfen.")
+
+
+def test_a_poor_separation_warning_names_thinking_only_for_a_model_that_thinks(caplog):
+    import logging
+
+    from abliterate.refusal import log_profile
+
+    for thinking_end, says in (("", "measure.refusal_openings"), ("</think>", "switch thinking off")):
+        caplog.clear()
+        profile = RefusalProfile(source="discovered", prefix="", token_ids=[1], token_texts=["Cette"], openings=[],
+                                 thinking_end=thinking_end, separation=0.7)
+        with caplog.at_level(logging.WARNING):
+            log_profile(profile)
+        assert says in caplog.text and ("thinking" in caplog.text) == bool(thinking_end)
