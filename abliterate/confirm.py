@@ -264,6 +264,8 @@ def choose(confirmed: list[dict[str, Any]], config: OptimizeConfig) -> dict[str,
     meeting = [c for c in generated if worst_refusal(c) <= config.target_refusal]
     if meeting:
         return min(meeting, key=lambda c: (c["reply_kl"], -c["identical_share"]))
-    log.warning("No confirmed edit reaches harmful refusal <= %.2f held out; shipping the least refusing one.",
-                config.target_refusal)
+    log.warning("No confirmed edit reaches harmful refusal <= %.2f held out; shipping the least refusing one. More "
+                "trials (--n-trials: the folder's search goes on) or stronger weights (--max-weight, now %g, in a new "
+                "--out: above 1 the edit pushes past the direction, which can remove refusals the model decides again "
+                "later in its reply) may find one.", config.target_refusal, config.max_weight)
     return min(generated, key=lambda c: (worst_refusal(c), c["reply_kl"]))

@@ -259,6 +259,20 @@ def test_an_edit_that_still_refuses_with_thinking_on_is_not_shipped() -> None:
     assert choose([rows[0], rows[1]], OptimizeConfig())["trial"] == 1  # none meets it: the least refusing
 
 
+def test_when_no_edit_meets_the_target_the_warning_names_what_may_reach_it(caplog) -> None:
+    import logging
+
+    from abliterate.config import OptimizeConfig
+    from abliterate.confirm import choose
+
+    row = {"trial": 5, "harmful_refusal": 0.25, "harmful_refusal_thinking_on": None, "reply_kl": 0.0006,
+           "identical_share": 1.0, "n_harmless": 100}
+    with caplog.at_level(logging.WARNING):
+        assert choose([row], OptimizeConfig(max_weight=1.5))["trial"] == 5
+    assert "No confirmed edit reaches harmful refusal <= 0.05" in caplog.text
+    assert "--n-trials" in caplog.text and "--max-weight, now 1.5, in a new --out" in caplog.text
+
+
 def test_the_search_draws_positions_back_to_the_earliest_that_removed_refusal() -> None:
     from abliterate.search import searched_positions
 
