@@ -118,7 +118,7 @@ ARGS = {"measure": ["m", "--out", "o"], "optimize": ["m", "--out", "o"], "eval":
 # Valid values other than the default for the settings whose values are checked at load time.
 OTHER = {"model.dtype": "float32", "model.max_memory": "cpu=1GiB", "apply.max_shard_size": "1GB",
          "eval.backend": "vllm", "eval.judge": "none", "eval.judge_format": "paper", "eval.refusal_set": "extended",
-         "eval.refusal_judge": "local:judge"}
+         "eval.refusal_judge": "local:judge", "model.device_map": "cuda:1"}
 
 
 def _config_reached(monkeypatch, command: str, args: list[str]) -> Config:
