@@ -329,8 +329,8 @@ def compute_section(inputs: ModelInputs) -> dict[str, Any]:
 def label_facts(data: dict[str, Any]) -> dict[str, Any]:
     """What the labels' templates name: prompt counts, how refusal was read, the judges, ActAdd's layer."""
     settings = data["settings"]
-    matching = f"{settings['refusal_set']} substrings" + (" or the base model's openings"
-                                                          if settings.get("refusal_openings") else "")
+    own = [name for key, name in (("refusal_openings", "openings"), ("learned_phrases", "phrases")) if settings.get(key)]
+    matching = f"{settings['refusal_set']} substrings" + (f" or the base model's {' and '.join(own)}" if own else "")
     return {"n_harmful": data["n_prompts"]["harmful"], "n_harmless": data["n_prompts"]["harmless"],
             "refusal_matching": matching, "judge": settings["judge"],
             "refusal_judge": settings.get("refusal_judge", "none"),

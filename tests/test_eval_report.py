@@ -145,3 +145,17 @@ def test_the_counting_rule_names_openings_and_learned_phrases_in_their_own_scrip
     assert '("désolé, je refuse")' in note and "\\u00e9" not in note
     assert 'holds one of its refusal phrases anywhere ("je ne peux pas")' in note
     assert "refusal phrases" not in _settings_note({**settings, "learned_phrases": []})
+
+
+def test_the_refusal_label_names_what_was_matched():
+    from abliterate.metric_table import label_facts
+
+    def matching(**settings):
+        data = {"settings": {"refusal_set": "paper", "judge": "none", **settings},
+                "n_prompts": {"harmful": 8, "harmless": 8}}
+        return label_facts(data)["refusal_matching"]
+
+    assert matching() == "paper substrings"
+    assert matching(refusal_openings=["i cannot"]) == "paper substrings or the base model's openings"
+    assert matching(refusal_openings=["i cannot"], learned_phrases=["cannot help with that."]) == \
+        "paper substrings or the base model's openings and phrases"
