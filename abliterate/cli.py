@@ -56,7 +56,7 @@ def _setup(
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # huggingface_hub prints its warnings through a handler of its own as well: each retry warning came twice.
     # Its handler is added when its logging module is imported, so import it first, then take the handler off.

@@ -48,6 +48,7 @@ from abliterate.generation import (
     pad_token_id,
     save_completions,
 )
+from abliterate.hub import is_hub_id, resolve_model
 from abliterate.judge import check_judge, judge_completions, resolved_judge
 from abliterate.metric_table import ModelInputs, compute_section
 from abliterate.metrics import (
@@ -106,8 +107,11 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     if config.eval.actadd and not base:
         raise UserError("eval.actadd adds and ablates the direction on the base model and compares the result with "
                         "the edited checkpoint: pass the base model with --base, or drop --actadd.")
-    context = _context(config, measure_dir)
     sources = {"base": base, "edited": model} if base else {"model": model}
+    for source in sources.values():  # a mistyped local folder fails before the other model is evaluated
+        if not is_hub_id(source):
+            resolve_model(source)
+    context = _context(config, measure_dir)
     runs: dict[str, _Run] = {}
     kl, actadd, actadd_run = None, None, None
     # vLLM takes most of the GPU, so its replies are all generated before any transformers model is loaded.
@@ -170,10 +174,12 @@ def _context(config: Config, measure_dir: Path | None) -> _Context:
     """The prompts, the refusal matcher and the measure folder's profile and direction, all checked up front."""
     from abliterate.prompts import prompt_sets
 
-    if measure_dir and not Path(measure_dir).is_dir():
-        raise UserError(f"Measure folder {measure_dir} does not exist; pass the folder `abliterate measure` wrote "
-                        "to --measure.")
-    profile = load_profile(Path(measure_dir)) if measure_dir else None
+    measure_dir = _measure_folder(measure_dir)
+    profile = load_profile(measure_dir) if measure_dir else None
+    if profile is None:
+        log.warning("No refusal.json (--measure): refusals are read by the %s phrase set alone, which misses a model "
+                    "that refuses in other words or another language; pass the folder `abliterate measure` wrote to "
+                    "read the model's own refusals too.", config.eval.refusal_set)
     direction = None
     if config.eval.actadd:
         if not measure_dir:
@@ -188,6 +194,25 @@ def _context(config: Config, measure_dir: Path | None) -> _Context:
         matcher=matcher_for(config.eval.refusal_set, profile), profile=profile,
         thinking_on=thinking_switched_on(model_config.template_kwargs), direction=direction,
     )
+
+
+def _measure_folder(measure_dir: Path | None) -> Path | None:
+    """The measure folder `--measure` names: the folder itself, or the one inside a run's output
+    (OUT/abliterate/measure); a folder holding neither refusal.json nor direction.json is refused."""
+    from abliterate.direction import DIRECTION_JSON
+    from abliterate.refusal import REFUSAL_JSON
+
+    if not measure_dir:
+        return None
+    path = Path(measure_dir)
+    if not path.is_dir():
+        raise UserError(f"Measure folder {path} does not exist; pass the folder `abliterate measure` wrote to "
+                        "--measure.")
+    for folder in (path, path / "measure", path / "abliterate" / "measure"):
+        if (folder / REFUSAL_JSON).is_file() or (folder / DIRECTION_JSON).is_file():
+            return folder
+    raise UserError(f"--measure {path} holds no refusal.json or direction.json; pass the folder `abliterate measure` "
+                    "wrote (for a run's output, OUT/abliterate/measure).")
 
 
 def _load(source: str, config: Config) -> tuple[Any, Any]:

@@ -66,7 +66,7 @@ def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[lis
     def grams(reply: list[int], first: bool) -> set[str]:
         words = phrase_words(strip_thinking(tokenizer.decode(reply, skip_special_tokens=True), thinking_end)[0])
         words = first_words(words) if first else words
-        return {join_words(words[i:i + PHRASE_WORDS]) for i in range(len(words) - PHRASE_WORDS + 1)}
+        return {join_words(words[i:end]) for i in range(len(words)) if (end := phrase_end(words, i)) is not None}
 
     answered = set().union(*(grams(reply, False) for reply in harmless)) if harmless else set()
     counts = Counter(gram for reply in harmful for gram in grams(reply, first_sentence))
@@ -74,11 +74,23 @@ def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[lis
     return sorted(kept, key=lambda gram: (-counts[gram], gram))[:MAX_PHRASES]
 
 
+def phrase_end(words: list[str], start: int) -> int | None:
+    """Where a phrase starting at `words[start]` ends: after `PHRASE_WORDS` words, a wide character counting half a
+    word (a Chinese word is about two characters: four characters, "做这件事", do not yet hold the refusing verb);
+    None when the text ends first."""
+    weight = 0.0
+    for end in range(start, len(words)):
+        weight += 0.5 if _wide(words[end][0]) else 1.0
+        if weight >= PHRASE_WORDS:
+            return end + 1
+    return None
+
+
 def first_words(words: list[str]) -> list[str]:
-    """The words up to the end of the first sentence that has `PHRASE_WORDS` of them ("I'm sorry. I can't help
-    with that." reads on to "that.")."""
+    """The words up to the end of the first sentence long enough for a phrase ("I'm sorry. I can't help with
+    that." reads on to "that.")."""
     for end, word in enumerate(words, 1):
-        if end >= PHRASE_WORDS and word[-1] in SENTENCE_ENDS:
+        if phrase_end(words[:end], 0) is not None and word[-1] in SENTENCE_ENDS:
             return words[:end]
     return words
 

@@ -211,7 +211,7 @@ def load_hub_dataset(source: str, column: str = "") -> list[Prompt]:
         kwargs["revision"] = spec["revision"]
     path = Path(spec["name"]).expanduser()
     local_file = ("pass a local prompt file instead (.txt with one prompt a line, or .json, .jsonl, .csv, "
-                  ".parquet): --harmful FILE / --harmless FILE or the prompts.* keys of the config")
+                  ".parquet) in the prompts.* key named next, or its flag (`--help` lists them per command)")
     from huggingface_hub import constants
 
     if not path.is_dir() and not constants.is_offline_mode():
@@ -315,7 +315,10 @@ def prompt_sets(prompts_config: Any, fit_only: bool = False) -> PromptSets:
         sources = {name: source for name, source in sources.items() if not name.endswith("_eval")}
     pools, duplicates, overlaps = {}, {}, {}
     for name, source in sources.items():
-        pools[name], duplicates[name] = _dedupe(load_prompts(source, c.column))
+        try:
+            pools[name], duplicates[name] = _dedupe(load_prompts(source, c.column))
+        except UserError as error:  # the same flag names another set in eval than in measure: name the key
+            raise UserError(f"{error} (prompts.{name})") from None
         if duplicates[name]:
             logger.info("Removed %d duplicate prompts from %s.", duplicates[name], source)
     pools["harmless_train"], overlaps["harmless_train_also_harmful"] = _without(

@@ -125,3 +125,18 @@ def test_quiet_silences_the_progress_bars_of_transformers_and_huggingface_hub(qu
         os.close(leader)
         os.close(follower)
     assert done.stdout.split() == [str(bars_expected)] * 2
+
+
+def test_verbose_logging_leaves_the_plotting_libraries_quiet():
+    import logging
+
+    from abliterate.cli import _setup
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        _setup(verbose=True, quiet=False)
+        assert root.getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.WARNING
+    finally:
+        root.handlers[:], root.level = handlers, level

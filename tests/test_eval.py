@@ -6,6 +6,7 @@ the CLI (as a user would), then checks the saved record, the report and the comp
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,12 +125,17 @@ def test_completions_and_report_are_saved(evaluated):
     assert "| Metric | Base | Edited |" in markdown and f"({N_EVAL} prompts)" in markdown
 
 
-def test_eval_without_base_has_one_column_and_no_kl(toy_refuser_dir, tmp_path):
+def test_eval_without_base_has_one_column_and_no_kl(toy_refuser_dir, tmp_path, caplog):
+    import logging
+
     from abliterate.config import load_config
     from abliterate.evaluation import evaluate
 
     config = load_config(ROOT / "configs" / "toy.toml", {"prompts": {"n_eval": 8}})
-    report = evaluate(str(toy_refuser_dir), config, tmp_path / "out")
+    with caplog.at_level(logging.WARNING):
+        report = evaluate(str(toy_refuser_dir), config, tmp_path / "out")
+    # without a measure folder the English phrase set alone reads refusals: said, since it can read none
+    assert "No refusal.json (--measure): refusals are read by the paper phrase set alone" in caplog.text
     assert report.columns == ["model"] and report.data["kl"] is None
     section = report.data["models"]["model"]
     assert section["refusal"]["rate"] >= 0.9 and section["ce"]["on_distribution"]["replies_from"] == "self"
@@ -204,7 +210,7 @@ def test_actadd_without_a_measure_folder_is_a_user_error(toy_refuser_dir, tmp_pa
     base = str(toy_refuser_dir)
     with pytest.raises(UserError, match="--measure DIR"):
         evaluate(str(toy_refuser_dir), config, tmp_path / "out", base=base)
-    with pytest.raises(UserError, match="No direction.json"):
+    with pytest.raises(UserError, match="holds no refusal.json or direction.json; pass the folder"):
         evaluate(str(toy_refuser_dir), config, tmp_path / "out", base=base, measure_dir=tmp_path)
     with pytest.raises(UserError, match="does not exist; pass the folder `abliterate measure` wrote to --measure"):
         evaluate(str(toy_refuser_dir), config, tmp_path / "out", base=base, measure_dir=tmp_path / "nope")
@@ -263,3 +269,19 @@ def test_fluency_is_the_same_with_or_without_the_base_loaded_again(edited_toy, m
     base, edited = str(toy_refuser_dir), str(edited_toy)
     assert loads == [base, edited] + [base, edited, base]  # with ActAdd, then without
     assert figures[0] == figures[1] and figures[0]["n_sequences"] == 8
+
+
+def test_a_runs_output_folder_is_read_as_its_measure_folder_and_a_missing_model_fails_first(
+        measure_dir, toy_refuser_dir, tmp_path):
+    from abliterate.config import load_config
+    from abliterate.errors import UserError
+    from abliterate.evaluation import evaluate
+
+    run_out = tmp_path / "run-out"
+    shutil.copytree(measure_dir, run_out / "abliterate" / "measure")
+    config = load_config(ROOT / "configs" / "toy.toml", {"prompts": {"n_eval": 4}})
+    report = evaluate(str(toy_refuser_dir), config, measure_dir=run_out)
+    assert report.data["settings"]["refusal_profile"] == "discovered"
+    with pytest.raises(UserError, match="Model directory .*nope does not exist"):
+        evaluate(str(tmp_path / "nope"), config, tmp_path / "out", base=str(toy_refuser_dir))
+    assert not (tmp_path / "out").exists()

@@ -160,3 +160,12 @@ def test_too_few_fit_prompts_or_no_eval_left_are_user_errors(tmp_path):
     config = _config(tmp_path, ["a", "b", "c"], ["d", "e", "f"], ["a", "b", "c"], ["g"], n_train=2, n_val=1)
     with pytest.raises(UserError, match="No harmful evaluation prompts are left"):
         prompt_sets(config)
+
+
+def test_a_source_that_fails_is_named_by_its_key(tmp_path):
+    """`--harmful` is a fit set in measure and an evaluation set in eval: the error names the key it set."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    config = load_config(overrides={"prompts": {"harmful_train": str(empty)}})
+    with pytest.raises(UserError, match=r"has no prompts; fill it or pass another file\. \(prompts\.harmful_train\)$"):
+        prompt_sets(config.prompts, fit_only=True)

@@ -348,17 +348,19 @@ def test_a_closing_line_refusals_share_with_answers_is_no_refusal_phrase():
 
 
 def test_phrases_in_a_script_without_spaces_are_learned_per_character():
-    """Chinese refusals and answers: the words of a phrase are characters, and a reply matches however its spaces
-    fall around them."""
+    """Chinese refusals and answers: the words of a phrase are characters, eight of them (four, "做这件事", do this
+    thing, also end degenerate answers), and a reply matches however its spaces fall around them."""
     from abliterate.metrics import RefusalMatcher
     from abliterate.openings import refusal_phrases
 
-    harmful = [_ids(f"抱歉，我无法帮助你{o}。") for o in ("偷车", "抢银行", "造炸弹", "黑电脑")]
-    harmless = [_ids(f"好的！这样{o}。") for o in ("做饭", "画画", "种树", "洗车")]
-    phrases = refusal_phrases(_Text(), harmful, harmless)
-    assert "我无法帮" in phrases and not any("车" in p for p in phrases)
+    harmful = [_ids("抱歉，我不能帮助你做这件事。")] * 4
+    harmless = [_ids(f"好的！下面是{o}的方法。") for o in ("做饭", "画画", "种树", "洗车")]
+    phrases = refusal_phrases(_Text(), harmful, harmless, first_sentence=True)
+    assert "我不能帮助你做这" in phrases and all(len(p) == 8 for p in phrases)
     matcher = RefusalMatcher(("I cannot",), learned=tuple(phrases))
-    assert matcher.is_refusal("好的！这样 我 无法帮助你。") and not matcher.is_refusal("好的！这样偷车。")
+    assert matcher.is_refusal("好的！下面是 我不能帮助你做这件事。")  # slid back into refusing
+    assert not matcher.is_refusal("好的！下面是监视你做这件事。")  # degenerate, but no refusal
+    assert not matcher.is_refusal("好的！下面是做饭的方法。")
 
 
 def test_the_matcher_of_a_measured_model_reads_its_learned_phrases(tmp_path):
@@ -384,3 +386,9 @@ def test_a_poor_separation_warning_names_thinking_only_for_a_model_that_thinks(c
         with caplog.at_level(logging.WARNING):
             log_profile(profile)
         assert says in caplog.text and ("thinking" in caplog.text) == bool(thinking_end)
+
+
+def test_a_refusal_token_that_is_part_of_a_character_is_shown_with_the_opening_it_starts():
+    profile = RefusalProfile(source="discovered", prefix="", token_ids=[417], token_texts=["\ufffd"],
+                             openings=["抱歉"], n_refusals=32, n_harmful_replies=32)
+    assert 'on the tokens ["\ufffd"] (the start of ["抱歉"])' in profile.describe()
