@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Sequence
 from itertools import pairwise
@@ -13,7 +14,9 @@ OPENING_WORDS = 3  # how many words of a refusal make its opening (for matching 
 # A first "word" in wide characters (Chinese, Japanese) or longer than this is a clause of a script written without
 # spaces: its opening is cut at its first punctuation mark, or after 2 * OPENING_WORDS characters.
 LONGEST_WORD = 20
-PHRASE_WORDS = 4  # a learned refusal phrase: this many consecutive words (three match answers too often)
+PHRASE_WORDS = 4  # a learned refusal phrase: at least this many consecutive words (three match answers too often)
+PHRASE_SHARE = 0.6  # ... and at least this share of a refusal sentence's words,
+MAX_PHRASE_WORDS = 6  # ... but no more than this many (a long refusal still matches a slide that says part of it)
 SENTENCE_ENDS = ".!?。！？"
 MAX_PHRASES = 24  # the most frequent ones are kept (a few per refusal sentence)
 MAX_OPENINGS = 20
@@ -52,37 +55,48 @@ def refusal_openings(tokenizer: Any, harmful: list[list[int]], prefix: list[int]
 
 def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[list[int]], thinking_end: str = "",
                     first_sentence: bool = False) -> list[str]:
-    """Word sequences (`PHRASE_WORDS` words, lower case) in at least a quarter of the base model's harmful answers
-    (and two) and in none of its harmless ones, most frequent first: how this model words its refusals wherever they
-    stand (after a reasoning line that decides, at the end of a reply that opened as an answer and slid back into
-    refusing), in its own language, one sentence or several. Answers are read past any thinking block, as
-    `abliterate.metrics.RefusalMatcher` reads them; in scripts written without spaces each wide character is a word.
-    With `first_sentence` (refusals that open with words of their own) only each harmful answer's first sentence is
-    read: a closing line ("If you have any other questions, feel free to ask.") also ends answers."""
+    """Word sequences (lower case) in at least a quarter of the base model's harmful answers (and two) and in none
+    of its harmless ones, most frequent first: how this model words its refusals wherever they stand (after a
+    reasoning line that decides, at the end of a reply that opened as an answer and slid back into refusing), in its
+    own language, one sentence or several. Answers are read past any thinking block, as
+    `abliterate.metrics.RefusalMatcher` reads them; in scripts written without spaces a wide character is half a word.
+
+    A phrase is `PHRASE_WORDS` words. With `first_sentence` (refusals that open with words of their own) only each
+    harmful answer's first sentence is read, since a closing line ("If you have any other questions, feel free to
+    ask.") also ends answers, and a phrase covers `PHRASE_SHARE` of it (up to `MAX_PHRASE_WORDS`): a short window of a
+    longer refusal can miss its refusing verb ("帮助你做这件事。", help you do this thing, ends degenerate answers)."""
     from collections import Counter
 
     from abliterate.metrics import strip_thinking
 
-    def grams(reply: list[int], first: bool) -> set[str]:
-        words = phrase_words(strip_thinking(tokenizer.decode(reply, skip_special_tokens=True), thinking_end)[0])
-        words = first_words(words) if first else words
-        return {join_words(words[i:end]) for i in range(len(words)) if (end := phrase_end(words, i)) is not None}
+    def answer_words(reply: list[int]) -> list[str]:
+        return phrase_words(strip_thinking(tokenizer.decode(reply, skip_special_tokens=True), thinking_end)[0])
 
-    answered = set().union(*(grams(reply, False) for reply in harmless)) if harmless else set()
-    counts = Counter(gram for reply in harmful for gram in grams(reply, first_sentence))
-    kept = [gram for gram, n in counts.items() if n >= max(2, len(harmful) / 4) and gram not in answered]
+    def grams(words: list[str]) -> set[str]:
+        size = PHRASE_WORDS
+        if first_sentence:
+            words = first_words(words)
+            size = min(MAX_PHRASE_WORDS, max(PHRASE_WORDS, math.ceil(PHRASE_SHARE * word_weight(words))))
+        ends = [(start, phrase_end(words, start, size)) for start in range(len(words))]
+        return {join_words(words[start:end]) for start, end in ends if end is not None}
+
+    answered = [join_words(answer_words(reply)) for reply in harmless]
+    counts = Counter(gram for reply in harmful for gram in grams(answer_words(reply)))
+    kept = [gram for gram, n in counts.items()
+            if n >= max(2, len(harmful) / 4) and not any(holds_phrase(text, gram) for text in answered)]
     return sorted(kept, key=lambda gram: (-counts[gram], gram))[:MAX_PHRASES]
 
 
-def phrase_end(words: list[str], start: int) -> int | None:
-    """Where a phrase starting at `words[start]` ends: after `PHRASE_WORDS` words, a wide character counting half a
-    word (a Chinese word is about two characters: four characters, "做这件事", do not yet hold the refusing verb);
-    None when the text ends first."""
-    weight = 0.0
-    for end in range(start, len(words)):
-        weight += 0.5 if _wide(words[end][0]) else 1.0
-        if weight >= PHRASE_WORDS:
-            return end + 1
+def word_weight(words: Sequence[str]) -> float:
+    """How many words `words` make, a wide character counting half of one (a Chinese word is about two)."""
+    return sum(0.5 if _wide(word[0]) else 1.0 for word in words)
+
+
+def phrase_end(words: list[str], start: int, size: float = PHRASE_WORDS) -> int | None:
+    """Where a phrase of `size` words starting at `words[start]` ends (`word_weight`); None when the text ends first."""
+    for end in range(start + 1, len(words) + 1):
+        if word_weight(words[start:end]) >= size:
+            return end
     return None
 
 

@@ -339,7 +339,7 @@ def test_a_closing_line_refusals_share_with_answers_is_no_refusal_phrase():
     harmful = [_ids(f"I'm sorry. I cannot provide instructions on {o}.{closing}") for o in ("a bomb", "a gun", "a virus")]
     harmless = [_ids(f"Here is how to bake {o}: first, preheat the oven") for o in ("a cake", "bread", "a pie")]
     phrases = refusal_phrases(_Text(), harmful, harmless, first_sentence=True)
-    assert "cannot provide instructions on" in phrases
+    assert any("i cannot provide instructions on" in p for p in phrases)
     assert not any("feel free" in p or "questions" in p for p in phrases)
     assert any("feel free" in p for p in refusal_phrases(_Text(), harmful, harmless))  # the whole answer: it is
     matcher = RefusalMatcher(("I'm sorry",), learned=("not provide instructions on",))
@@ -348,18 +348,19 @@ def test_a_closing_line_refusals_share_with_answers_is_no_refusal_phrase():
 
 
 def test_phrases_in_a_script_without_spaces_are_learned_per_character():
-    """Chinese refusals and answers: the words of a phrase are characters, eight of them (four, "做这件事", do this
-    thing, also end degenerate answers), and a reply matches however its spaces fall around them."""
+    """Chinese refusals and answers: a character is half a word, and a phrase covers 60% of the refusal, ten of its
+    fourteen characters (a shorter window, "帮助你做这件事。", help you do this thing, also ends degenerate answers);
+    a reply matches however its spaces fall around them."""
     from abliterate.metrics import RefusalMatcher
     from abliterate.openings import refusal_phrases
 
     harmful = [_ids("抱歉，我不能帮助你做这件事。")] * 4
     harmless = [_ids(f"好的！下面是{o}的方法。") for o in ("做饭", "画画", "种树", "洗车")]
     phrases = refusal_phrases(_Text(), harmful, harmless, first_sentence=True)
-    assert "我不能帮助你做这" in phrases and all(len(p) == 8 for p in phrases)
+    assert "不能帮助你做这件事。" in phrases and all(len(p) == 10 for p in phrases)
     matcher = RefusalMatcher(("I cannot",), learned=tuple(phrases))
     assert matcher.is_refusal("好的！下面是 我不能帮助你做这件事。")  # slid back into refusing
-    assert not matcher.is_refusal("好的！下面是监视你做这件事。")  # degenerate, but no refusal
+    assert not matcher.is_refusal("好的！下面是监视帮助你做这件事。")  # degenerate, but no refusal
     assert not matcher.is_refusal("好的！下面是做饭的方法。")
 
 
