@@ -101,16 +101,8 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
     `measure_dir` is the folder `measure` wrote: its refusal.json says how the base model refuses (matched in the
     replies, its refusal tokens scored) and its direction.json is what ActAdd adds and ablates (`eval.actadd`).
     """
-    check_judge(config.eval)  # before any generation: a missing key must not cost an hour of replies
-    check_refusal_judge(config.eval)
-    check_backend(config.eval.backend)
-    if config.eval.actadd and not base:
-        raise UserError("eval.actadd adds and ablates the direction on the base model and compares the result with "
-                        "the edited checkpoint: pass the base model with --base, or drop --actadd.")
     sources = {"base": base, "edited": model} if base else {"model": model}
-    for source in sources.values():  # a mistyped local folder fails before the other model is evaluated
-        if not is_hub_id(source):
-            resolve_model(source)
+    _check_inputs(config, sources)
     context = _context(config, measure_dir)
     runs: dict[str, _Run] = {}
     kl, actadd, actadd_run = None, None, None
@@ -156,6 +148,25 @@ def evaluate(model: str, config: Config, out_dir: Path | None = None, base: str 
                 save_completions(Path(out_dir) / f"completions_{column}_{side}.jsonl", completions)
         report.save(Path(out_dir))
     return report
+
+
+def _check_inputs(config: Config, sources: dict[str, str]) -> None:
+    """What would fail after an hour of replies fails now: a missing judge key, vLLM, ActAdd without the base model,
+    a mistyped local model folder."""
+    _check_services(config)
+    if config.eval.actadd and "base" not in sources:
+        raise UserError("eval.actadd adds and ablates the direction on the base model and compares the result with "
+                        "the edited checkpoint: pass the base model with --base, or drop --actadd.")
+    for source in sources.values():
+        if not is_hub_id(source):
+            resolve_model(source)
+
+
+def _check_services(config: Config) -> None:
+    """The judges' keys and the generation backend (vLLM installed) that the evaluation will call."""
+    check_judge(config.eval)
+    check_refusal_judge(config.eval)
+    check_backend(config.eval.backend)
 
 
 def _judge_all(runs: dict[str, _Run], context: _Context) -> None:
@@ -348,16 +359,11 @@ def _vllm_replies(source: str, context: _Context) -> list[Reply]:
 def check_ready(config: Config) -> None:
     """What evaluation needs (a judge's key, vLLM, its local prompt files) must fail now, not after measuring and
     applying."""
+    from abliterate.prompts import load_prompts
+
     if config.run.skip_eval:
         return
-    from abliterate.generation import check_backend
-    from abliterate.judge import check_judge
-    from abliterate.prompts import load_prompts
-    from abliterate.refusal_judge import check_refusal_judge
-
-    check_judge(config.eval)
-    check_refusal_judge(config.eval)
-    check_backend(config.eval.backend)
+    _check_services(config)
     # A local evaluation file that is missing, empty or unreadable fails now; a Hub set is read when evaluating
     # (measuring needs no network for it).
     for source in (config.prompts.harmful_eval, config.prompts.harmless_eval):
