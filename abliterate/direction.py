@@ -179,7 +179,8 @@ def _read_safetensors(path: Path) -> tuple[Any, dict[str, Any]]:
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
             if "direction" not in names:
-                raise _malformed(path, f"no tensor named 'direction'; it holds {names or 'no tensors'}")
+                held = f"{names[:3]}{f' and {len(names) - 3} more' if len(names) > 3 else ''}" if names else "no tensors"
+                raise _malformed(path, f"no tensor named 'direction'; it holds {held}")
             vector = handle.get_tensor("direction")
             stored = handle.metadata() or {}
     except SafetensorError as error:

@@ -122,6 +122,10 @@ def test_two_dimensional_refused(tmp_path, raw):
 def test_safetensors_without_direction_tensor(tmp_path, raw):
     save_file({"refusal": raw.float()}, str(tmp_path / "d.safetensors"))
     assert "no tensor named 'direction'; it holds ['refusal']" in _error(tmp_path / "d.safetensors")
+    # a model's weights given by mistake: a few of its tensor names, not thousands
+    save_file({f"layer.{i}.weight": raw.float() for i in range(40)}, str(tmp_path / "model.safetensors"))
+    assert "it holds ['layer.0.weight', 'layer.1.weight', 'layer.10.weight'] and 37 more);" in \
+        _error(tmp_path / "model.safetensors")
 
 
 def test_garbage_safetensors(tmp_path):
