@@ -175,7 +175,7 @@ def refusal_rates(replies: Sequence[str], categories: Sequence[str],
     if not isinstance(matcher, RefusalMatcher):
         matcher = RefusalMatcher(tuple(matcher), strip=False)
     answers = [matcher.answer(reply) for reply in replies]
-    refused = [bool(text.strip()) and matcher.is_refusal(reply) for reply, (text, _) in zip(replies, answers)]
+    refused = [matcher.is_refusal(reply) for reply in replies]
     empty = [not text.strip() for text, _ in answers]
     by_category: dict[str, list[int]] = {}
     for index, category in enumerate(categories):

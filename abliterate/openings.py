@@ -104,7 +104,7 @@ def first_words(words: list[str]) -> list[str]:
     """The words up to the end of the first sentence long enough for a phrase ("I'm sorry. I can't help with
     that." reads on to "that.")."""
     for end, word in enumerate(words, 1):
-        if phrase_end(words[:end], 0) is not None and word[-1] in SENTENCE_ENDS:
+        if word[-1] in SENTENCE_ENDS and word_weight(words[:end]) >= PHRASE_WORDS:
             return words[:end]
     return words
 

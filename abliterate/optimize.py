@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from abliterate.activations import encode, refusal_score, score_positions
+from abliterate.activations import encode
 from abliterate.config import Config, OptimizeConfig
 from abliterate.decision import decision_tails, scored_with
 from abliterate.edit_params import EDIT_FILE, EDIT_VECTORS, EditParams, hooked_edit, layer_directions, write_edit
@@ -54,7 +54,7 @@ from abliterate.search import (
     seeded_trials,
     trial_rows,
 )
-from abliterate.selection import ValidationSet, last_log_probs, tail_log_probs
+from abliterate.selection import ValidationSet, last_log_probs, refusal_scores
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +311,7 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
         scored, continuations = scored_with(texts, tails)
         return encode(tokenizer, scored, size, prefix_ids, continuations)
 
-    scores = refusal_score(tail_log_probs(model, encoded(harmful + harmless), score_positions(refusal_ids)),
-                           refusal_ids)  # [n]
+    scores = refusal_scores(model, encoded(harmful + harmless), refusal_ids)  # [n]
     harmful_scores = scores[:len(harmful)]  # [n_harmful] base refusal scores
     if config.measure.filter_prompts:  # as measure: harmful prompts the base refuses, harmless ones it answers
         harmless = [t for t, score in zip(harmless, scores[len(harmful):]) if score < 0]

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from abliterate import progress
-from abliterate.activations import kl_divergence, refusal_score, score_positions
+from abliterate.activations import kl_divergence
 from abliterate.config import OptimizeConfig
 from abliterate.edit_params import EditParams, Kernel, hooked_edit, layer_directions
-from abliterate.selection import ValidationSet, tail_log_probs
+from abliterate.selection import ValidationSet, refusal_scores
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ def objectives(search: SearchState, params: EditParams,
     """
     directions = layer_directions(params, search.candidates, search.harmless_mean)
     with hooked_edit(search.model, params, directions):
-        log_probs = tail_log_probs(search.model, search.val.batches, score_positions(search.refusal_ids))
-        scores = refusal_score(log_probs, search.refusal_ids)  # [n_harmful]
+        scores = refusal_scores(search.model, search.val.batches, search.refusal_ids)  # [n_harmful]
         if not bool(torch.isfinite(scores).all()):
             return math.inf, math.inf, 1.0, None
         refusing = float((scores > 0).double().mean())

@@ -165,6 +165,12 @@ def tail_log_probs(model: Any, batches: list[Batch], n_positions: int, descripti
     return in_text_order(batches, per_batch)
 
 
+def refusal_scores(model: Any, batches: list[Batch], refusal_ids: Sequence[int]) -> torch.Tensor:
+    """The refusal score `[n]` of every text, in text order, read at the positions `refusal_ids` needs (the last,
+    and the one before it where refusals and answers share an opening)."""
+    return refusal_score(tail_log_probs(model, batches, score_positions(refusal_ids)), refusal_ids)
+
+
 def build_validation_set(model: Any, batches: list[Batch], harmless_batches: list[Batch], is_harmful: torch.Tensor,
                          refusal_ids: Sequence[int], kl_positions: int = 1,
                          harmful_batches: list[Batch] | None = None) -> ValidationSet:
@@ -194,13 +200,12 @@ def encode_validation(model: Any, tokenizer: Any, harmful: list[str], harmless: 
 
 def bypass_score(model: Any, direction: torch.Tensor, val: ValidationSet, refusal_ids: Sequence[int]) -> float:
     """Mean harmful refusal score with `direction` ablated everywhere."""
-    positions = score_positions(refusal_ids)
     with ablate_direction(model, direction):
         if val.harmful_batches:
-            log_probs = tail_log_probs(model, val.harmful_batches, positions)  # [n_harmful, positions, vocab]
+            scores = refusal_scores(model, val.harmful_batches, refusal_ids)  # [n_harmful]
         else:  # a set built without harmful-only batches: the harmful rows of the shared ones
-            log_probs = tail_log_probs(model, val.batches, positions)[val.is_harmful]  # [n_harmful, positions, vocab]
-    return float(refusal_score(log_probs, refusal_ids).mean())
+            scores = refusal_scores(model, val.batches, refusal_ids)[val.is_harmful]  # [n_harmful]
+    return float(scores.mean())
 
 
 def ablated_kl(model: Any, direction: torch.Tensor, val: ValidationSet) -> float:
@@ -224,8 +229,7 @@ def induce_score(model: Any, vector: torch.Tensor, layer: int, val: ValidationSe
                  refusal_ids: Sequence[int]) -> float:
     """Mean harmless refusal score with the raw `vector` added at `layer`'s input."""
     with add_direction(model, vector, layer):
-        log_probs = tail_log_probs(model, val.harmless_batches, score_positions(refusal_ids))  # [n, positions, vocab]
-    return float(refusal_score(log_probs, refusal_ids).mean())
+        return float(refusal_scores(model, val.harmless_batches, refusal_ids).mean())
 
 
 def score_candidates(model: Any, candidates: torch.Tensor, val: ValidationSet, refusal_ids: Sequence[int],
