@@ -32,7 +32,7 @@ def opening_of(text: str) -> str:
     spaces its first clause or characters ("抱歉，我不能帮助你。" opens with "抱歉")."""
     words = text.split()[:OPENING_WORDS]
     first = words[0] if words else ""
-    if len(first) > LONGEST_WORD or any(map(_wide, first)):
+    if len(first) > LONGEST_WORD or any(map(is_wide, first)):
         cut = next((i for i, char in enumerate(first) if i and unicodedata.category(char).startswith("P")), None)
         return first[:cut if cut is not None else 2 * OPENING_WORDS].lower()
     return " ".join(words).lower()
@@ -89,7 +89,7 @@ def refusal_phrases(tokenizer: Any, harmful: list[list[int]], harmless: list[lis
 
 def word_weight(words: Sequence[str]) -> float:
     """How many words `words` make, a wide character counting half of one (a Chinese word is about two)."""
-    return sum(0.5 if _wide(word[0]) else 1.0 for word in words)
+    return sum(0.5 if is_wide(word[0]) else 1.0 for word in words)
 
 
 def phrase_end(words: list[str], start: int, size: float = PHRASE_WORDS) -> int | None:
@@ -115,14 +115,15 @@ def holds_phrase(text: str, phrase: str) -> bool:
     start = text.find(phrase)
     while start >= 0:
         end = start + len(phrase)
-        if (start == 0 or text[start - 1] == " " or _wide(phrase[0])) and \
-                (end == len(text) or text[end] == " " or _wide(phrase[-1])):
+        if (start == 0 or text[start - 1] == " " or is_wide(phrase[0])) and \
+                (end == len(text) or text[end] == " " or is_wide(phrase[-1])):
             return True
         start = text.find(phrase, start + 1)
     return False
 
 
-def _wide(char: str) -> bool:
+def is_wide(char: str) -> bool:
+    """Whether a character is wide (Chinese, Japanese): such scripts write words without spaces between them."""
     return unicodedata.east_asian_width(char) in "WF"
 
 
@@ -133,7 +134,7 @@ def phrase_words(text: str) -> list[str]:
     for word in text.lower().split():
         part = ""
         for char in word:
-            if _wide(char):
+            if is_wide(char):
                 words += [part] if part else []
                 words.append(char)
                 part = ""
@@ -148,7 +149,7 @@ def join_words(words: Sequence[str]) -> str:
     character."""
     text = words[0] if words else ""
     for before, word in pairwise(words):
-        text += word if _wide(before[-1]) or _wide(word[0]) else " " + word
+        text += word if is_wide(before[-1]) or is_wide(word[0]) else " " + word
     return text
 
 

@@ -162,6 +162,7 @@ def optimize(source: str, out_dir: Path, config: Config) -> OptimizeResult:
                "harmless per-token KL over the base replies (validation)"], "n_trials": len(trials),
                "paper_trial": paper_trial, "pareto": pareto, "feasible_front": feasible,
                "trials": trial_rows(trials, pareto), "confirmation": confirmed, "chosen": chosen,
+               "slide_reading": state.slides.to_dict(tokenizer) if state.slides is not None else None,
                "chosen_params": params.to_dict(), "target_refusal": config.optimize.target_refusal,
                "timings_s": timings, "trials_this_run": n_new,
                "trials_per_s": n_new / timings["search_s"] if n_new else None}
@@ -295,8 +296,8 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     from abliterate.confirm import held_out
     from abliterate.generation import pad_token_id
     from abliterate.metrics import batches, matcher_for
-    from abliterate.openings import thinking_switched_on
     from abliterate.prompts import prompt_sets
+    from abliterate.slides import slide_reading
 
     sets = prompt_sets(config.prompts)
     refusal_ids, prefix_ids = scoring_tokens(tokenizer, profile, config.measure.refusal_openings)
@@ -330,15 +331,28 @@ def _prepare(model: Any, tokenizer: Any, config: Config, candidates: torch.Tenso
     tokens, gen_size = config.optimize.confirm_tokens, config.eval.batch_size
     replies = held_out(model, tokenizer, [], harmless, stop_ids, pad_id, matcher, tokens, gen_size)
     reply_batches = [ReplySet.build(model, list(batch), pad_id, stop_ids) for batch in batches(replies.scored, size)]
+    # Per-prompt decisions are read inside each prompt's own reasoning: there is no one answer opening to force.
+    slides = None if tails else slide_reading(
+        model, tokenizer, harmful, [reply.token_ids for reply in replies.base_harmless], prefix_ids, matcher,
+        {"batch_size": size, "stop_ids": stop_ids, "pad_id": pad_id})
     state = SearchState(model, val, refusal_ids, candidates.to(torch.float64), harmless_mean.to(torch.float64),
-                    config.optimize, reply_batches)
+                        config.optimize, reply_batches, slides)
+    return state, _held_out_eval(model, tokenizer, config, sets, (stop_ids, pad_id), matcher)
+
+
+def _held_out_eval(model: Any, tokenizer: Any, config: Config, sets: Any, stops: tuple[list[int], int],
+                   matcher: Any) -> Any:
+    """The held-out prompts the confirmation generates on, with the base model's harmless replies."""
+    from abliterate.chat import format_instructions
+    from abliterate.confirm import held_out
+    from abliterate.openings import thinking_switched_on
+
     harmful_eval = [p.text for p in sets.harmful_eval]
     thinking = thinking_switched_on(config.model.template_kwargs)  # users run a switchable model with thinking on
-    held = held_out(model, tokenizer, format_instructions(tokenizer, harmful_eval, config.model),
-                    format_instructions(tokenizer, [p.text for p in sets.harmless_eval], config.model), stop_ids,
-                    pad_id, matcher, tokens, gen_size, thinking and format_instructions(
+    return held_out(model, tokenizer, format_instructions(tokenizer, harmful_eval, config.model),
+                    format_instructions(tokenizer, [p.text for p in sets.harmless_eval], config.model), *stops,
+                    matcher, config.optimize.confirm_tokens, config.eval.batch_size, thinking and format_instructions(
                         tokenizer, harmful_eval, dataclasses.replace(config.model, template_kwargs=thinking)))
-    return state, held
 
 
 # ---- as a step of `run`, and for the model card ----

@@ -29,6 +29,7 @@ from abliterate.activations import kl_divergence
 from abliterate.config import OptimizeConfig
 from abliterate.edit_params import EditParams, Kernel, hooked_edit, layer_directions
 from abliterate.selection import ValidationSet, refusal_scores
+from abliterate.slides import SlideReading
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class SearchState:
     harmless_mean: torch.Tensor  # [position, layer, d_model] float64
     config: OptimizeConfig
     replies: list[ReplySet]  # harmless validation prompts + the base model's greedy replies, in batches
+    slides: SlideReading | None = None  # the second refusal reading, after the opening answers share
 
 
 @dataclass
@@ -155,7 +157,8 @@ def objectives(search: SearchState, params: EditParams,
     """(mean harmful refusal probability, mean per-token harmless reply KL, share of harmful prompts refusing, share
     of harmless replies greedy decoding keeps identical (None where the KL pass is skipped)).
 
-    The refusal probability is sigmoid(refusal score) at the last prompt position of the harmful validation prompts;
+    The refusal probability is sigmoid(refusal score) at the last prompt position of the harmful validation prompts,
+    or, where answers share an opening, that the reply refuses there or after that opening (`abliterate.slides`);
     the KL is KL(base || edited) at every position of the base model's own greedy replies to the harmless validation
     prompts (teacher-forced, so still forward passes only): the first reply token's distribution, which is the
     paper's KL, and every later one, which is what decides whether harmless replies stay the same. An infeasible
@@ -164,7 +167,8 @@ def objectives(search: SearchState, params: EditParams,
     """
     directions = layer_directions(params, search.candidates, search.harmless_mean)
     with hooked_edit(search.model, params, directions):
-        scores = refusal_scores(search.model, search.val.batches, search.refusal_ids)  # [n_harmful]
+        scores = (refusal_scores(search.model, search.val.batches, search.refusal_ids) if search.slides is None
+                  else search.slides.scores(search.model, search.refusal_ids))  # [n_harmful]
         if not bool(torch.isfinite(scores).all()):
             return math.inf, math.inf, 1.0, None
         refusing = float((scores > 0).double().mean())
