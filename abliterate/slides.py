@@ -47,7 +47,7 @@ class SlideReading:
     opening: list[int]  # reply tokens, from the first (any shared reply prefix included)
     token_ids: list[int]
     batches: list[Batch]  # the harmful validation prompts, each followed by `opening`, in their text order
-    n_sliding: int  # harmful validation prompts whose base continuation after the opening refuses
+    n_sliding: int  # harmful validation prompts whose greedy base continuation of the opening slides into refusing
     after_path: int  # opening tokens after those the first reading teacher-forces
 
     def scores(self, model: Any, first_ids: Sequence[int]) -> torch.Tensor:
@@ -99,12 +99,22 @@ def greedy_after(model: Any, batches: list[Batch], stop_ids: Sequence[int], pad_
     return [ordered[row] for row in sorted(ordered)]
 
 
-def sliding_tokens(tokenizer: Any, opening: list[int], continuations: list[list[int]], harmless: list[list[int]],
+def answer_tokens(opening: list[int], harmless: list[list[int]]) -> set[int]:
+    """The tokens the harmless replies that open with `opening` go on with."""
+    return {reply[len(opening)] for reply in harmless if len(reply) > len(opening) and reply[:len(opening)] == opening}
+
+
+def could_slide(tokenizer: Any, token: int, answers: set[int], wording: Sequence[str]) -> bool:
+    """Whether a token after the opening can be one a reply slides back into refusing with: no harmless answer goes
+    on with it, and it spells the refusal's own wording (`in_refusal_wording`; any token where none is known)."""
+    return token not in answers and (not wording or in_refusal_wording(tokenizer.decode([token]), wording))
+
+
+def sliding_tokens(tokenizer: Any, opening: list[int], continuations: list[list[int]], answers: set[int],
                    matcher: Any) -> tuple[list[int], int]:
-    """The tokens that open the refusing continuations more often than answering ones, open no harmless reply's
-    continuation of the opening and spell the refusal's own wording (`in_refusal_wording`); and how many
-    continuations refuse. `matcher` (`abliterate.metrics.RefusalMatcher`) reads a whole reply's text."""
-    goes_on = {reply[len(opening)] for reply in harmless if len(reply) > len(opening) and reply[:len(opening)] == opening}
+    """The tokens that open the refusing continuations of the opening more often than answering ones and
+    `could_slide`; and how many continuations refuse. `matcher` (`abliterate.metrics.RefusalMatcher`) reads a whole
+    reply's text and knows the refusal's wording (its learned phrases and openings)."""
     wording = [*matcher.learned, *matcher.openings]
     refusing: Counter[int] = Counter()
     answering: Counter[int] = Counter()
@@ -112,8 +122,7 @@ def sliding_tokens(tokenizer: Any, opening: list[int], continuations: list[list[
         if continuation:
             text = tokenizer.decode(opening + continuation, skip_special_tokens=True).strip()
             (refusing if matcher.is_refusal(text) else answering)[continuation[0]] += 1
-    tokens = [t for t, n in refusing.most_common() if t not in goes_on and n > answering[t]
-              and (not wording or in_refusal_wording(tokenizer.decode([t]), wording))]
+    tokens = [t for t, n in refusing.most_common() if n > answering[t] and could_slide(tokenizer, t, answers, wording)]
     return tokens, sum(refusing.values())
 
 
@@ -149,17 +158,21 @@ def slide_reading(model: Any, tokenizer: Any, harmful: list[str], harmless_repli
         return None
     batches = encode(tokenizer, harmful, settings["batch_size"], opening)
     tried = tail_log_probs(model, batches, 1)[:, -1].topk(TRIED_TOKENS, dim=-1).indices.tolist()  # [n, k]
-    starts = [[token] for row in tried for token in row]
-    tries = encode(tokenizer, [text for text in harmful for _ in range(TRIED_TOKENS)], settings["batch_size"],
-                   opening, starts)
-    stops = set(settings["stop_ids"])
-    continuations = [[] if start[0] in stops else start + rest for start, rest in zip(starts, greedy_after(
-        model, tries, settings["stop_ids"], settings["pad_id"], CONTINUATION_TOKENS))]  # a stop ends the reply
-    tokens, _ = sliding_tokens(tokenizer, opening, continuations, harmless_replies, matcher)
+    # Only tokens that could slide are followed (most of a model's likeliest tokens there name the request).
+    answers, wording = answer_tokens(opening, harmless_replies), [*matcher.learned, *matcher.openings]
+    followed = [(row, token) for row, tokens in enumerate(tried) for token in tokens
+                if token not in settings["stop_ids"] and could_slide(tokenizer, token, answers, wording)]
+    if not followed:
+        return None
+    tries = encode(tokenizer, [harmful[row] for row, _ in followed], settings["batch_size"], opening,
+                   [[token] for _, token in followed])
+    continuations = [[token, *rest] for (_, token), rest in zip(followed, greedy_after(
+        model, tries, settings["stop_ids"], settings["pad_id"], CONTINUATION_TOKENS))]
+    tokens, _ = sliding_tokens(tokenizer, opening, continuations, answers, matcher)
     if not tokens:
         return None
-    # The greedy continuations alone.
-    _, n_sliding = sliding_tokens(tokenizer, opening, continuations[::TRIED_TOKENS], harmless_replies, matcher)
+    greedy = [c for (row, token), c in zip(followed, continuations) if token == tried[row][0]]
+    _, n_sliding = sliding_tokens(tokenizer, opening, greedy, answers, matcher)
     reading = SlideReading(opening, tokens, batches, n_sliding, len(opening) - len(path))
     shown = reading.to_dict(tokenizer)
     log.info("The search also reads refusal after the opening answers share, %r: forced to open so, the base model "

@@ -16,7 +16,7 @@ import pytest
 import torch
 from chat_toys import TOYS, foreign_toy, write_prompt_files  # noqa: F401 (a fixture)
 
-from abliterate.slides import answer_opening, either, sliding_tokens
+from abliterate.slides import answer_opening, answer_tokens, either, sliding_tokens
 
 
 def test_either_is_the_log_odds_that_one_of_two_readings_refuses() -> None:
@@ -61,9 +61,11 @@ def test_sliding_tokens_go_on_refusing_in_the_refusals_own_words_and_go_on_no_an
     matcher = RefusalMatcher((), openings=("well, i cannot",), learned=("i cannot help",))
     # "," and "well" are in the refusal's words; "bomb" (the request's word) is not, though the base model forced
     # to say it goes on refusing twice out of three.
-    tokens, n_sliding = sliding_tokens(tok, opening, continuations, harmless, matcher)
+    answers = answer_tokens(opening, harmless)
+    assert answers == {6, 10}
+    tokens, n_sliding = sliding_tokens(tok, opening, continuations, answers, matcher)
     assert tokens == [9, 13] and n_sliding == 6
-    assert sliding_tokens(tok, opening, [[11, 12], [10, 12]], harmless, matcher) == ([], 0)
+    assert sliding_tokens(tok, opening, [[11, 12], [10, 12]], answers, matcher) == ([], 0)
 
 
 def test_refusal_wording_is_matched_at_word_starts_or_as_punctuation_and_wide_characters() -> None:
