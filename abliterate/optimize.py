@@ -200,6 +200,8 @@ def _measured(source: str, out_dir: Path, config: Config) -> tuple[Any, dict[str
     return paper, load_file(str(out_dir / CANDIDATES_FILE)), profile, config, loaded
 
 
+# How the trials' objectives are read, part of the search key: trials scored another way are not resumed.
+OBJECTIVES = "refusal at the first reply token and after the answers' opening; per-token reply KL"
 # Settings that only extend the search, pick from it or confirm it: a finished search stays valid when they change.
 NOT_IN_SEARCH_KEY = {"optimize": ("n_trials", "trial", "n_confirm", "target_refusal"),
                      "prompts": ("harmful_eval", "harmless_eval", "n_eval")}
@@ -207,7 +209,7 @@ NOT_IN_SEARCH_KEY = {"optimize": ("n_trials", "trial", "n_confirm", "target_refu
 
 def search_key(source: str, config: Config) -> str:
     """A hash of everything the measurement and the trials depend on: the model, its loading, the fit prompts, the
-    measure settings and the search space."""
+    measure settings, the search space and how the objectives are read (`OBJECTIVES`)."""
     import hashlib
 
     from abliterate.config import to_dict
@@ -216,7 +218,7 @@ def search_key(source: str, config: Config) -> str:
     kept = {section: {key: value for key, value in settings[section].items()
                       if key not in NOT_IN_SEARCH_KEY.get(section, ())}
             for section in ("model", "prompts", "measure", "optimize")}
-    return hashlib.sha256(json.dumps([source, kept], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([source, kept, OBJECTIVES], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_search_key(out_dir: Path, source: str, config: Config) -> str:
@@ -225,7 +227,7 @@ def _check_search_key(out_dir: Path, source: str, config: Config) -> str:
     path = out_dir / SEARCH_KEY_FILE
     if path.is_file() and json.loads(path.read_text()).get("key") != key:
         raise UserError(f"{out_dir} holds a search made with another model or other settings (model, prompts, "
-                        "measure or search space); resuming it would mix the two. Pass another --out, or delete "
+                        "measure or search space) or by an earlier version of the search; resuming it would mix the two. Pass another --out, or delete "
                         f"{out_dir} to start again.")
     return key
 

@@ -169,6 +169,20 @@ def test_a_search_made_with_other_settings_is_refused_not_resumed(searched, toy_
     assert {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()} == before
 
 
+def test_a_search_whose_objectives_were_read_another_way_is_refused_not_resumed(
+        searched, toy_refuser_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials scored by an earlier version of the search (another reading of refusal) are not mixed with new ones."""
+    import abliterate.optimize as module
+    from abliterate.errors import UserError
+
+    _, out = searched
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr(module, "OBJECTIVES", "refusal at the first reply token; per-token reply KL")
+    with pytest.raises(UserError, match="or by an earlier version of the search"):
+        module.optimize(str(toy_refuser_dir), copy, small_config())
+
+
 def test_bad_out_and_trial_fail_at_once_with_one_line(toy_refuser_dir: Path, tmp_path: Path) -> None:
     """A file as --out and a negative --trial are refused before the model loads: exit 2, one line, no traceback."""
     import subprocess
