@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from abliterate.activations import Batch, encode, input_device, refusal_score, score_positions
+from abliterate.activations import (
+    Batch,
+    encode,
+    forward_tail,
+    in_text_order,
+    input_device,
+    refusal_score,
+    score_positions,
+)
 from abliterate.generation import cut_at_stop
 from abliterate.openings import is_wide
 from abliterate.parting import shared_prefix
@@ -46,7 +54,7 @@ class SlideReading:
 
     opening: list[int]  # reply tokens, from the first (any shared reply prefix included)
     token_ids: list[int]
-    batches: list[Batch]  # the harmful validation prompts, each followed by `opening`, in their text order
+    batches: list[Batch]  # the harmful validation prompts, each followed by `opening` (`Batch.rows`: text order)
     n_sliding: int  # harmful validation prompts whose greedy base continuation of the opening slides into refusing
     after_path: int  # opening tokens after those the first reading teacher-forces
 
@@ -55,9 +63,12 @@ class SlideReading:
         reading teacher-forces, so (the model being causal, and every row padded by the same amount as without the
         rest of the opening) its positions are read from the same pass as the second reading's."""
         first_positions = score_positions(first_ids)
-        log_probs = tail_log_probs(model, self.batches, self.after_path + first_positions)  # [n, positions, vocab]
-        return either(refusal_score(log_probs[:, :first_positions], first_ids),
-                      refusal_score(log_probs[:, -1], self.token_ids))
+        per_batch = []
+        for batch in self.batches:  # scored batch by batch: a large vocabulary's logits are never all held at once
+            logits = forward_tail(model, batch, self.after_path + first_positions)  # [batch, positions, vocab]
+            per_batch.append(either(refusal_score(logits[:, :first_positions], first_ids),
+                                    refusal_score(logits[:, -1], self.token_ids)).cpu())
+        return in_text_order(self.batches, per_batch)
 
     def to_dict(self, tokenizer: Any) -> dict[str, Any]:
         return {"opening": tokenizer.decode(self.opening), "tokens": [tokenizer.decode([t]) for t in self.token_ids],
