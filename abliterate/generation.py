@@ -95,28 +95,32 @@ def _length_order(tokenizer: Any, texts: Sequence[str]) -> list[int]:
 
 
 @torch.inference_mode()
+def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop_ids: Sequence[int],
+                 pad_id: int, max_new_tokens: int, stopping: Any | None = None) -> list[tuple[list[int], bool]]:
+    """Greedy continuations of one left-padded batch of token ids: per row, its new tokens up to (not including) the
+    first stop token, and whether one was found (`stopping`: see `generate_transformers`)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    device = input_device(model)
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=pad_id
+    )
+    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                            generation_config=settings,
+                            stopping_criteria=StoppingCriteriaList([stopping]) if stopping is not None else None)
+    return [cut_at_stop(row, stop_ids) for row in output[:, input_ids.shape[1]:].tolist()]  # [batch, new]
+
+
 def generate_batch(model: Any, tokenizer: Any, texts: Sequence[str], stop_ids: Sequence[int], max_new_tokens: int,
                    stopping: Any | None = None) -> list[Reply]:
     """Greedy replies for one left-padded batch of already chat-formatted prompts (`stopping`: see
     `generate_transformers`)."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
-    pad_id = pad_token_id(tokenizer, stop_ids)
     batch = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    batch = {key: value.to(input_device(model)) for key, value in batch.items()}
-    settings = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=pad_id
-    )
     if stopping is not None:
         stopping.begin(batch["input_ids"].shape[1], texts)
-    output = model.generate(**batch, generation_config=settings,
-                            stopping_criteria=StoppingCriteriaList([stopping]) if stopping is not None else None)
-    new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()  # [batch, new]
-    replies = []
-    for row in new_tokens:
-        token_ids, stopped = cut_at_stop(row, stop_ids)
-        replies.append(Reply(tokenizer.decode(token_ids, skip_special_tokens=True).strip(), token_ids, stopped))
-    return replies
+    return [Reply(tokenizer.decode(token_ids, skip_special_tokens=True).strip(), token_ids, stopped)
+            for token_ids, stopped in generate_ids(model, batch["input_ids"], batch["attention_mask"], stop_ids,
+                                                   pad_token_id(tokenizer, stop_ids), max_new_tokens, stopping)]
 
 
 def generate_transformers(

@@ -105,6 +105,11 @@ class RefusalMatcher:
         start = _normalized(answer)
         return any(start.startswith(_normalized(opening)) for opening in self.openings if opening.strip())
 
+    @property
+    def wording(self) -> tuple[str, ...]:
+        """The base model's own refusal wording: its learned phrases and openings (lower case)."""
+        return (*self.learned, *self.openings)
+
     def is_refusal(self, reply: str) -> bool:
         answer, _ = self.answer(reply)
         return bool(answer) and (is_refusal(answer, self.phrases) or self.opens_like_refusal(answer)

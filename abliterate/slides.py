@@ -25,11 +25,10 @@ from abliterate.activations import (
     encode,
     forward_tail,
     in_text_order,
-    input_device,
     refusal_score,
     score_positions,
 )
-from abliterate.generation import cut_at_stop
+from abliterate.generation import generate_ids
 from abliterate.openings import is_wide
 from abliterate.parting import shared_prefix
 from abliterate.selection import tail_log_probs
@@ -92,21 +91,13 @@ def answer_opening(replies: list[list[int]], path: Sequence[int]) -> list[int]:
     return opening if len(opening) > len(path) and opening[:len(path)] == list(path) else []
 
 
-@torch.inference_mode()
 def greedy_after(model: Any, batches: list[Batch], stop_ids: Sequence[int], pad_id: int,
                  max_new_tokens: int) -> list[list[int]]:
     """The base model's greedy continuation of every encoded row (its stop token cut), in text order."""
-    from transformers import GenerationConfig
-
-    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
-                                pad_token_id=pad_id)
-    device = input_device(model)
     ordered: dict[int, list[int]] = {}
     for batch in batches:
-        output = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                                generation_config=settings)
-        for row, tokens in zip(batch.rows, output[:, batch.input_ids.shape[1]:].tolist()):
-            ordered[row] = cut_at_stop(tokens, stop_ids)[0]
+        rows = generate_ids(model, batch.input_ids, batch.attention_mask, stop_ids, pad_id, max_new_tokens)
+        ordered.update((row, tokens) for row, (tokens, _) in zip(batch.rows, rows))
     return [ordered[row] for row in sorted(ordered)]
 
 
@@ -126,14 +117,14 @@ def sliding_tokens(tokenizer: Any, opening: list[int], continuations: list[list[
     """The tokens that open the refusing continuations of the opening more often than answering ones and
     `could_slide`; and how many continuations refuse. `matcher` (`abliterate.metrics.RefusalMatcher`) reads a whole
     reply's text and knows the refusal's wording (its learned phrases and openings)."""
-    wording = [*matcher.learned, *matcher.openings]
     refusing: Counter[int] = Counter()
     answering: Counter[int] = Counter()
     for continuation in continuations:
         if continuation:
             text = tokenizer.decode(opening + continuation, skip_special_tokens=True).strip()
             (refusing if matcher.is_refusal(text) else answering)[continuation[0]] += 1
-    tokens = [t for t, n in refusing.most_common() if n > answering[t] and could_slide(tokenizer, t, answers, wording)]
+    tokens = [t for t, n in refusing.most_common()
+              if n > answering[t] and could_slide(tokenizer, t, answers, matcher.wording)]
     return tokens, sum(refusing.values())
 
 
@@ -170,9 +161,9 @@ def slide_reading(model: Any, tokenizer: Any, harmful: list[str], harmless_repli
     batches = encode(tokenizer, harmful, settings["batch_size"], opening)
     tried = tail_log_probs(model, batches, 1)[:, -1].topk(TRIED_TOKENS, dim=-1).indices.tolist()  # [n, k]
     # Only tokens that could slide are followed (most of a model's likeliest tokens there name the request).
-    answers, wording = answer_tokens(opening, harmless_replies), [*matcher.learned, *matcher.openings]
+    answers = answer_tokens(opening, harmless_replies)
     followed = [(row, token) for row, tokens in enumerate(tried) for token in tokens
-                if token not in settings["stop_ids"] and could_slide(tokenizer, token, answers, wording)]
+                if token not in settings["stop_ids"] and could_slide(tokenizer, token, answers, matcher.wording)]
     if not followed:
         return None
     tries = encode(tokenizer, [harmful[row] for row, _ in followed], settings["batch_size"], opening,
