@@ -168,8 +168,9 @@ def generated(model: Any, tokenizer: Any, edit: Callable[[], AbstractContextMana
               identical: list[bool], target: float | None = None) -> dict[str, Any]:
     """Harmful and harmless refusal of one edit by generation (and, first, harmful refusal with thinking on, when
     measuring switched it off); only the harmless replies that changed (`identical` from `teacher_forced`) are
-    generated, the others are the base model's own. With a `target`, a harmful generation that refuses more than it allows stops
-    there (`RefusalWatch`): its share is then a lower bound, the rest is not generated, `refusal_stopped_early`."""
+    generated, the others are the base model's own. With a `target`, a harmful generation that refuses more than it
+    allows stops there (`RefusalWatch`): its share is then a lower bound, the rest is not generated,
+    `refusal_stopped_early`."""
     changed = [text for text, same in zip(held.harmless, identical) if not same]
 
     def refusing(texts: list[str]) -> tuple[float | None, bool]:
@@ -227,8 +228,8 @@ def confirm_in_order(model: Any, tokenizer: Any, edits: dict[int, Callable[[], A
     generation, so edits are generated in order of (KL, fewer identical replies last) until one meets the target (in
     both thinking modes, where the template has a switch): no later edit can be chosen over it, so theirs stay None
     ("not generated"). An edit's generation stops once it refuses more than the target allows (`RefusalWatch`).
-    With `only`, that edit alone is generated, in full (the user's pick). With a `bound` (the reply KL of an edit confirmed before that met
-    the target), only edits with less reply KL are generated.
+    With `only`, that edit alone is generated, in full (the user's pick). With a `bound` (the reply KL of an edit
+    confirmed before that met the target), only edits with less reply KL are generated.
     """
     rows, forced = [], {}
     for trial, edit in edits.items():

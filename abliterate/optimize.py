@@ -227,8 +227,8 @@ def _check_search_key(out_dir: Path, source: str, config: Config) -> str:
     path = out_dir / SEARCH_KEY_FILE
     if path.is_file() and json.loads(path.read_text()).get("key") != key:
         raise UserError(f"{out_dir} holds a search made with another model or other settings (model, prompts, "
-                        "measure or search space) or by an earlier version of the search; resuming it would mix the two. Pass another --out, or delete "
-                        f"{out_dir} to start again.")
+                        "measure or search space) or by an earlier version of the search; resuming it would mix the "
+                        f"two. Pass another --out, or delete {out_dir} to start again.")
     return key
 
 

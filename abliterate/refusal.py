@@ -102,12 +102,14 @@ class RefusalProfile:
             prefix = f"per prompt, where its own greedy reply (teacher-forced) first decides {where},"
         elif self.branch:
             shared = f" after the shared reply prefix {show(self.prefix)} and" if self.prefix else ""
-            prefix = f"at the reply token{shared} after the opening {show(self.branch)} that refusals share with some answers,"
+            prefix = (f"at the reply token{shared} after the opening {show(self.branch)} that refusals share with "
+                      "some answers,")
         tokens = show(self.token_texts)
         if any("\ufffd" in text for text in self.token_texts) and self.openings:  # part of a character's bytes
             tokens += f" (the start of {show(self.openings[:3])})"
         if self.shared_id >= 0:
-            tokens += f" and, after the opening {show(self.shared_text)} that answers share, {show(self.after_shared_texts)}"
+            tokens += (f" and, after the opening {show(self.shared_text)} that answers share, "
+                       f"{show(self.after_shared_texts)}")
         thinking = (f"; measured with {', '.join(f'{k}={v}' for k, v in self.template_kwargs.items())}"
                     if self.template_kwargs else "")
         separation = "" if math.isnan(self.separation) else \

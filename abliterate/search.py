@@ -362,6 +362,7 @@ def trial_rows(trials: list[Any], pareto: list[int]) -> list[dict[str, Any]]:
     """Every finished trial as JSON rows: its values, whether it is on the front, its raw parameters."""
     front = set(pareto)
     return [{"trial": t.number, "refusal": finite(t.values[0]), "kl": finite(t.values[1]),
-             "refusing_share": t.user_attrs.get("refusing_share"), "identical_share": t.user_attrs.get("identical_share"),
+             "refusing_share": t.user_attrs.get("refusing_share"),
+             "identical_share": t.user_attrs.get("identical_share"),
              "pareto": t.number in front, "params": t.params}
             for t in trials if t.values is not None]
